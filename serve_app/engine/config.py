@@ -1,0 +1,28 @@
+"""Engine settings (pydantic, so ``deployments.yaml`` values are validated at start-up)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field("builtin:tiny-qwen3-vl",
+                       description="builtin:NAME, a Hugging Face id, or a local folder")
+    served_model_name: str | None = Field(None, description="name shown in /v1/models (default: model)")
+    engine: Literal["hf-generate", "continuous"] = "hf-generate"
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 where the GPU supports it, else fp16; fp32 on CPU")
+    max_gpu_memory_gb: float | None = Field(
+        None, gt=0, description="cap on this replica's GPU memory (weights + activations + KV)")
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1, description="cap as a fraction of the card")
+    max_num_seqs: int = Field(64, ge=1, description="most requests decoding at once")
+    max_model_len: int = Field(8192, ge=64, description="prompt + output tokens per request")
+    max_prefill_tokens: int = Field(8192, ge=64, description="tokens per prefill chunk")
+    cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
+    vision_cache_mb: int = Field(256, ge=0, description="LRU of vision embeddings by image id")
+    cache_dir: str | None = Field(None, description="where built-in models are written")

@@ -1,0 +1,114 @@
+"""The engine protocol: what the VLM deployment needs from a generation engine.
+
+It knows nothing about Ray (as in Ray Serve LLM, the deployment is a thin wrapper).
+An engine takes already-tokenised prompts plus preprocessed images and returns an
+async stream of :class:`TokenDelta` per request. Two implementations exist:
+``hf-generate`` (the measured baseline, HF ``generate`` + a streamer) and
+``continuous`` (iteration-level batching, see ``serve_app/engine/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+
+@dataclass
+class ImageInput:
+    """One preprocessed image, as Qwen3-VL's vision tower wants it.
+
+    ``pixel_values`` is float32 ``[t*h*w, 3*temporal_patch*patch*patch]`` (patchified, normalised);
+    ``grid_thw`` is ``(t, h, w)`` in patches. The LM sees ``t*h*w // merge**2`` image tokens.
+    ``image_id`` is a content hash of the source bytes, usable as a cache key.
+    """
+
+    pixel_values: np.ndarray
+    grid_thw: tuple[int, int, int]
+    image_id: str = ""
+
+    def num_tokens(self, merge_size: int = 2) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w // (merge_size * merge_size)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. ``temperature == 0`` means greedy; ``top_k <= 0`` disables top-k."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    # Benchmark-only: random weights stop at random places; these make output lengths fixed.
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    images: list[ImageInput] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenDelta:
+    """One step of output for one request.
+
+    ``text`` is the newly decoded text (may be empty while a multi-byte character is incomplete);
+    ``finish_reason`` is set on the last delta only: ``"stop"`` (EOS, stop token or stop string),
+    ``"length"`` (max_tokens) or ``"cancelled"``.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: str | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Generation engine. All methods are called from one asyncio event loop."""
+
+    tokenizer: Any  # a transformers tokenizer (used for prompts, stop strings, detokenising)
+
+    async def start(self) -> None:
+        """Load weights and warm up; after it returns ``health()`` is ready."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        """Submit a request and stream its deltas. Closing the iterator early cancels it."""
+
+    async def cancel(self, request_id: str) -> None:
+        """Stop a request and free its resources; its stream ends with ``finish_reason='cancelled'``."""
+
+    def health(self) -> dict:
+        """``{"ready": bool, ...}``; raise if the engine is broken (the replica is then restarted)."""
+
+    def stats(self) -> dict:
+        """Counters and gauges: running, waiting, finished/cancelled totals, tokens, KV use..."""
+
+    async def shutdown(self) -> None:
+        """Stop background work and release the device."""
+
+
+def validate_images(images: Sequence[ImageInput], patch_dim: int) -> None:
+    """Cheap shape checks shared by engines (a malformed tensor is a programming error upstream)."""
+    for im in images:
+        t, h, w = im.grid_thw
+        if im.pixel_values.ndim != 2 or im.pixel_values.shape != (t * h * w, patch_dim):
+            raise ValueError(
+                f"image {im.image_id!r}: pixel_values {tuple(im.pixel_values.shape)} does not match "
+                f"grid_thw {im.grid_thw} with patch dim {patch_dim}")

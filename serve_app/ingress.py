@@ -1,0 +1,164 @@
+"""HTTP ingress: thin FastAPI routes over the Preprocess, VLM and TableExtractor deployments.
+
+Every error leaves as OpenAI's error JSON with a meaningful status; request bodies are size-capped
+before parsing; a client disconnect cancels the downstream generation (the streaming handle is
+cancelled, which cancels the VLM's generator, which cancels the engine request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app import _chat
+from serve_app._http import BodyLimitMiddleware, client_error, validation_message
+from serve_app.config import AppConfig
+from serve_app.errors import ServeAppError
+from serve_app.protocol import ChatCompletionRequest, ModelCard, ModelList
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="serve_app", description="Qwen3-VL over an OpenAI-compatible API",
+              docs_url="/docs", redoc_url=None)
+
+
+def _error_response(err: ServeAppError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
+
+
+@api.exception_handler(ServeAppError)
+async def _serve_app_error(_: Request, exc: ServeAppError):
+    return _error_response(exc)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError):
+    msg, param = validation_message(exc.errors())
+    return _error_response(ServeAppError(msg, 400, "invalid_request", param))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException):
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    return _error_response(ServeAppError(str(exc.detail), exc.status_code,
+                                         codes.get(exc.status_code, "http_error")),
+                           headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception):
+    err = client_error(exc)
+    if err.status >= 500:
+        logger.exception("unhandled error", exc_info=exc)
+    return _error_response(err)
+
+
+api.add_middleware(BodyLimitMiddleware)
+
+_PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, preprocess: DeploymentHandle, vlm: DeploymentHandle,
+                 tables: DeploymentHandle | None, config: dict):
+        self.cfg = AppConfig.model_validate(config)
+        self.preprocess, self.vlm, self.tables = preprocess, vlm, tables
+        self.served_name = self.cfg.served_model_name
+        api.state.max_request_bytes = self.cfg.api.max_request_bytes
+
+    # ---- health & discovery --------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness: the HTTP path works (does not touch the model)."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self):
+        """Readiness: the model is loaded and the engine answers."""
+        try:
+            info = await asyncio.wait_for(self.vlm.info.remote(), timeout=5)
+        except Exception as e:
+            return _error_response(ServeAppError(f"model not ready: {e}", 503, "not_ready"))
+        if not info.get("ready"):
+            return _error_response(ServeAppError("model not ready", 503, "not_ready"))
+        return {"status": "ready", **info}
+
+    @api.get("/v1/models")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.served_name, max_model_len=self.cfg.engine.max_model_len)])
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        """Engine and preprocessing counters from one replica of each (ops convenience)."""
+        vlm, pre = await asyncio.gather(self.vlm.stats.remote(), self.preprocess.stats.remote(),
+                                        return_exceptions=True)
+        return {"vlm": vlm if isinstance(vlm, dict) else {"error": str(vlm)},
+                "preprocess": pre if isinstance(pre, dict) else {"error": str(pre)}}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self):
+        if not self.cfg.api.enable_web_page:
+            raise ServeAppError("the web page is disabled", 404, "not_found")
+        return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
+
+    # ---- chat ----------------------------------------------------------------------------------
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        _chat.check_request(body, self.cfg, self.served_name)
+        messages, sources = _chat.split_images(body, self.cfg.images.max_images_per_request)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        images = []
+        if sources:
+            # The pixel tensors go straight from Preprocess to the VLM through the object store;
+            # they are not copied through this replica.
+            images = self.preprocess.process.remote(sources, body.min_pixels, body.max_pixels)
+        gen = self.vlm.options(stream=True).generate.remote(
+            request_id, messages, images, _chat.sampling_overrides(body))
+        try:
+            accepted = await gen.__anext__()  # prompt built and admitted, or a 4xx
+        except BaseException as e:
+            gen.cancel()
+            raise client_error(e) from e
+        n_prompt = accepted.num_prompt_tokens
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            sse = _chat.SSEWriter(request_id, self.served_name, include_usage)
+            return StreamingResponse(self._stream(gen, sse, n_prompt), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+        text, finish, n_gen = [], None, 0
+        try:
+            async for d in gen:
+                text.append(d.text)
+                finish, n_gen = d.finish_reason, d.num_generated_tokens
+        except BaseException as e:
+            gen.cancel()  # includes client disconnect (CancelledError)
+            raise client_error(e) if isinstance(e, Exception) else e
+        return _chat.full_response(request_id, self.served_name, "".join(text), finish, n_prompt, n_gen)
+
+    async def _stream(self, gen, sse: _chat.SSEWriter, n_prompt: int):
+        finish, n_gen, done = None, 0, False
+        try:
+            yield sse.role()
+            async for d in gen:
+                finish, n_gen = d.finish_reason, d.num_generated_tokens
+                if d.text:
+                    yield sse.content(d.text)
+            done = True
+            yield sse.finish(finish, n_prompt, n_gen)
+        except Exception as e:  # mid-stream failure: tell the client in-band, as OpenAI does
+            done = True
+            yield sse.error(client_error(e))
+        finally:
+            if not done:
+                gen.cancel()  # client went away: stop generating

@@ -1,0 +1,36 @@
+# serve_app — see README.md. `make run` serves on 127.0.0.1:8000; `make test` runs the test suite.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU machines get the CPU torch wheel (on this machine's disk); machines with a GPU keep their CUDA torch.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+CPU_TORCH := torch==2.13.0
+
+.PHONY: install run model test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@if [ -z "$(HAS_GPU)" ] && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  echo "installing CPU torch ($(CPU_TORCH))"; $(BIN)/python -m pip install -q $(CPU_TORCH); fi
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+model: install  ## build the embedded demo model into the cache (also happens on first use)
+	$(BIN)/python -m serve_app.models build tiny-qwen3-vl
+
+run: model  ## serve deployments.yaml on 127.0.0.1:8000 (Ctrl-C stops)
+	$(BIN)/serve run deployments.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install  ## skip the slow end-to-end tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,28 @@
+"""The Serve application: Ingress -> Preprocess / VLM / TableExtractor, composed with handles.
+
+``build_app(args)`` is the application builder named in ``deployments.yaml`` (``args:`` is an
+:class:`AppConfig`); ``app`` is the same graph with defaults, for ``serve build serve_app.app:app``
+and ``serve run serve_app.app:app``.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from serve_app.config import AppConfig
+from serve_app.ingress import Ingress
+from serve_app.preprocess import Preprocess
+from serve_app.table_extractor import TableExtractor
+from serve_app.vlm import VLM
+
+
+def build_app(args: dict) -> Application:
+    cfg = AppConfig.model_validate(args or {})
+    config = cfg.model_dump(mode="json")
+    preprocess = Preprocess.bind(config["images"])
+    vlm = VLM.bind(config["engine"], cfg.api.default_max_tokens)
+    tables = TableExtractor.bind(config["tables"]) if cfg.tables.enabled else None
+    return Ingress.bind(preprocess, vlm, tables, config)
+
+
+app = build_app({})

@@ -1,0 +1,116 @@
+"""Unit tests of the Ray-free serving logic: detokeniser, prompt building, request checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve_app import _chat
+from serve_app._http import client_error, validation_message
+from serve_app._prompt import PromptBuilder
+from serve_app.config import AppConfig
+from serve_app.engine.detokenizer import IncrementalDetokenizer
+from serve_app.engine.protocol import ImageInput
+from serve_app.errors import ServeAppError
+from serve_app.protocol import ChatCompletionRequest
+
+TEXTS = ["Hello, world! 你好，世界。上一张图里的表格第三行数据是多少？ 😀👍🏽 naïve café",
+         "def f(x):\n    return x ** 2  # 平方\n\n\n\ttabs"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_detok_equals_full_decode(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tokenizer)
+    pieces = [d.add([t]) for t in ids] + [d.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)  # never emits half a character
+
+
+@pytest.mark.parametrize("stop", ["世界", "world", "😀", "x ** 2"])
+def test_stop_strings_cut_exactly_and_are_never_streamed(tokenizer, stop):
+    text = TEXTS[0] + TEXTS[1]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tokenizer, stop=[stop, "never-there"])
+    out = ""
+    for t in ids:
+        out += d.add([t])
+        assert stop not in out
+        if d.stopped:
+            break
+    out += d.flush()
+    assert d.stopped and out == text[:text.index(stop)]
+
+
+def test_hold_back_released_on_flush(tokenizer):
+    ids = tokenizer.encode("abc wor", add_special_tokens=False)
+    d = IncrementalDetokenizer(tokenizer, stop=["world"])
+    streamed = "".join(d.add([t]) for t in ids)
+    assert streamed == "abc "  # "wor" could still become "world"
+    assert d.flush() == "wor" and not d.stopped
+
+
+def _req(**kw) -> ChatCompletionRequest:
+    base = {"model": "tiny-qwen3-vl", "messages": [{"role": "user", "content": "hi"}]}
+    return ChatCompletionRequest.model_validate({**base, **kw})
+
+
+def test_split_images_keeps_order_and_roles():
+    req = _req(messages=[
+        {"role": "developer", "content": "sys"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:a"}},
+                                     {"type": "text", "text": "and"},
+                                     {"type": "image_url", "image_url": {"url": "image://b"}}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        {"role": "user", "content": "more"}])
+    messages, sources = _chat.split_images(req, 4)
+    assert sources == ["data:a", "image://b"]
+    assert messages[0] == {"role": "system", "content": "sys"}
+    assert [p["type"] for p in messages[1]["content"]] == ["image", "text", "image"]
+    assert messages[2] == {"role": "assistant", "content": "ok"}
+
+
+@pytest.mark.parametrize("kw,code", [
+    ({"n": 2}, "unsupported_parameter"),
+    ({"model": "other"}, "model_not_found"),
+    ({"logprobs": True}, "unsupported_parameter"),
+    ({"presence_penalty": 0.5}, "unsupported_parameter"),
+    ({"response_format": {"type": "json_object"}}, "unsupported_parameter"),
+    ({"max_tokens": 5, "min_tokens": 9}, "invalid_value"),
+    ({"max_pixels": 10**12}, "invalid_value"),
+])
+def test_check_request_rejects_unsupported(kw, code):
+    with pytest.raises(ServeAppError) as e:
+        _chat.check_request(_req(**kw), AppConfig(), "tiny-qwen3-vl")
+    assert e.value.code == code and 400 <= e.value.status < 500
+
+
+def test_sampling_overrides_only_what_was_set():
+    assert _chat.sampling_overrides(_req(max_completion_tokens=7, temperature=0, stop="x")) == {
+        "max_tokens": 7, "temperature": 0, "stop": ["x"], "ignore_eos": False, "min_tokens": 0}
+
+
+def test_prompt_builder_expands_image_tokens(tokenizer):
+    pb = PromptBuilder(tokenizer)
+    im = ImageInput(np.zeros((1 * 4 * 6, 1536), np.float32), (1, 4, 6), "x")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    ids = pb.build(msgs, [im])
+    assert ids.count(pb.image_token_id) == 6
+    full = tokenizer.encode(pb.render(msgs).replace("<|image_pad|>", "<|image_pad|>" * 6),
+                            add_special_tokens=False)
+    assert ids == full
+    with pytest.raises(ServeAppError):
+        pb.build(msgs, [])
+
+
+def test_client_error_unwraps_and_maps():
+    inner = ServeAppError("bad", 415, "unsupported_image_format")
+
+    class Wrapped(Exception):
+        cause = inner
+
+    assert client_error(Wrapped()).status == 415
+    assert client_error(RuntimeError("boom")).status == 500
+    assert client_error(TimeoutError()).status == 504
+    assert validation_message([{"loc": ("body", "messages"), "msg": "too short", "type": "x"}]) == (
+        "invalid request: messages: too short", "messages")

@@ -1,0 +1,1 @@
+"""Internals of the continuous-batching engine (not a public API)."""

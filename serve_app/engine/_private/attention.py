@@ -1,0 +1,149 @@
+"""Attention over the paged KV cache, GQA-aware (K/V are never repeated).
+
+``decode_attention_torch`` is the reference (used on CPU, where it matches HF's SDPA path);
+``decode_attention_triton`` is the GPU kernel: split-K flash-decoding over live lengths only, a
+fixed grid so that it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
+    """One request's ``[kv_heads, length, head_dim]`` from a layer's ``[pages, kv, P, D]`` pool."""
+    g = cache.index_select(0, pages)                       # [n, kv, P, D]
+    n, kv, p, d = g.shape
+    return g.permute(1, 0, 2, 3).reshape(kv, n * p, d)[:, :length]
+
+
+def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             page_idx: torch.Tensor, offset: torch.Tensor) -> None:
+    """Store ``k``/``v`` ``[T, kv, D]`` at (page, offset) per token."""
+    cache_k[page_idx, :, offset] = k
+    cache_v[page_idx, :, offset] = v
+
+
+def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                      cache_k: torch.Tensor, cache_v: torch.Tensor, pages: torch.Tensor,
+                      start: int, scale: float) -> torch.Tensor:
+    """Causal attention of a chunk ``q`` [T, H, D] at positions ``start..start+T`` of one request.
+
+    A first chunk attends to itself only (SDPA ``is_causal``, as HF does); a later chunk also reads
+    the request's earlier tokens from the cache, with a bottom-right aligned causal mask.
+    """
+    t = q.shape[0]
+    qh = q.transpose(0, 1).unsqueeze(0)
+    if start == 0:
+        k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)
+        out = F.scaled_dot_product_attention(qh, k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
+                                             scale=scale, enable_gqa=True)
+    else:
+        k = torch.cat([gather_kv(cache_k, pages, start), k_new.transpose(0, 1)], dim=1)
+        v = torch.cat([gather_kv(cache_v, pages, start), v_new.transpose(0, 1)], dim=1)
+        s = start + t
+        mask = (torch.arange(s, device=q.device)[None, :]
+                <= torch.arange(start, s, device=q.device)[:, None])
+        out = F.scaled_dot_product_attention(qh, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                             scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)                           # [T, H, D]
+
+
+def decode_attention_torch(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                           block_tables: list[torch.Tensor], lengths: list[int],
+                           scale: float) -> torch.Tensor:
+    """q [B, H, D] (one new token per row, already in the cache) -> [B, H, D]."""
+    outs = []
+    for i, (pages, n) in enumerate(zip(block_tables, lengths)):
+        k = gather_kv(cache_k, pages, n).unsqueeze(0)
+        v = gather_kv(cache_v, pages, n).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q[i][None, :, None], k, v, scale=scale, enable_gqa=True)
+        outs.append(o[0, :, 0])
+    return torch.stack(outs)
+
+
+_triton_kernel = None
+
+
+def _build_triton_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(Q, K, V, BT, LENS, O, LSE,
+               s_qb, s_qh, s_kp, s_kh, s_ks, s_btb, s_ob, s_oh, s_os, s_lb, s_lh,
+               scale,
+               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+        seq_len = tl.load(LENS + b)
+        per = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+        start = sp * per
+        end = tl.minimum(start + per, seq_len)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, D)
+        gmask = offs_g < GROUP
+        heads = kvh * GROUP + offs_g
+        q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+        qk_scale = scale * 1.4426950408889634
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            page = tl.load(BT + b * s_btb + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            row = page * s_kp + kvh * s_kh + (offs_n % PAGE) * s_ks
+            k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(O + b * s_ob + heads[:, None] * s_oh + sp * s_os + offs_d[None, :], out, mask=gmask[:, None])
+        tl.store(LSE + b * s_lb + heads * s_lh + sp, lse, mask=gmask)
+
+    return kernel
+
+
+def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
+    """Enough split-K partitions to give every SM about two programs."""
+    want = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    return int(max(1, min(16, want)))
+
+
+def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                            block_tables: torch.Tensor, lengths: torch.Tensor, scale: float,
+                            splits: int, page_size: int) -> torch.Tensor:
+    """q [B, H, D]; cache [pages, kv, P, D]; block_tables [B, max_pages] int32; lengths [B] int32."""
+    global _triton_kernel
+    if _triton_kernel is None:
+        _triton_kernel = _build_triton_kernel()
+    b, h, d = q.shape
+    kv = cache_k.shape[1]
+    group = h // kv
+    o = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+    _triton_kernel[(b, kv, splits)](
+        q, cache_k, cache_v, block_tables, lengths, o, lse,
+        q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        scale, GROUP=group, GROUP_PAD=max(16, group), D=d, PAGE=page_size, BLOCK_N=64, SPLITS=splits,
+        num_warps=4, num_stages=2)
+    if splits == 1:
+        return o[:, :, 0].to(q.dtype)
+    m = lse.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - m)
+    out = (o * w[..., None]).sum(dim=2) / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return out.to(q.dtype)

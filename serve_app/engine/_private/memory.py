@@ -1,0 +1,81 @@
+"""How many KV tokens fit: budget - weights - measured activation peak - CUDA-graph reserve.
+
+The activation peak is measured, not guessed: one profile prefill of ``max_prefill_tokens`` tokens
+and one vision-tower pass over as many patches as a prefill step can bring, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from serve_app.engine._private.runner import ModelRunner, PrefillChunk
+from serve_app.engine.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024 ** 3
+# An A10 has 24 GB (22.5 GiB usable after the CUDA context): the default budget fits it.
+DEFAULT_BUDGET_BYTES = int(21.5 * GiB)
+GRAPH_RESERVE_BYTES = 512 * 2 ** 20
+CPU_DEFAULT_KV_TOKENS = 1 << 16
+
+
+def plan_kv_tokens(config: EngineConfig, runner: ModelRunner, budget: int | None) -> tuple[int, dict]:
+    """Returns (KV tokens to allocate, facts for ``health()``); raises if nothing fits."""
+    explicit = getattr(config, "kv_cache_tokens", None)
+    want_max = config.max_num_seqs * config.max_model_len
+    if runner.device.type != "cuda":
+        tokens = explicit or min(want_max, CPU_DEFAULT_KV_TOKENS)
+        return tokens, {"kv_source": "explicit" if explicit else "cpu-default"}
+    dev = runner.device
+    torch.cuda.synchronize(dev)
+    weights = torch.cuda.memory_allocated(dev)
+    peak = _profile_peak(config, runner)
+    if budget is None:
+        total = torch.cuda.get_device_properties(dev).total_memory
+        budget = min(DEFAULT_BUDGET_BYTES, int(0.92 * total))
+    per_tok = runner.kv_bytes_per_token()
+    fit = (budget - peak - GRAPH_RESERVE_BYTES) // per_tok
+    info = {"budget_gib": round(budget / GiB, 2), "weights_gib": round(weights / GiB, 2),
+            "activation_peak_gib": round((peak - weights) / GiB, 2),
+            "kv_bytes_per_token": per_tok, "kv_tokens_fit": int(max(fit, 0))}
+    if explicit:
+        tokens = explicit
+    else:
+        tokens = int(min(fit, want_max))
+    if tokens < config.max_model_len or (explicit and explicit > fit):
+        raise RuntimeError(
+            f"GPU memory budget {budget / GiB:.1f} GiB does not fit weights {weights / GiB:.2f} GiB + "
+            f"activations {(peak - weights) / GiB:.2f} GiB + KV for {max(tokens, config.max_model_len)} "
+            f"tokens ({per_tok} B/token); raise max_gpu_memory_gb or lower max_model_len / "
+            f"max_prefill_tokens / kv_cache_tokens")
+    info["kv_gib"] = round(tokens * per_tok / GiB, 2)
+    return tokens, info
+
+
+@torch.inference_mode()
+def _profile_peak(config: EngineConfig, runner: ModelRunner) -> int:
+    dev = runner.device
+    torch.cuda.reset_peak_memory_stats(dev)
+    runner.allocate_kv(runner.page_size)                 # 1 usable page: all profile writes go there
+    n = config.max_prefill_tokens
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, runner.vocab, (n,), generator=g)
+    chunk = PrefillChunk(ids=ids, positions=torch.arange(n).view(1, -1).expand(3, -1), start=0,
+                         pages=torch.ones(-(-n // runner.page_size), dtype=torch.int64, device=dev),
+                         want_logits=True)
+    runner.prefill([chunk])
+    # Vision tower over ~one prefill step's worth of patches (4 patches per LM token).
+    vc = runner.model.config.vision_config
+    side = 64                                           # 64x64 patches = 1024 LM tokens per image
+    n_img = max(1, n // (side * side // (vc.spatial_merge_size ** 2)))
+    patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+    pix = [torch.randn(side * side, patch_dim, generator=g) for _ in range(n_img)]
+    runner.encode_images(pix, [(1, side, side)] * n_img)
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev)
+    runner.kv = None
+    torch.cuda.empty_cache()
+    return peak

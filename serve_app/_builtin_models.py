@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -416,18 +417,54 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def random_tensor(name: str, shape: tuple[int, ...], dtype: "Any", seed: int, std: float = 0.02) -> "Any":
-    """A seeded init like the model's own: norms 1, biases 0, everything else N(0, std)."""
+# An init policy maps (name, shape) to (fill, std): std 0 means "constant fill".
+InitFn = Callable[[str, tuple[int, ...]], tuple[float, float]]
+
+
+def _is_norm(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and "norm" in parts[-2]
+
+
+def hf_init(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """The checkpoint's own scheme: N(0, initializer_range=0.02), norms 1, biases 0."""
+    if name.endswith(".bias"):
+        return 0.0, 0.0
+    if _is_norm(name):
+        return 1.0, 0.0
+    return 0.0, 0.02
+
+
+def tiny_init(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """hf_init adapted to width 64, so the tiny model is a sharp test oracle.
+
+    At 4B width std 0.02 is ~1/sqrt(2560), i.e. scale-preserving; at width 64 it leaves
+    the layers' outputs tiny and the tied head just echoes one token whatever the
+    input. Matrices get 1/sqrt(fan_in) instead, and the text q/k norms weight 3 so
+    attention is peaked rather than a blur: greedy outputs then vary token to token
+    and change with the pixels, the prompt and the positions - what engine tests need
+    to catch mixed-up requests or wrong rope positions.
+    """
+    if name.endswith(".bias"):
+        return 0.0, 0.0
+    if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+        return 3.0, 0.0
+    if _is_norm(name):
+        return 1.0, 0.0
+    if len(shape) < 2 or name.endswith(("embed_tokens.weight", "pos_embed.weight")):
+        return 0.0, 0.02
+    return 0.0, 1.0 / math.sqrt(_numel(shape[1:]))
+
+
+def random_tensor(name: str, shape: tuple[int, ...], dtype: "Any", seed: int, init: InitFn = hf_init) -> "Any":
+    """One seeded tensor; its values depend only on (seed, name), not on build order."""
     import torch
 
-    parts = name.split(".")
-    is_norm = len(parts) >= 2 and "norm" in parts[-2]
-    if name.endswith(".bias"):
-        return torch.zeros(shape, dtype=dtype)
-    if is_norm:
-        return torch.ones(shape, dtype=dtype)
+    fill, std = init(name, shape)
+    if std == 0.0:
+        return torch.full(shape, fill, dtype=dtype)
     gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
-    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(dtype)
+    return torch.empty(shape, dtype=torch.float32).normal_(fill, std, generator=gen).to(dtype)
 
 
 def _meta_model(config_dir: Path) -> "Any":
@@ -447,7 +484,7 @@ def _weight_specs(model: "Any") -> list[tuple[str, tuple[int, ...]]]:
 
 
 def write_random_weights(out_dir: Path, seed: int, dtype_name: str, max_shard_bytes: int,
-                         log: Callable[[str], None] | None = None) -> int:
+                         init: InitFn = hf_init, log: Callable[[str], None] | None = None) -> int:
     """Generate and write safetensors shards tensor by tensor; returns the parameter count.
 
     At most one shard is in memory, so the 4B model is written on a small box without
@@ -472,7 +509,7 @@ def write_random_weights(out_dir: Path, seed: int, dtype_name: str, max_shard_by
     total_bytes = total_params * itemsize
     meta = {"format": "pt"}
     if len(shards) == 1:
-        tensors = {n: random_tensor(n, s, dtype, seed) for n, s in shards[0]}
+        tensors = {n: random_tensor(n, s, dtype, seed, init) for n, s in shards[0]}
         save_file(tensors, str(out_dir / "model.safetensors"), metadata=meta)
         return total_params
     weight_map: dict[str, str] = {}
@@ -480,7 +517,7 @@ def write_random_weights(out_dir: Path, seed: int, dtype_name: str, max_shard_by
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         if log:
             log(f"writing {fname} ({len(shard)} tensors)")
-        tensors = {n: random_tensor(n, s, dtype, seed) for n, s in shard}
+        tensors = {n: random_tensor(n, s, dtype, seed, init) for n, s in shard}
         save_file(tensors, str(out_dir / fname), metadata=meta)
         del tensors
         weight_map.update({n: fname for n, _ in shard})
@@ -525,7 +562,7 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, tokenizer_dir: str | os.Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_common(out, tiny_qwen3_vl_config(), tokenizer_dir)
-    write_random_weights(out, SEED, "float32", max_shard_bytes=1 << 40, log=log)
+    write_random_weights(out, SEED, "float32", max_shard_bytes=1 << 40, init=tiny_init, log=log)
 
 
 def build_qwen3_vl_4b_random(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
@@ -533,7 +570,7 @@ def build_qwen3_vl_4b_random(out_dir: str | os.PathLike, tokenizer_dir: str | os
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_common(out, qwen3_vl_4b_config(), tokenizer_dir)
-    write_random_weights(out, SEED, "bfloat16", max_shard_bytes=5 * 10**9, log=log)
+    write_random_weights(out, SEED, "bfloat16", max_shard_bytes=5 * 10**9, init=hf_init, log=log)
 
 
 # name -> (description, builder)

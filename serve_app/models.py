@@ -142,9 +142,11 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None) -> str:
     cached = _from_hf_cache(name_or_path)
     if cached is not None:
         return cached
+    hint = (f" (did you mean '{BUILTIN_PREFIX}{name_or_path}'?)"
+            if is_builtin(BUILTIN_PREFIX + name_or_path) else "")
     raise ModelNotFoundError(
         f"model '{name_or_path}' not found: not a built-in, not a local folder with config.json, "
-        f"and not in the Hugging Face cache (no downloads in this environment). "
+        f"and not in the Hugging Face cache (no downloads in this environment){hint}. "
         f"Built-in models: {_builtin_list()}")
 
 

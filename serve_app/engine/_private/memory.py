@@ -37,7 +37,8 @@ def plan_kv_tokens(config: EngineConfig, runner: ModelRunner, budget: int | None
         total = torch.cuda.get_device_properties(dev).total_memory
         budget = min(DEFAULT_BUDGET_BYTES, int(0.92 * total))
     per_tok = runner.kv_bytes_per_token()
-    fit = (budget - peak - GRAPH_RESERVE_BYTES) // per_tok
+    reserve = GRAPH_RESERVE_BYTES + config.vision_cache_mb * 2 ** 20
+    fit = (budget - peak - reserve) // per_tok
     info = {"budget_gib": round(budget / GiB, 2), "weights_gib": round(weights / GiB, 2),
             "activation_peak_gib": round((peak - weights) / GiB, 2),
             "kv_bytes_per_token": per_tok, "kv_tokens_fit": int(max(fit, 0))}

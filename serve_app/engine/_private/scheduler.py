@@ -331,13 +331,18 @@ class Scheduler:
             banned = torch.tensor(ban, dtype=torch.int64).to(dev)
         f32 = lambda xs: torch.tensor(xs, dtype=torch.float32).to(dev, non_blocking=True)  # noqa: E731
         i64 = lambda xs: torch.tensor(xs, dtype=torch.int64).to(dev, non_blocking=True)  # noqa: E731
-        batch = SamplingBatch(
-            temperature=f32([sp.temperature for sp in sps]), top_p=f32([sp.top_p for sp in sps]),
-            top_k=i64([sp.top_k for sp in sps]),
-            repetition_penalty=f32([sp.repetition_penalty for sp in sps]),
-            seeds=i64([s.seed for s in seqs]), steps=i64([len(s.out) for s in seqs]), banned=banned,
-            all_greedy=all_greedy, any_top=any(sp.top_k > 0 or sp.top_p < 1.0 for sp in sps),
-            any_penalty=any_pen)
+        if all_greedy:  # the common serving case: skip building the sampling tensors
+            one, zero = torch.ones(1, device=dev), torch.zeros(1, dtype=torch.int64, device=dev)
+            batch = SamplingBatch(one, one, zero, f32([sp.repetition_penalty for sp in sps]) if any_pen else one,
+                                  zero, zero, banned, all_greedy=True, any_top=False, any_penalty=any_pen)
+        else:
+            batch = SamplingBatch(
+                temperature=f32([sp.temperature for sp in sps]), top_p=f32([sp.top_p for sp in sps]),
+                top_k=i64([sp.top_k for sp in sps]),
+                repetition_penalty=f32([sp.repetition_penalty for sp in sps]),
+                seeds=i64([s.seed for s in seqs]), steps=i64([len(s.out) for s in seqs]), banned=banned,
+                all_greedy=False, any_top=any(sp.top_k > 0 or sp.top_p < 1.0 for sp in sps),
+                any_penalty=any_pen)
         slot_idx = i64([s.slot for s in seqs])
         presence = self.presence.index_select(0, slot_idx) if any_pen else None
         tokens = sample(logits, batch, presence)

@@ -1,0 +1,321 @@
+"""Benchmark of the continuous engine next to naive HF ``generate`` (GPU, bf16), one process.
+
+Measures what issue 3 asks for: decode-step ms at batch 1/8/32/64 (~1.1k-token contexts) next to
+the floor (weight bytes / HBM bandwidth); requests/s, tokens/s and TTFT for N concurrent requests
+(one 1280x720 image, 128 output tokens each) next to naive HF ``generate`` on the same requests;
+prefill tokens/s when 1, 4 and 16 requests arrive together. Also a GPU correctness spot check:
+the Triton decode attention against the torch reference, and greedy tokens against HF.
+
+    python benchmarks/engine_bench.py --model /tmp/m --out benchmarks/out/engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve_app.engine.config import EngineConfig  # noqa: E402
+from serve_app.engine.continuous import ContinuousEngine  # noqa: E402
+from serve_app.engine.protocol import EngineRequest, ImageInput, SamplingParams  # noqa: E402
+
+IMG, VS, VE = 151655, 151652, 151653
+GRID = (1, 46, 80)          # a 1280x720 image after Qwen's resize to multiples of 32 (1280x736)
+HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet
+
+
+def make_request(i: int, rng: np.random.Generator, max_tokens: int, greedy: bool = True) -> EngineRequest:
+    t, h, w = GRID
+    im = ImageInput(rng.standard_normal((t * h * w, 1536)).astype(np.float32), GRID, f"bench-{i}-{rng.integers(1 << 40)}")
+    # chat-template shape: system/user header, the image, a question, the assistant header
+    head = [151644, 872, 198]
+    tail = [int(x) for x in rng.integers(1000, 30000, size=6)] + [151645, 198, 151644, 77091, 198]
+    ids = head + [VS] + [IMG] * im.num_tokens() + [VE] + tail
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 0.7, ignore_eos=True)
+    return EngineRequest(f"bench-{i}", ids, [im], sp)
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+# ------------------------------------------------------------------------------ HF baseline
+def hf_baseline(path: str, n: int, out_tokens: int, check_tokens: int) -> dict:
+    from serve_app.models import load_model
+
+    model = load_model(path, dtype=torch.bfloat16, device="cuda")
+    rng = np.random.default_rng(123)
+    reqs = [make_request(i, rng, out_tokens) for i in range(n)]
+
+    def inputs(req):
+        ids = torch.tensor([req.prompt_token_ids], device="cuda")
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    pixel_values=torch.from_numpy(req.images[0].pixel_values).to("cuda", torch.bfloat16),
+                    image_grid_thw=torch.tensor([req.images[0].grid_thw], device="cuda"),
+                    mm_token_type_ids=(ids == IMG).int())
+
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        model.generate(**inputs(reqs[0]), max_new_tokens=4, min_new_tokens=4, **greedy)   # warm-up
+        torch.cuda.synchronize()
+        ttft = []
+        for r in reqs[:2]:
+            t0 = time.perf_counter()
+            model.generate(**inputs(r), max_new_tokens=1, min_new_tokens=1, **greedy)
+            torch.cuda.synchronize()
+            ttft.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for r in reqs:
+            model.generate(**inputs(r), max_new_tokens=out_tokens, min_new_tokens=out_tokens, **greedy)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        ref = model.generate(**inputs(reqs[0]), max_new_tokens=check_tokens, min_new_tokens=check_tokens,
+                             **greedy)[0, len(reqs[0].prompt_token_ids):].tolist()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"requests": n, "wall_s": wall, "req_per_s": n / wall, "tok_per_s": n * out_tokens / wall,
+            "ms_per_token": 1000 * wall / (n * out_tokens), "ttft_s_mean": statistics.mean(ttft),
+            "check_request": reqs[0], "check_tokens": ref}
+
+
+# --------------------------------------------------------------------------------- checks
+def attention_check(runner) -> dict:
+    """Triton split-K decode attention vs the torch reference, fresh random data."""
+    from serve_app.engine._private.attention import decode_attention_torch, decode_attention_triton
+    kv = runner.kv
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lens = [1, 17, 300, 1100, 2049]
+    pages_needed = [-(-n // runner.page_size) for n in lens]
+    pages = kv.allocate(sum(pages_needed))
+    k = torch.randn(len(pages), *kv.k.shape[2:], generator=g, device="cuda", dtype=kv.k.dtype)
+    v = torch.randn(len(pages), *kv.k.shape[2:], generator=g, device="cuda", dtype=kv.k.dtype)
+    idx = torch.tensor(pages, device="cuda")
+    kv.k[0, idx] = k
+    kv.v[0, idx] = v
+    rows, o = [], 0
+    bt = torch.zeros(len(lens), runner.max_pages, dtype=torch.int32, device="cuda")
+    for i, n in enumerate(pages_needed):
+        rows.append(idx[o:o + n])
+        bt[i, :n] = idx[o:o + n].int()
+        o += n
+    q = torch.randn(len(lens), runner.num_heads, runner.head_dim, generator=g, device="cuda", dtype=kv.k.dtype)
+    ref = decode_attention_torch(q.float(), kv.k[0].float(), kv.v[0].float(), rows, lens, runner.scale)
+    out = {}
+    for splits in (1, 4, 16):
+        got = decode_attention_triton(q, kv.k[0], kv.v[0], bt, torch.tensor(lens, dtype=torch.int32, device="cuda"),
+                                      runner.scale, splits, runner.page_size).float()
+        out[f"splits_{splits}_rel_err"] = float((got - ref).norm() / ref.norm())
+    kv.release(pages)
+    return out
+
+
+def decode_microbench(runner, batches: list[int], context: int, iters: int = 50) -> dict:
+    """Model step (inputs copy + graph replay) at fixed ~context-token rows, median of ``iters``."""
+    kv = runner.kv
+    res = {}
+    for b in batches:
+        if b > runner.max_num_seqs:
+            continue
+        need = -(-(context + 1) // runner.page_size)
+        all_pages = []
+        for s in range(b):
+            pages = kv.allocate(need)
+            if pages is None:
+                raise RuntimeError("KV too small for the decode micro-benchmark")
+            all_pages.append(pages)
+            runner.set_block_table(s, pages)
+        flat = torch.tensor([p for ps in all_pages for p in ps], device="cuda")
+        for layer in range(kv.k.shape[0]):  # never time over zeros
+            kv.k[layer, flat] = torch.randn_like(kv.k[layer, flat])
+            kv.v[layer, flat] = torch.randn_like(kv.v[layer, flat])
+        ids = [1000 + s for s in range(b)]
+        pos = [context - 50] * b
+        pg = [all_pages[s][context // runner.page_size] for s in range(b)]
+        off = [context % runner.page_size] * b
+        lens = [context + 1] * b
+        slots = list(range(b))
+        times = []
+        for i in range(iters + 5):
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            st.record()
+            runner.decode(ids, pos, pg, off, lens, slots)
+            en.record()
+            torch.cuda.synchronize()
+            if i >= 5:
+                times.append(st.elapsed_time(en))
+        for ps in all_pages:
+            kv.release(ps)
+        res[b] = {"ms_median": statistics.median(times), "ms_min": min(times),
+                  "kv_bytes": b * context * runner.kv_bytes_per_token()}
+    return res
+
+
+def lm_weight_bytes(runner) -> int:
+    """Bytes a decode step must read: every LM weight once (the embedding only for B rows)."""
+    n = 0
+    for w in runner.w:
+        n += sum(t.numel() * t.element_size() for t in w.values())
+    n += runner.lm_head.weight.numel() * runner.lm_head.weight.element_size()
+    n += runner.final_norm.numel() * runner.final_norm.element_size()
+    return n
+
+
+# -------------------------------------------------------------------------------- engine runs
+async def run_requests(engine, reqs: list[EngineRequest]) -> dict:
+    t0 = time.perf_counter()
+    ttft, done_at, ntoks = [], [], 0
+
+    async def one(r):
+        nonlocal ntoks
+        first = None
+        async for d in engine.generate(r):
+            if first is None:
+                first = time.perf_counter() - t0
+            ntoks += len(d.token_ids)
+        ttft.append(first)
+        done_at.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*[one(r) for r in reqs])
+    wall = time.perf_counter() - t0
+    return {"requests": len(reqs), "wall_s": wall, "req_per_s": len(reqs) / wall,
+            "tok_per_s": ntoks / wall, "ttft_s_mean": statistics.mean(ttft), "ttft_s_p50": pct(ttft, 50),
+            "ttft_s_p90": pct(ttft, 90), "ttft_s_max": max(ttft), "output_tokens": ntoks}
+
+
+async def bench_engine(args, hf: dict | None) -> dict:
+    cfg = EngineConfig(model=args.model, engine="continuous", device="cuda", dtype="bfloat16",
+                       max_gpu_memory_gb=args.max_gpu_memory_gb, max_num_seqs=args.max_num_seqs,
+                       max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens)
+    engine = ContinuousEngine(cfg)
+    t0 = time.perf_counter()
+    await engine.start()
+    out = {"startup_s": time.perf_counter() - t0, "health": engine.health(), "config": cfg.model_dump()}
+    runner = engine._sched.runner
+    out["attention_check"] = attention_check(runner)
+    if hf is not None:
+        req = hf["check_request"]
+        req.request_id = "check"
+        req.sampling.max_tokens = len(hf["check_tokens"])
+        got = []
+        async for d in engine.generate(req):
+            got += d.token_ids
+        same = next((i for i, (a, b) in enumerate(zip(got, hf["check_tokens"])) if a != b), len(got))
+        out["greedy_vs_hf"] = {"tokens": len(got), "matching_prefix": same}
+    wbytes = lm_weight_bytes(runner)
+    out["decode"] = decode_microbench(runner, args.decode_batches, args.context)
+    for b, r in out["decode"].items():
+        r["floor_weights_ms"] = 1000 * wbytes / HBM_BYTES_PER_S
+        r["floor_weights_kv_ms"] = 1000 * (wbytes + r["kv_bytes"]) / HBM_BYTES_PER_S
+    out["lm_weight_gb"] = wbytes / 1e9
+    rng = np.random.default_rng(7)
+    # warm-up the full path (vision, prefill shapes, sampling)
+    await run_requests(engine, [make_request(1000 + i, rng, 8) for i in range(4)])
+    s0 = engine.stats()
+    out["throughput"] = await run_requests(engine, [make_request(i, rng, args.output_tokens)
+                                                    for i in range(args.requests)])
+    s1 = engine.stats()
+    steps = s1["decode_steps"] - s0["decode_steps"]
+    out["throughput"]["engine_decode_steps"] = steps
+    out["throughput"]["stats_after"] = s1
+    out["prefill"] = {}
+    for n in args.prefill_counts:
+        best = None
+        for _ in range(2):
+            reqs = [make_request(5000 + i, rng, 1) for i in range(n)]
+            r = await run_requests(engine, reqs)
+            toks = sum(len(x.prompt_token_ids) for x in reqs)
+            rate = toks / r["wall_s"]
+            if best is None or rate > best["prompt_tok_per_s"]:
+                best = {"requests": n, "prompt_tokens": toks, "wall_s": r["wall_s"], "prompt_tok_per_s": rate}
+        out["prefill"][n] = best
+    await engine.shutdown()
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"Machine: {m['gpu']}, torch {m['torch']}, {m['date']}", "",
+             f"Command: `{m['command']}`", ""]
+    e = res["engine"]
+    h = e["health"]
+    lines += [f"Engine: dtype {h.get('dtype')}, budget {h.get('budget_gib')} GiB (weights "
+              f"{h.get('weights_gib')} GiB, activation peak {h.get('activation_peak_gib')} GiB, KV "
+              f"{h.get('kv_gib')} GiB = {h.get('kv_tokens')} tokens), start-up {e['startup_s']:.1f} s "
+              f"(graph capture {h.get('graph_capture_s')} s)", ""]
+    lines += ["| decode batch | step ms (median) | floor ms (weights) | floor ms (weights + KV) |",
+              "| --- | --- | --- | --- |"]
+    for b, r in e["decode"].items():
+        lines.append(f"| {b} | {r['ms_median']:.2f} | {r['floor_weights_ms']:.2f} | {r['floor_weights_kv_ms']:.2f} |")
+    t = e["throughput"]
+    lines += ["", "| run | requests | req/s | output tok/s | TTFT mean s | TTFT p90 s |", "| --- | --- | --- | --- | --- | --- |"]
+    if res.get("hf"):
+        hf = res["hf"]
+        lines.append(f"| naive HF generate (sequential) | {hf['requests']} | {hf['req_per_s']:.3f} | "
+                     f"{hf['tok_per_s']:.1f} | {hf['ttft_s_mean']:.3f} (alone) | - |")
+    lines.append(f"| continuous engine | {t['requests']} | {t['req_per_s']:.2f} | {t['tok_per_s']:.0f} | "
+                 f"{t['ttft_s_mean']:.2f} | {t['ttft_s_p90']:.2f} |")
+    if res.get("hf"):
+        lines.append(f"\nSpeed-up in requests/s over naive HF: {t['req_per_s'] / res['hf']['req_per_s']:.1f}x")
+    lines += ["", "| requests arriving together | prompt tokens | prefill tok/s |", "| --- | --- | --- |"]
+    for n, p in e["prefill"].items():
+        lines.append(f"| {n} | {p['prompt_tokens']} | {p['prompt_tok_per_s']:.0f} |")
+    lines += ["", f"Checks: Triton decode attention rel. error vs fp32 torch: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in e["attention_check"].items())]
+    if "greedy_vs_hf" in e:
+        g = e["greedy_vs_hf"]
+        lines.append(f"; greedy bf16 tokens equal to HF generate for the first {g['matching_prefix']} of {g['tokens']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="builtin:qwen3-vl-4b-random")
+    ap.add_argument("--out", default="benchmarks/out/engine")
+    ap.add_argument("--max-gpu-memory-gb", type=float, default=24.0)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-prefill-tokens", type=int, default=8192)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--hf-requests", type=int, default=3)
+    ap.add_argument("--context", type=int, default=1100)
+    ap.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
+    ap.add_argument("--prefill-counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    from serve_app.models import resolve_model
+    args.model = resolve_model(args.model)
+    res = {"meta": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    "host": platform.node(), "command": " ".join(["python"] + sys.argv)}}
+    hf = None
+    if not args.skip_hf:
+        hf = hf_baseline(args.model, args.hf_requests, args.output_tokens, check_tokens=32)
+        print(f"HF generate: {hf['req_per_s']:.3f} req/s, {hf['ms_per_token']:.1f} ms/token", flush=True)
+    res["engine"] = asyncio.run(bench_engine(args, hf))
+    if hf is not None:
+        res["hf"] = {k: v for k, v in hf.items() if k not in ("check_request", "check_tokens")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_bench.json").write_text(json.dumps(res, indent=2, default=str))
+    md = markdown(res)
+    (out / "engine_bench.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -186,6 +186,11 @@ async def _read_limited(r: httpx.Response, max_bytes: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ServeAppError(f"image is too large: {declared} bytes, limit {max_bytes}", 413,
                             "image_too_large")
+    if r.is_stream_consumed:  # already in memory (e.g. a mock transport)
+        body = r.content
+        if len(body) > max_bytes:
+            raise ServeAppError(f"image is too large: over {max_bytes} bytes", 413, "image_too_large")
+        return body
     buf = bytearray()
     async for chunk in r.aiter_raw():  # no transparent gunzip: that would be a bomb vector
         buf += chunk

@@ -418,9 +418,9 @@ def _hint_gray(im: Image.Image) -> np.ndarray:
     """A small grayscale copy; JPEGs are decoded at reduced DCT scale (draft), which is fine for
     hints but never used for model input (it would break parity)."""
     w, h = im.size
-    if im.format == "JPEG" and max(w, h) > 2 * _HINT_SIDE:
-        scale = max(w, h) / _HINT_SIDE
-        im.draft("L" if im.mode in ("L", "RGB", "YCbCr") else None, (int(w / scale), int(h / scale)))
+    if im.format == "JPEG" and max(w, h) > _HINT_SIDE:
+        s = max(0.125, 0.75 * _HINT_SIDE / max(w, h))  # DCT scaling goes down to 1/8
+        im.draft("L" if im.mode in ("L", "RGB", "YCbCr") else None, (math.ceil(w * s), math.ceil(h * s)))
     im = to_rgb(load_image(im))
     k = max(1, math.ceil(max(im.size) / _HINT_SIDE))
     if k > 1:

@@ -2,21 +2,21 @@
 
 Everything a client can get wrong becomes a :class:`ServeAppError` with a stable ``code``:
 
-==========================  ======  ==============================================================
-code                        status  when
-==========================  ======  ==============================================================
-``invalid_base64``          400     a data URL that is not (strict, standard-alphabet) base64
-``invalid_image_url``       400     a string that is neither ``data:``, ``image://<id>`` nor http(s)
-``url_not_allowed``         400     other URL schemes, fetching disabled, host/address refused
-``image_fetch_failed``      400     the remote server failed, timed out or redirected too often
-``invalid_image``           400     empty, truncated or corrupt data
-``bad_aspect_ratio``        400     long side / short side above ``max_aspect_ratio`` (Qwen: 200)
-``too_many_images``         400     more than ``max_images_per_request``
-``invalid_pixel_limits``    400     a request's min/max_pixels that would *raise* the server's
-``image_not_found``         404     ``image://<id>`` that this server does not hold (any more)
-``image_too_large``         413     encoded bytes or header-declared pixels over the limits
-``unsupported_image_format`` 415    SVG, PDF, text, HEIC... anything but JPEG/PNG/WebP/GIF/BMP/TIFF
-==========================  ======  ==============================================================
+============================  ======  ==============================================================
+code                          status  when
+============================  ======  ==============================================================
+``invalid_base64``            400     a data URL that is not (strict, standard-alphabet) base64
+``invalid_image_url``         400     a string that is neither ``data:``, ``image://<id>`` nor http(s)
+``url_not_allowed``           400     other URL schemes, fetching disabled, host/address refused
+``image_fetch_failed``        400     the remote server failed, timed out or redirected too often
+``invalid_image``             400     empty, truncated or corrupt data
+``bad_aspect_ratio``          400     long side / short side above ``max_aspect_ratio`` (Qwen: 200)
+``too_many_images``           400     more than ``max_images_per_request``
+``invalid_pixel_limits``      400     a request's min/max_pixels that would *raise* the server's
+``image_not_found``           404     ``image://<id>`` that this server does not hold (any more)
+``image_too_large``           413     encoded bytes or header-declared pixels over the limits
+``unsupported_image_format``  415     SVG, PDF, text, HEIC... anything but JPEG/PNG/WebP/GIF/BMP/TIFF
+============================  ======  ==============================================================
 
 The resize/normalise/patchify path is bit-identical to transformers' ``Qwen2VLImageProcessorPil``
 configured for Qwen3-VL (PIL bicubic, rescale 1/255 in float64 then float32, mean = std = 0.5):
@@ -455,8 +455,9 @@ def _count_lines(dark: np.ndarray, min_frac: float = 0.3) -> int:
 def image_hints(gray: np.ndarray) -> dict:
     """Cheap heuristics, not classifiers: ``text_likelihood`` (uniform light/dark background with
     dense sharp edges, as in scans/screenshots of text) and ``table_likelihood`` (>= 2 long
-    horizontal and >= 2 long vertical thin dark lines: ruled tables). Dark-mode pages, borderless
-    tables and product photos on white can fool them; raw measurements are returned too."""
+    horizontal and >= 2 long vertical thin lines that contrast with the dominant background:
+    ruled tables). Borderless tables, product photos on plain backgrounds and line art can fool
+    them; the raw measurements are returned too."""
     g = gray.astype(np.int16)
     hist = np.bincount(gray.ravel(), minlength=256)
     bg = int(hist.argmax())
@@ -510,10 +511,11 @@ def inspect_image(data: bytes, limits: ImageLimits, min_pixels: int = DEFAULT_MI
     if exif["orientation"] in (5, 6, 7, 8):
         w, h = h, w  # what the model sees after EXIF orientation
     rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
+    image_id = image_id or image_id_for(data)
     return {
         "object": "image",
-        "image_id": image_id or image_id_for(data),
-        "url": f"image://{image_id or image_id_for(data)}",
+        "image_id": image_id,
+        "url": f"image://{image_id}",
         "bytes": len(data),
         "format": fmt,
         "width": w,

@@ -483,6 +483,18 @@ def test_inspect_png_metadata():
     assert info["dpi"] is None and info["num_tokens"] == num_image_tokens(40, 50)
 
 
+@pytest.mark.parametrize("mode,fmt,size", [("CMYK", "JPEG", (1500, 1000)), ("L", "JPEG", (1500, 1000)),
+                                           ("RGB", "PNG", (1, 1)), ("RGB", "PNG", (200, 1)),
+                                           ("I;16", "PNG", (700, 300)), ("P", "GIF", (900, 900))])
+def test_inspect_any_mode_and_shape(mode, fmt, size):
+    im = noise(*size).convert(mode) if mode != "I;16" else Image.fromarray(
+        np.full(size[::-1], 30000, np.uint16))
+    info = inspect_image(encode(im, fmt), LIMITS)
+    assert (info["width"], info["height"]) == size and info["format"] == fmt
+    assert info["mode"] == mode and 0 <= info["hints"]["text_likelihood"] <= 1
+    assert info["num_tokens"] == num_image_tokens(size[1], size[0])
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_hints_separate_documents_tables_photos(fmt):
     doc = inspect_image(encode(_document(False), fmt), LIMITS)["hints"]

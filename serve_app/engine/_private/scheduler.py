@@ -93,6 +93,8 @@ class Scheduler:
 
         path = resolve_model(config.model, config.cache_dir)
         device = pick_device(config)
+        if device.type == "cuda" and device.index is None:  # the memory cap needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         dtype = pick_dtype(config, device)
         budget = apply_memory_cap(config, device)
         tokenizer = load_tokenizer(path)

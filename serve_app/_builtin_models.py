@@ -511,6 +511,7 @@ def write_random_weights(out_dir: Path, seed: int, dtype_name: str, max_shard_by
     if len(shards) == 1:
         tensors = {n: random_tensor(n, s, dtype, seed, init) for n, s in shards[0]}
         save_file(tensors, str(out_dir / "model.safetensors"), metadata=meta)
+        os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes 0600
         return total_params
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
@@ -519,6 +520,7 @@ def write_random_weights(out_dir: Path, seed: int, dtype_name: str, max_shard_by
             log(f"writing {fname} ({len(shard)} tensors)")
         tensors = {n: random_tensor(n, s, dtype, seed, init) for n, s in shard}
         save_file(tensors, str(out_dir / fname), metadata=meta)
+        os.chmod(out_dir / fname, 0o644)
         del tensors
         weight_map.update({n: fname for n, _ in shard})
     _write_json(out_dir / "model.safetensors.index.json",

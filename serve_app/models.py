@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from serve_app import _builtin_models
 
@@ -95,13 +95,17 @@ def _build_once(cache: Path, dirname: str, build: Any) -> Path:
     return final
 
 
-def build_builtin(name: str, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> str:
-    """Write built-in ``name`` (with or without ``builtin:``) into ``out_dir``; no caching."""
+def build_builtin(name: str, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                  log: Callable[[str], None] | None = None) -> str:
+    """Write built-in ``name`` (with or without ``builtin:``) into ``out_dir``; no caching.
+
+    ``tokenizer_dir``: a folder with an already converted tokenizer to copy (saves seconds).
+    """
     short = _strip_prefix(name)
     if short not in _builtin_models.BUILDERS:
         raise ModelNotFoundError(f"unknown built-in model '{name}'. Built-in models: {_builtin_list()}")
     _, builder = _builtin_models.BUILDERS[short]
-    builder(out_dir, tokenizer_dir=tokenizer_dir)
+    builder(out_dir, tokenizer_dir=tokenizer_dir, log=log)
     return str(out_dir)
 
 
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown built-in model '{args.name}'. Built-in models: {_builtin_list()}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    build_builtin(name, args.out)
+    build_builtin(name, args.out, log=lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True))
     print(f"built {name} into {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

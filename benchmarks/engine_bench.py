@@ -131,6 +131,10 @@ def decode_microbench(runner, batches: list[int], context: int, iters: int = 50)
         if b > runner.max_num_seqs:
             continue
         need = -(-(context + 1) // runner.page_size)
+        if need * b > kv.free_pages:
+            res[b] = {"skipped": f"KV holds {kv.free_pages * runner.page_size} tokens < {b} x {context}"}
+            print(f"decode batch {b}: {res[b]['skipped']}", flush=True)
+            continue
         all_pages = []
         for s in range(b):
             pages = kv.allocate(need)
@@ -161,6 +165,7 @@ def decode_microbench(runner, batches: list[int], context: int, iters: int = 50)
             kv.release(ps)
         res[b] = {"ms_median": statistics.median(times), "ms_min": min(times),
                   "kv_bytes": b * context * runner.kv_bytes_per_token()}
+        print(f"decode batch {b}: {res[b]['ms_median']:.2f} ms", flush=True)
     return res
 
 
@@ -205,7 +210,9 @@ async def bench_engine(args, hf: dict | None) -> dict:
     await engine.start()
     out = {"startup_s": time.perf_counter() - t0, "health": engine.health(), "config": cfg.model_dump()}
     runner = engine._sched.runner
+    print("engine up:", json.dumps(out["health"]), flush=True)
     out["attention_check"] = attention_check(runner)
+    print("attention check:", out["attention_check"], flush=True)
     if hf is not None:
         req = hf["check_request"]
         req.request_id = "check"
@@ -215,9 +222,12 @@ async def bench_engine(args, hf: dict | None) -> dict:
             got += d.token_ids
         same = next((i for i, (a, b) in enumerate(zip(got, hf["check_tokens"])) if a != b), len(got))
         out["greedy_vs_hf"] = {"tokens": len(got), "matching_prefix": same}
+        print("greedy vs HF:", out["greedy_vs_hf"], got[:12], hf["check_tokens"][:12], flush=True)
     wbytes = lm_weight_bytes(runner)
     out["decode"] = decode_microbench(runner, args.decode_batches, args.context)
     for b, r in out["decode"].items():
+        if "skipped" in r:
+            continue
         r["floor_weights_ms"] = 1000 * wbytes / HBM_BYTES_PER_S
         r["floor_weights_kv_ms"] = 1000 * (wbytes + r["kv_bytes"]) / HBM_BYTES_PER_S
     out["lm_weight_gb"] = wbytes / 1e9
@@ -228,6 +238,7 @@ async def bench_engine(args, hf: dict | None) -> dict:
     out["throughput"] = await run_requests(engine, [make_request(i, rng, args.output_tokens)
                                                     for i in range(args.requests)])
     s1 = engine.stats()
+    print("throughput:", {k: v for k, v in out["throughput"].items()}, s1, flush=True)
     steps = s1["decode_steps"] - s0["decode_steps"]
     out["throughput"]["engine_decode_steps"] = steps
     out["throughput"]["stats_after"] = s1
@@ -242,6 +253,7 @@ async def bench_engine(args, hf: dict | None) -> dict:
             if best is None or rate > best["prompt_tok_per_s"]:
                 best = {"requests": n, "prompt_tokens": toks, "wall_s": r["wall_s"], "prompt_tok_per_s": rate}
         out["prefill"][n] = best
+        print("prefill:", best, flush=True)
     await engine.shutdown()
     return out
 
@@ -259,6 +271,9 @@ def markdown(res: dict) -> str:
     lines += ["| decode batch | step ms (median) | floor ms (weights) | floor ms (weights + KV) |",
               "| --- | --- | --- | --- |"]
     for b, r in e["decode"].items():
+        if "skipped" in r:
+            lines.append(f"| {b} | skipped: {r['skipped']} | | |")
+            continue
         lines.append(f"| {b} | {r['ms_median']:.2f} | {r['floor_weights_ms']:.2f} | {r['floor_weights_kv_ms']:.2f} |")
     t = e["throughput"]
     lines += ["", "| run | requests | req/s | output tok/s | TTFT mean s | TTFT p90 s |", "| --- | --- | --- | --- | --- | --- |"]

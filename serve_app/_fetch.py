@@ -130,7 +130,8 @@ def vet_url(url: str, policy: FetchPolicy) -> httpx.URL:
         raise _refused("credentials in image URLs are not allowed")
     if not u.host:
         raise ServeAppError("image URL has no host", 400, "invalid_image_url")
-    if not host_allowed(u.host, policy.allowed_hosts):
+    ascii_host = u.raw_host.decode("ascii")
+    if not (host_allowed(u.host, policy.allowed_hosts) or host_allowed(ascii_host, policy.allowed_hosts)):
         raise _refused(f"image host {u.host!r} is not on this server's allow-list")
     return u
 
@@ -156,11 +157,12 @@ async def _fetch(url: str, policy: FetchPolicy, transport: httpx.AsyncBaseTransp
         for _hop in range(policy.max_redirects + 1):
             u = vet_url(url, policy)
             port = u.port or (443 if u.scheme == "https" else 80)
-            ip = await resolve_public(u.host, port, policy)
+            host = u.raw_host.decode("ascii")  # IDNA (punycode) form for DNS and TLS
+            ip = await resolve_public(host, port, policy)
             pinned = u.copy_with(host=str(ip))
             headers = {"Host": u.netloc.decode("ascii"), "User-Agent": policy.user_agent,
                        "Accept": "image/*", "Accept-Encoding": "identity"}
-            extensions = {"sni_hostname": u.host} if u.scheme == "https" else {}
+            extensions = {"sni_hostname": host} if u.scheme == "https" else {}
             try:
                 async with client.stream("GET", pinned, headers=headers, extensions=extensions) as r:
                     if r.status_code in _REDIRECTS:

@@ -675,8 +675,8 @@ class ImagePipeline:
 
     def pixel_bounds(self, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
         """A request may lower the server's min/max_pixels, never raise them."""
-        lo = self.options.min_pixels if min_pixels is None else int(min_pixels)
         hi = self.options.max_pixels if max_pixels is None else int(max_pixels)
+        lo = min(self.options.min_pixels, hi) if min_pixels is None else int(min_pixels)
         if hi > self.options.max_pixels:
             raise ServeAppError(f"max_pixels {hi} is above this server's limit {self.options.max_pixels}",
                                 400, "invalid_pixel_limits", "max_pixels")

@@ -294,6 +294,10 @@ def test_request_limits():
         assert (e.status, e.code, e.param) == (400, "invalid_pixel_limits", param)
     im = p.process([encode(noise(1920, 1080))], min_pixels=1024, max_pixels=200_000)[0]
     assert im.grid_thw[1] * im.grid_thw[2] * 256 <= 200_000
+    # lowering only max_pixels below the server's min_pixels lowers the floor with it
+    assert p.pixel_bounds(None, 50_000) == (50_000, 50_000)
+    tiny = p.process([encode(noise(64, 64))], max_pixels=4096)[0]
+    assert tiny.grid_thw == (1, 4, 4)
 
 
 def test_error_names_the_failing_image():

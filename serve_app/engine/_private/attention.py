@@ -142,8 +142,5 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         num_warps=4, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)
-    m = lse.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp(lse - m)
-    out = (o * w[..., None]).sum(dim=2) / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    return out.to(q.dtype)
+    from serve_app.engine._private.kernels import merge_splits
+    return merge_splits(o, lse, q.dtype)

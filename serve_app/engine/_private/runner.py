@@ -144,7 +144,16 @@ class ModelRunner:
         k = _rms(k.reshape(t, hk, d), w["kn"], self.eps)
         return q, k, v.reshape(t, hk, d)
 
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.is_cuda:
+            from serve_app.engine._private.kernels import rms_norm
+            return rms_norm(x, w, self.eps)
+        return _rms(x, w, self.eps)
+
     def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        if self.is_cuda and self.fuse:
+            from serve_app.engine._private.kernels import silu_mul
+            return F.linear(silu_mul(F.linear(x, w["gu"])), w["down"])
         if self.fuse:
             g, u = F.linear(x, w["gu"]).chunk(2, dim=-1)
         else:
@@ -202,7 +211,7 @@ class ModelRunner:
         kv = self.kv
         for i, w in enumerate(self.w):
             res = h
-            x = _rms(h, w["ln1"], self.eps)
+            x = self._norm(h, w["ln1"])
             q, k, v = self._qkv(w, x)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             write_kv(kv.k[i], kv.v[i], k, v, page_idx, page_off)
@@ -213,7 +222,7 @@ class ModelRunner:
                                               kv.k[i], kv.v[i], c.pages, c.start, self.scale))
             attn = torch.cat(outs) if len(outs) > 1 else outs[0]
             h = res + F.linear(attn.reshape(h.shape[0], -1), w["o"])
-            h = h + self._mlp(w, _rms(h, w["ln2"], self.eps))
+            h = h + self._mlp(w, self._norm(h, w["ln2"]))
             if vidx is not None and i < len(deep_cat):
                 h[vidx] = h[vidx] + deep_cat[i].to(h.dtype)
         last = [off + len(c.ids) - 1 for c, off in zip(chunks, offsets) if c.want_logits]
@@ -227,31 +236,51 @@ class ModelRunner:
         """One token for ``batch`` rows; inputs in ``staging`` rows: ids, rope pos, page, offset,
         live length (incl. the new token), slot. Fixed shapes: capturable as a CUDA graph."""
         ids, pos, page, off, lens, slot = (staging[j, :batch] for j in range(6))
+        if self.is_cuda:
+            return self._decode_forward_fused(ids, pos, page, off, lens, slot, batch)
         kv = self.kv
         h = self.lm.embed_tokens(ids)
         cos, sin = self.cos_table[pos][:, None, :], self.sin_table[pos][:, None, :]
-        if self.is_cuda:
-            bt = self.block_tables.index_select(0, slot)
-            lens32 = lens.to(torch.int32)
-            splits = num_splits_for(batch, self.num_kv_heads, self.num_sms)
-        else:
-            lens_l = lens.tolist()
-            bt_rows = [self.block_tables[s, :-(-n // self.page_size)].long()
-                       for s, n in zip(slot.tolist(), lens_l)]
+        lens_l = lens.tolist()
+        bt_rows = [self.block_tables[s, :-(-n // self.page_size)].long()
+                   for s, n in zip(slot.tolist(), lens_l)]
         for i, w in enumerate(self.w):
             res = h
             x = _rms(h, w["ln1"], self.eps)
             q, k, v = self._qkv(w, x)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             write_kv(kv.k[i], kv.v[i], k, v, page, off)
-            if self.is_cuda:
-                attn = decode_attention_triton(q.contiguous(), kv.k[i], kv.v[i], bt, lens32,
-                                               self.scale, splits, self.page_size)
-            else:
-                attn = decode_attention_torch(q, kv.k[i], kv.v[i], bt_rows, lens_l, self.scale)
+            attn = decode_attention_torch(q, kv.k[i], kv.v[i], bt_rows, lens_l, self.scale)
             h = res + F.linear(attn.reshape(batch, -1), w["o"])
             h = h + self._mlp(w, _rms(h, w["ln2"], self.eps))
         return self.lm_head(_rms(h, self.final_norm, self.eps)).float()
+
+    def _decode_forward_fused(self, ids, pos, page, off, lens, slot, batch: int) -> torch.Tensor:
+        """GPU decode: about ten kernels per layer (fused norms, q/k-norm+RoPE+KV store, SiLU)."""
+        from serve_app.engine._private import kernels as K
+
+        kv = self.kv
+        bt = self.block_tables.index_select(0, slot)
+        lens32 = lens.to(torch.int32)
+        splits = num_splits_for(batch, self.num_kv_heads, self.num_sms)
+        hq, hk, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        h = self.lm.embed_tokens(ids)
+        res = None
+        for i, w in enumerate(self.w):
+            if res is None:
+                x, res = K.rms_norm(h, w["ln1"], eps), h
+            else:
+                x, res = K.rms_norm(h, w["ln1"], eps, residual=res)
+            qkv = F.linear(x, w["qkv"])
+            q = K.qk_norm_rope_store(qkv, w["qn"], w["kn"], self.cos_table, self.sin_table, pos, page,
+                                     off, kv.k[i], kv.v[i], hq, hk, d, eps)
+            attn = decode_attention_triton(q, kv.k[i], kv.v[i], bt, lens32, self.scale, splits,
+                                           self.page_size)
+            h = F.linear(attn.reshape(batch, -1), w["o"])
+            x, res = K.rms_norm(h, w["ln2"], eps, residual=res)
+            h = F.linear(K.silu_mul(F.linear(x, w["gu"])), w["down"])
+        x, _ = K.rms_norm(h, self.final_norm, eps, residual=res)
+        return self.lm_head(x).float()
 
     def bucket_for(self, batch: int) -> int:
         for b in self.buckets:

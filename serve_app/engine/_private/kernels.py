@@ -1,0 +1,151 @@
+"""Fused Triton kernels for the GPU decode/prefill step (imported only on CUDA).
+
+A decode step at small batch is bound by kernel count, not bytes: HF's RMSNorm alone is ~7 kernels,
+q/k-norm + M-RoPE + cache write ~30 per layer. These fuse each group into one launch, so a layer is
+about ten kernels (4 GEMMs, attention, 5 of these).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, n, eps,
+                HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < n
+    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(RO + row * stride_ro + cols, x, mask=m)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n
+    h = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(W + cols, mask=m, other=0.0)
+    tl.store(Y + row * stride_y + cols, (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype), mask=m)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """``rms(x)``, or with ``residual``: ``(rms(x + residual), x + residual)`` (HF numerics)."""
+    rows, n = x.shape
+    y = torch.empty_like(x)
+    ro = torch.empty_like(x) if residual is not None else y
+    r = residual if residual is not None else x
+    _rms_kernel[(rows,)](x, r, w, y, ro, x.stride(0), r.stride(0), y.stride(0), ro.stride(0), n, eps,
+                         HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4)
+    return (y, ro) if residual is not None else y
+
+
+@triton.jit
+def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC,
+                         s_qkv, s_qo_b, s_qo_h, s_kp, s_kh, s_ks, s_cos, eps,
+                         HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    half = tl.arange(0, D // 2)
+    pos = tl.load(POS + b)
+    c1 = tl.load(COS + pos * s_cos + half).to(tl.float32)
+    c2 = tl.load(COS + pos * s_cos + D // 2 + half).to(tl.float32)
+    s1 = tl.load(SIN + pos * s_cos + half).to(tl.float32)
+    s2 = tl.load(SIN + pos * s_cos + D // 2 + half).to(tl.float32)
+    is_q = h < HQ
+    base = QKV + b * s_qkv + h * D
+    x1 = tl.load(base + half)
+    x2 = tl.load(base + D // 2 + half)
+    dt = x1.dtype
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / D
+    r = tl.rsqrt(var + eps)
+    if is_q:
+        w1 = tl.load(QN + half).to(tl.float32)
+        w2 = tl.load(QN + D // 2 + half).to(tl.float32)
+    else:
+        w1 = tl.load(KN + half).to(tl.float32)
+        w2 = tl.load(KN + D // 2 + half).to(tl.float32)
+    n1 = (w1 * (f1 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    n2 = (w2 * (f2 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    o1 = (n1 * c1 - n2 * s1).to(dt)
+    o2 = (n2 * c2 + n1 * s2).to(dt)
+    if is_q:
+        qo = QO + b * s_qo_b + h * s_qo_h
+        tl.store(qo + half, o1)
+        tl.store(qo + D // 2 + half, o2)
+    else:
+        kh = h - HQ
+        page = tl.load(PAGE + b)
+        off = tl.load(OFF + b)
+        dst = page * s_kp + kh * s_kh + off * s_ks
+        tl.store(KC + dst + half, o1)
+        tl.store(KC + dst + D // 2 + half, o2)
+        vsrc = QKV + b * s_qkv + (HQ + HK + kh) * D
+        tl.store(VC + dst + half, tl.load(vsrc + half))
+        tl.store(VC + dst + D // 2 + half, tl.load(vsrc + D // 2 + half))
+
+
+def qk_norm_rope_store(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, pos: torch.Tensor, page: torch.Tensor, off: torch.Tensor,
+                       cache_k: torch.Tensor, cache_v: torch.Tensor, hq: int, hk: int, d: int,
+                       eps: float) -> torch.Tensor:
+    """From fused qkv rows [B, (hq+2hk)*d]: q/k RMS norm, 1-D RoPE at ``pos`` (decode: all three
+    M-RoPE components are equal), K/V written to the cache at (page, off). Returns q [B, hq, d]."""
+    b = qkv.shape[0]
+    q = torch.empty(b, hq, d, dtype=qkv.dtype, device=qkv.device)
+    _qk_norm_rope_kernel[(b, hq + hk)](
+        qkv, qn, kn, cos, sin, pos, page, off, q, cache_k, cache_v,
+        qkv.stride(0), q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        cos.stride(0), eps, HQ=hq, HK=hk, D=d, num_warps=1)
+    return q
+
+
+@triton.jit
+def _silu_mul_kernel(GU, Y, s_gu, s_y, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < n
+    g = tl.load(GU + row * s_gu + cols, mask=m, other=0.0)
+    u = tl.load(GU + row * s_gu + n + cols, mask=m, other=0.0)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    tl.store(Y + row * s_y + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for fused [rows, 2n] gate/up rows."""
+    rows, two_n = gu.shape
+    n = two_n // 2
+    y = torch.empty(rows, n, dtype=gu.dtype, device=gu.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block,
+                                                    num_warps=4)
+    return y
+
+
+@triton.jit
+def _merge_splits_kernel(O, LSE, Y, s_ob, s_oh, s_os, s_lb, s_lh, s_yb, s_yh,
+                         S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, S_PAD)
+    d = tl.arange(0, D)
+    lse = tl.load(LSE + b * s_lb + h * s_lh + sp, mask=sp < S, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m)
+    o = tl.load(O + b * s_ob + h * s_oh + sp[:, None] * s_os + d[None, :], mask=(sp < S)[:, None], other=0.0)
+    tot = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(Y + b * s_yb + h * s_yh + d, out.to(Y.dtype.element_ty))
+
+
+def merge_splits(o: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Combine split-K partial attention ``o`` [B, H, S, D] (fp32) with their log-sum-exps."""
+    b, h, s, d = o.shape
+    y = torch.empty(b, h, d, dtype=dtype, device=o.device)
+    _merge_splits_kernel[(b, h)](o, lse, y, o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
+                                 lse.stride(1), y.stride(0), y.stride(1), S=s,
+                                 S_PAD=triton.next_power_of_2(s), D=d, num_warps=1)
+    return y

@@ -82,6 +82,36 @@ async def _send_error(send, err: ServeAppError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def read_image_payload(request, max_bytes: int) -> bytes | str:
+    """One image from a request body: multipart (field ``file`` or ``image``), a raw ``image/*`` or
+    ``application/octet-stream`` body, or JSON ``{"image": "data:...|https://...|image://..."}``."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=8, max_part_size=max_bytes)
+        except Exception as e:
+            raise ServeAppError(f"invalid multipart body: {e}", 400, "invalid_request") from None
+        part = form.get("file") or form.get("image")
+        if part is None:
+            raise ServeAppError("multipart body needs a 'file' (or 'image') field", 400,
+                                "invalid_request", "file")
+        return await part.read() if hasattr(part, "read") else str(part)
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            raise ServeAppError("request body is not valid JSON", 400, "invalid_request") from None
+        image = body.get("image") if isinstance(body, dict) else None
+        if not isinstance(image, str) or not image:
+            raise ServeAppError('JSON body needs "image": a data URL, http(s) URL or image:// id',
+                                400, "invalid_request", "image")
+        return image
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return await request.body()
+    raise ServeAppError(f"unsupported content type {ctype or '(none)'!r}: send multipart/form-data, "
+                        "application/json or the raw image bytes", 415, "unsupported_media_type")
+
+
 def client_error(exc: BaseException) -> ServeAppError:
     """The client-facing error for any exception, unwrapping Ray's task-error wrappers."""
     seen: set[int] = set()

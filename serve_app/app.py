@@ -12,7 +12,6 @@ from ray.serve import Application
 from serve_app.config import AppConfig
 from serve_app.ingress import Ingress
 from serve_app.preprocess import Preprocess
-from serve_app.table_extractor import TableExtractor
 from serve_app.vlm import VLM
 
 
@@ -21,8 +20,16 @@ def build_app(args: dict) -> Application:
     config = cfg.model_dump(mode="json")
     preprocess = Preprocess.bind(config["images"])
     vlm = VLM.bind(config["engine"], cfg.api.default_max_tokens)
-    tables = TableExtractor.bind(config["tables"]) if cfg.tables.enabled else None
+    tables = None
+    if cfg.tables.enabled:  # imported only when used: it pulls in the OCR stack
+        from serve_app.table_extractor import TableExtractor
+
+        tables = TableExtractor.bind(config["tables"])
     return Ingress.bind(preprocess, vlm, tables, config)
 
 
-app = build_app({})
+def __getattr__(name: str):
+    # `serve_app.app:app` (for `serve build` / `serve run`) is built on first access, not on import.
+    if name == "app":
+        return build_app({})
+    raise AttributeError(name)

@@ -5,6 +5,8 @@ Unknown keys are rejected so a typo in the config fails at deploy time, not sile
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.engine.config import EngineConfig
@@ -26,10 +28,14 @@ class ImagesConfig(_Strict):
     allow_remote_urls: bool = Field(False, description="fetch http(s) image URLs at all")
     url_allowlist: list[str] = Field(default_factory=list,
                                      description="hosts (or *.suffix) that may be fetched")
+    url_allowed_networks: list[str] = Field(
+        default_factory=list, description="CIDRs exempt from the private-address refusal (tests, LANs)")
     url_timeout_s: float = Field(5.0, gt=0)
     url_max_redirects: int = Field(3, ge=0)
     cache_mb: int = Field(512, ge=0, description="LRU of preprocessed tensors by image id")
     upload_cache_mb: int = Field(256, ge=0, description="LRU of uploaded image bytes (image:// ids)")
+    upload_store: Literal["actor", "local"] = Field(
+        "actor", description="actor: uploads shared by all Preprocess replicas; local: per replica")
 
 
 class ApiConfig(_Strict):

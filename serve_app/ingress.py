@@ -5,7 +5,6 @@ before parsing; a client disconnect cancels the downstream generation (the strea
 cancelled, which cancels the VLM's generator, which cancels the engine request).
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -18,9 +17,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 
 from serve_app import _chat
-from serve_app._http import BodyLimitMiddleware, client_error, validation_message
+from serve_app._http import (BodyLimitMiddleware, client_error, read_image_payload,
+                             validation_message)
 from serve_app.config import AppConfig
 from serve_app.errors import ServeAppError
 from serve_app.protocol import ChatCompletionRequest, ModelCard, ModelList
@@ -37,7 +38,7 @@ def _error_response(err: ServeAppError, headers: dict | None = None) -> JSONResp
 
 @api.exception_handler(ServeAppError)
 async def _serve_app_error(_: Request, exc: ServeAppError):
-    return _error_response(exc)
+    return _error_response(client_error(exc))  # may be Ray's wrapper around a remote ServeAppError
 
 
 @api.exception_handler(RequestValidationError)
@@ -76,6 +77,9 @@ class Ingress:
         self.preprocess, self.vlm, self.tables = preprocess, vlm, tables
         self.served_name = self.cfg.served_model_name
         api.state.max_request_bytes = self.cfg.api.max_request_bytes
+        # Keep multipart uploads in memory (Starlette spools parts over 1 MB to disk otherwise); the
+        # body-size middleware already bounds them.
+        MultiPartParser.spool_max_size = self.cfg.api.max_request_bytes + 1
 
     # ---- health & discovery --------------------------------------------------------------------
     @api.get("/healthz")
@@ -111,6 +115,13 @@ class Ingress:
         if not self.cfg.api.enable_web_page:
             raise ServeAppError("the web page is disabled", 404, "not_found")
         return HTMLResponse(_PAGE.read_text(encoding="utf-8"))
+
+    # ---- images --------------------------------------------------------------------------------
+    @api.post("/v1/images")
+    async def upload_image(self, request: Request) -> dict:
+        """Upload once, refer to it later as ``image://<image_id>``; returns metadata and hints."""
+        data = await read_image_payload(request, self.cfg.api.max_request_bytes)
+        return await self.preprocess.upload.remote(data)
 
     # ---- chat ----------------------------------------------------------------------------------
     @api.post("/v1/chat/completions")

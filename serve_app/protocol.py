@@ -68,7 +68,7 @@ class ChatCompletionRequest(_Lenient):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="extension")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int | None = Field(None, ge=1, le=128)
     stream: bool = False

@@ -557,6 +557,8 @@ def _write_common(out: Path, config: dict[str, Any], tokenizer_dir: str | os.Pat
 
 
 SEED = 20250101
+# Bump when a builder's output changes: cached built-ins of another version are rebuilt.
+BUILD_VERSION = "qwen3-vl-builtins/1"
 
 
 def build_tiny_qwen3_vl(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,

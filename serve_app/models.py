@@ -69,26 +69,36 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build_once(cache: Path, dirname: str, build: Any) -> Path:
-    """Build ``cache/dirname`` with ``build(tmp_dir)`` unless it exists; atomic and locked.
+def _is_built(folder: Path, version: str) -> bool:
+    marker = folder / _DONE_MARKER
+    return marker.is_file() and marker.read_text().split("\n", 1)[0] == version
+
+
+def _build_once(cache: Path, dirname: str, build: Callable[[Path], Any], version: str) -> Path:
+    """Build ``cache/dirname`` with ``build(tmp_dir)`` unless built at ``version``; atomic, locked.
 
     The build goes to a temp folder in the same parent and is renamed into place, so a
-    crash never leaves a half-written model under the final name.
+    crash never leaves a half-written model under the final name. A folder built by an
+    older builder version (other weights or files) is rebuilt and swapped in.
     """
     final = cache / dirname
-    if (final / _DONE_MARKER).is_file():
+    if _is_built(final, version):
         return final
     with _locked(cache / f".{dirname}.lock"):
-        if (final / _DONE_MARKER).is_file():  # another process built it while we waited
+        if _is_built(final, version):  # another process built it while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.tmp-", dir=cache))
         try:
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the model from other users
             build(tmp)
-            (tmp / _DONE_MARKER).write_text(f"{time.time()}\n")
-            if final.exists():  # leftover without the marker: an interrupted older layout
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            (tmp / _DONE_MARKER).write_text(f"{version}\nbuilt {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            if final.exists():  # stale version, or an interrupted pre-marker layout
+                stale = Path(tempfile.mkdtemp(prefix=f".{dirname}.old-", dir=cache))
+                os.rename(final, stale / dirname)
+                os.rename(tmp, final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -116,8 +126,9 @@ def _resolve_builtin(name: str, cache_dir: str | None) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     short = _strip_prefix(name)
     # The tokenizer is shared by both built-ins: convert it once per cache.
-    tok_dir = _build_once(cache, _TOKENIZER_DIR, _builtin_models.write_tokenizer)
-    return str(_build_once(cache, short, lambda tmp: build_builtin(name, tmp, tokenizer_dir=tok_dir)))
+    version = _builtin_models.BUILD_VERSION
+    tok_dir = _build_once(cache, _TOKENIZER_DIR, _builtin_models.write_tokenizer, version)
+    return str(_build_once(cache, short, lambda tmp: build_builtin(name, tmp, tokenizer_dir=tok_dir), version))
 
 
 def _from_hf_cache(repo_id: str) -> str | None:
@@ -170,12 +181,15 @@ def load_image_processor(path: str) -> Any:
     transformers' default (torchvision) backend where torchvision is installed, else the
     PIL backend - same resize/normalise maths, same ``pixel_values``/``image_grid_thw``.
     """
-    import importlib.util
+    from transformers.utils import is_torchvision_available
 
-    if importlib.util.find_spec("torchvision") is not None:
-        from transformers import AutoImageProcessor
+    if is_torchvision_available():
+        try:
+            from transformers import AutoImageProcessor
 
-        return AutoImageProcessor.from_pretrained(path)
+            return AutoImageProcessor.from_pretrained(path)
+        except ImportError:  # torchvision present but unusable (e.g. built for another torch)
+            pass
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil.from_pretrained(path)

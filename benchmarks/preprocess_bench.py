@@ -25,8 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve_app._image import (ImageLimits, ImagePipeline, PreprocessOptions, decode_image,  # noqa: E402
-                              preprocess_rgb)
+from serve_app._image import ImageLimits, decode_image, preprocess_rgb  # noqa: E402
+from serve_app._image_pipeline import ImagePipeline, PreprocessOptions  # noqa: E402
 
 SIZES = {"640x480": (640, 480), "1280x720": (1280, 720), "1920x1080": (1920, 1080)}
 

@@ -1,7 +1,9 @@
 """Preprocess deployment: image sources -> Qwen3-VL ``ImageInput`` tensors, as a thin Ray Serve shell.
 
-All logic is in :mod:`serve_app._image` (decode, limits, resize, patchify, caches) and
-:mod:`serve_app._fetch` (URL fetching); this module adds threads, the shared upload store and metrics.
+All logic is in :mod:`serve_app._image` (decode, limits, resize, patchify),
+:mod:`serve_app._image_pipeline` (caches, options, identity), :mod:`serve_app._image_inspect`
+(``POST /v1/images`` metadata) and :mod:`serve_app._fetch` (URL fetching); this module adds threads,
+the shared upload store and metrics.
 
 Uploads (``POST /v1/images`` -> ``image://<id>``) must be visible to every replica, since the
 reference may land on a different one. With ``upload_store: actor`` (the default) the bytes live in
@@ -21,8 +23,8 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from serve_app._fetch import fetch_image
-from serve_app._image import (ImagePipeline, LocalImageStore, PreprocessOptions, configure_pil,
-                              with_index)
+from serve_app._image import configure_pil
+from serve_app._image_pipeline import ImagePipeline, LocalImageStore, PreprocessOptions, with_index
 from serve_app.engine.protocol import ImageInput
 from serve_app.errors import ServeAppError
 
@@ -33,7 +35,8 @@ STORE_NAMESPACE = "serve_app"
 
 
 class ActorImageStore:
-    """:class:`serve_app._image.ImageStore` backed by one named actor; called from worker threads."""
+    """:class:`serve_app._image_pipeline.ImageStore` backed by one named actor; called from worker
+    threads."""
 
     def __init__(self, capacity_bytes: int, timeout_s: float = 10.0):
         self.capacity_bytes = capacity_bytes

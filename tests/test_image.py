@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from serve_app import _fetch
 from serve_app._fetch import FetchPolicy, address_refusal, fetch_image, host_allowed
-from serve_app._image import (ImageLimits, ImagePipeline, PreprocessOptions, decode_image,
-                              image_id_for, inspect_image, num_image_tokens, parse_data_url,
-                              preprocess_rgb, smart_resize)
+from serve_app._image import (ImageLimits, decode_image, image_id_for, num_image_tokens,
+                              parse_data_url, preprocess_rgb, smart_resize)
+from serve_app._image_inspect import inspect_image
+from serve_app._image_pipeline import ImagePipeline, PreprocessOptions
 from serve_app.errors import ServeAppError
 
 LIMITS = ImageLimits()
@@ -641,7 +641,8 @@ def test_fetch_pins_vetted_ip_and_revets_every_hop(monkeypatch):
 def test_image_modules_import_neither_ray_nor_torch():
     import subprocess
     import sys
-    code = ("import sys, serve_app._image, serve_app._fetch; "
+    code = ("import sys, serve_app._image, serve_app._image_inspect, serve_app._image_pipeline, "
+            "serve_app._fetch; "
             "print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

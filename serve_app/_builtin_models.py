@@ -479,7 +479,8 @@ def _meta_model(config_dir: Path) -> "Any":
 
 def _weight_specs(model: "Any") -> list[tuple[str, tuple[int, ...]]]:
     """Checkpoint tensor names and shapes (the tied lm_head is not stored, like the Hub files)."""
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    tie = getattr(model.config, "tie_word_embeddings", False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if tie else set()
     return [(n, tuple(t.shape)) for n, t in model.state_dict().items() if n not in tied]
 
 

@@ -152,6 +152,13 @@ def decode_microbench(runner, batches: list[int], context: int, iters: int = 50)
         off = [context % runner.page_size] * b
         lens = [context + 1] * b
         slots = list(range(b))
+        if b == 8:  # graph + fused kernels vs the plain torch path on the same state
+            ref = runner.decode(ids, pos, pg, off, lens, slots, reference=True)
+            got = runner.decode(ids, pos, pg, off, lens, slots)
+            res["fused_vs_reference"] = {
+                "logits_rel_err": float((got - ref).norm() / ref.norm()),
+                "argmax_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
+            print("fused vs reference:", res["fused_vs_reference"], flush=True)
         times = []
         for i in range(iters + 5):
             st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -225,6 +232,9 @@ async def bench_engine(args, hf: dict | None) -> dict:
         print("greedy vs HF:", out["greedy_vs_hf"], got[:12], hf["check_tokens"][:12], flush=True)
     wbytes = lm_weight_bytes(runner)
     out["decode"] = decode_microbench(runner, args.decode_batches, args.context)
+    fused_check = out["decode"].pop("fused_vs_reference", None)
+    if fused_check:
+        out["fused_vs_reference"] = fused_check
     for b, r in out["decode"].items():
         if "skipped" in r:
             continue
@@ -290,6 +300,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {n} | {p['prompt_tokens']} | {p['prompt_tok_per_s']:.0f} |")
     lines += ["", f"Checks: Triton decode attention rel. error vs fp32 torch: "
               + ", ".join(f"{k} {v:.1e}" for k, v in e["attention_check"].items())]
+    if "fused_vs_reference" in e:
+        f = e["fused_vs_reference"]
+        lines.append(f"; graph decode (fused kernels) vs plain torch decode at batch 8: logits rel. error "
+                     f"{f['logits_rel_err']:.1e}, argmax agreement {f['argmax_agree']:.2f}")
     if "greedy_vs_hf" in e:
         g = e["greedy_vs_hf"]
         lines.append(f"; greedy bf16 tokens equal to HF generate for the first {g['matching_prefix']} of {g['tokens']}.")

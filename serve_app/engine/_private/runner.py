@@ -108,12 +108,11 @@ class ModelRunner:
                 for k in ("q", "k", "v", "gate", "up"):
                     del d[k]
             self.w.append(d)
-        if self.fuse:  # drop the now duplicated HF copies
+        if self.fuse:  # free the now duplicated HF copies (storage too, whoever else holds them)
             for layer in self.lm.layers:
                 a, m = layer.self_attn, layer.mlp
                 for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-                    mod.weight = torch.nn.Parameter(torch.empty(0, dtype=self.dtype, device=self.device),
-                                                    requires_grad=False)
+                    mod.weight.data = torch.empty(0, dtype=self.dtype, device=self.device)
         if self.is_cuda:
             torch.cuda.empty_cache()
         self.final_norm = self.lm.norm.weight
@@ -232,11 +231,11 @@ class ModelRunner:
         return self.lm_head(hl).float()
 
     # --------------------------------------------------------------------------------- decode
-    def _decode_forward(self, staging: torch.Tensor, batch: int) -> torch.Tensor:
+    def _decode_forward(self, staging: torch.Tensor, batch: int, reference: bool = False) -> torch.Tensor:
         """One token for ``batch`` rows; inputs in ``staging`` rows: ids, rope pos, page, offset,
         live length (incl. the new token), slot. Fixed shapes: capturable as a CUDA graph."""
         ids, pos, page, off, lens, slot = (staging[j, :batch] for j in range(6))
-        if self.is_cuda:
+        if self.is_cuda and not reference:
             return self._decode_forward_fused(ids, pos, page, off, lens, slot, batch)
         kv = self.kv
         h = self.lm.embed_tokens(ids)
@@ -319,8 +318,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, ids: list[int], positions: list[int], pages: list[int], offsets: list[int],
-               lengths: list[int], slots: list[int]) -> torch.Tensor:
-        """float32 logits [B, V] for one new token per row (its K/V is written first)."""
+               lengths: list[int], slots: list[int], reference: bool = False) -> torch.Tensor:
+        """float32 logits [B, V] for one new token per row (its K/V is written first).
+
+        ``reference=True`` runs the plain torch path instead (GPU self-check in the benchmark)."""
         b = len(ids)
         host = self._host
         bb = self.bucket_for(b) if self._graphs else b
@@ -329,6 +330,8 @@ class ModelRunner:
         for j, vals in enumerate((ids, positions, pages, offsets, lengths, slots)):
             host[j, :b] = torch.as_tensor(vals, dtype=torch.int64)
         self._staging[:, :bb].copy_(host[:, :bb], non_blocking=self.is_cuda)
+        if reference:
+            return self._decode_forward(self._staging, b, reference=True)
         if bb in self._graphs:
             g, out = self._graphs[bb]
             g.replay()

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the built-in models")
     b = sub.add_parser("build", help="write a built-in model folder")
     b.add_argument("name", help="built-in name, with or without 'builtin:'")
-    b.add_argument("--out", required=True, help="folder to write (created)")
+    b.add_argument("--out", help="folder to write (created); default: the model cache, as on first use")
     args = parser.parse_args(argv)
     if args.cmd == "list":
         for name, desc in BUILTIN_MODELS.items():
@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown built-in model '{args.name}'. Built-in models: {_builtin_list()}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    if args.out is None:  # same place and locking as a replica's first use
+        print(f"{name} ready at {resolve_model(name)} ({time.perf_counter() - t0:.1f}s)")
+        return 0
     build_builtin(name, args.out, log=lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True))
     print(f"built {name} into {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -95,26 +95,31 @@ class ModelRunner:
 
     # ----------------------------------------------------------------------------------- setup
     def _prepare_weights(self) -> None:
-        self.w = []
+        """Fuse q/k/v and gate/up where the model sits (load on CPU for CUDA: no holes are left
+        in the GPU allocator's segments), free the originals, then move the model to the device."""
+        fused = []
         for layer in self.lm.layers:
             a, m = layer.self_attn, layer.mlp
-            d = dict(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                     qn=a.q_norm.weight, kn=a.k_norm.weight, o=a.o_proj.weight, down=m.down_proj.weight,
-                     q=a.q_proj.weight, k=a.k_proj.weight, v=a.v_proj.weight,
-                     gate=m.gate_proj.weight, up=m.up_proj.weight)
             if self.fuse:
-                d["qkv"] = torch.cat([d["q"], d["k"], d["v"]], dim=0).contiguous()
-                d["gu"] = torch.cat([d["gate"], d["up"]], dim=0).contiguous()
-                for k in ("q", "k", "v", "gate", "up"):
-                    del d[k]
-            self.w.append(d)
-        if self.fuse:  # free the now duplicated HF copies (storage too, whoever else holds them)
-            for layer in self.lm.layers:
-                a, m = layer.self_attn, layer.mlp
+                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0)
+                gu = torch.cat([m.gate_proj.weight, m.up_proj.weight], dim=0)
                 for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-                    mod.weight.data = torch.empty(0, dtype=self.dtype, device=self.device)
-        if self.is_cuda:
-            torch.cuda.empty_cache()
+                    mod.weight.data = torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device)
+                fused.append((qkv, gu))
+        self.model.to(self.device)
+        self.w = []
+        for i, layer in enumerate(self.lm.layers):
+            a, m = layer.self_attn, layer.mlp
+            d = dict(ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                     qn=a.q_norm.weight, kn=a.k_norm.weight, o=a.o_proj.weight, down=m.down_proj.weight)
+            if self.fuse:
+                d["qkv"] = fused[i][0].to(self.device).contiguous()
+                d["gu"] = fused[i][1].to(self.device).contiguous()
+                fused[i] = None
+            else:
+                d.update(q=a.q_proj.weight, k=a.k_proj.weight, v=a.v_proj.weight,
+                         gate=m.gate_proj.weight, up=m.up_proj.weight)
+            self.w.append(d)
         self.final_norm = self.lm.norm.weight
 
     def allocate_kv(self, num_tokens: int) -> None:

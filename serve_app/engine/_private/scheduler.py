@@ -98,7 +98,8 @@ class Scheduler:
         dtype = pick_dtype(config, device)
         budget = apply_memory_cap(config, device)
         tokenizer = load_tokenizer(path)
-        model = load_model(path, dtype=dtype, device=device)
+        # On CUDA load to host first: the runner fuses projections there, then moves the model.
+        model = load_model(path, dtype=dtype, device="cpu" if device.type == "cuda" else device)
         model.eval()
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id

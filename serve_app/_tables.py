@@ -120,6 +120,23 @@ def table_to_csv(table: dict | Table) -> str:
     return buf.getvalue()
 
 
+def as_rgb(image: Any, max_pixels: int) -> np.ndarray:
+    """Validate a decoded image: uint8 ``HxWx3`` RGB (``HxW`` gray and ``HxWx4`` RGBA are
+    converted). Raises ``ValueError`` for anything else and ``OverflowError`` past ``max_pixels``."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {a.dtype}")
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] == 4:
+        a = a[:, :, :3]
+    if a.ndim != 3 or a.shape[2] != 3 or 0 in a.shape:
+        raise ValueError(f"image must be HxWx3 RGB, got shape {tuple(np.shape(image))}")
+    if a.shape[0] * a.shape[1] > max_pixels:
+        raise OverflowError(f"image has {a.shape[0] * a.shape[1]} pixels, more than the {max_pixels} allowed")
+    return np.ascontiguousarray(a)
+
+
 # ----------------------------------------------------------------------------- model files
 
 def _package_dir(name: str) -> Path:
@@ -636,7 +653,7 @@ class TablePipeline:
 
     def __init__(self, providers: Sequence[str] | None = None, *, model_paths: dict | None = None,
                  threads: int | None = None, det_limit_side: int = 1280, structure: str = "auto",
-                 max_tables: int = 8):
+                 max_tables: int = 8, max_side: int = 2560):
         import onnxruntime as ort
 
         if structure not in ("auto", "slanet"):
@@ -645,6 +662,7 @@ class TablePipeline:
         self.providers = pick_providers(providers)
         self.structure = structure
         self.max_tables = max_tables
+        self.max_side = max_side
         use_cuda = self.providers[0] == "CUDAExecutionProvider"
         self._ocr = _make_ocr(self.paths, use_cuda, threads, det_limit_side)
         so = ort.SessionOptions()
@@ -659,6 +677,24 @@ class TablePipeline:
         if "<td></td>" not in vocab:
             vocab.append("<td></td>")
         self._vocab = ["sos"] + vocab + ["eos"]
+
+    def warmup(self) -> list[dict]:
+        """Load the lazily created OCR sessions now and run one tiny ruled table end to end, so a
+        broken install fails at startup rather than on the first request."""
+        for name in ("_load_det_model", "_load_rec_model"):  # RapidOCR creates sessions lazily
+            loader = getattr(self._ocr, name, None)
+            if callable(loader):
+                loader()
+        from PIL import Image, ImageDraw, ImageFont
+
+        img = Image.new("RGB", (260, 110), "white")
+        d = ImageDraw.Draw(img)
+        font = ImageFont.load_default(22)
+        for r, row in enumerate((("Name", "Qty"), ("Apple", "42"))):
+            for c, text in enumerate(row):
+                d.rectangle([10 + 120 * c, 10 + 45 * r, 130 + 120 * c, 55 + 45 * r], outline="black", width=2)
+                d.text((22 + 120 * c, 19 + 45 * r), text, font=font, fill="black")
+        return self(np.asarray(img))
 
     # -- stages
     def ocr(self, bgr: np.ndarray) -> list[_Ocr]:
@@ -682,6 +718,12 @@ class TablePipeline:
     def __call__(self, rgb: np.ndarray) -> list[dict]:
         import cv2
 
+        h0, w0 = rgb.shape[:2]
+        if min(h0, w0) < 16:  # no room for a 2x2 table of legible text
+            return []
+        scale = min(1.0, self.max_side / max(h0, w0))  # bounds the cost of line masks and warps
+        if scale < 1.0:
+            rgb = cv2.resize(rgb, (max(1, round(w0 * scale)), max(1, round(h0 * scale))), interpolation=cv2.INTER_AREA)
         h, w = rgb.shape[:2]
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         ocr = self.ocr(bgr)
@@ -700,7 +742,7 @@ class TablePipeline:
                 o.quad = _affine_apply(m, o.quad)
         else:
             m, work = np.array([[1.0, 0, 0], [0, 1.0, 0]]), bgr
-        m_inv = cv2.invertAffineTransform(m)
+        m_inv = cv2.invertAffineTransform(m) / scale  # work -> original pixels
         gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
 
         tables: list[Table] = []
@@ -720,8 +762,8 @@ class TablePipeline:
         out = []
         for t in tables[: self.max_tables]:
             for c in t.cells:
-                c.bbox = _hull(m_inv, c.bbox, w, h)
-            t.bbox = _hull(m_inv, t.bbox, w, h)
+                c.bbox = _hull(m_inv, c.bbox, w0, h0)
+            t.bbox = _hull(m_inv, t.bbox, w0, h0)
             out.append(t.to_dict())
         return out
 
@@ -771,7 +813,7 @@ class TablePipeline:
         for (r, c, rs, cs, box, *p), items in zip(cells, assigned):
             s_struct = p[0] if p else (structure_score if structure_score is not None else 1.0)
             conf = min(float(np.mean([o.score for o in items])), s_struct) if items else s_struct
-            if items:  # the cell box must contain its text
+            if items and method != "lines":  # a model/layout cell box must contain its text
                 tb = [min(o.box[0] for o in items), min(o.box[1] for o in items), max(o.box[2] for o in items), max(o.box[3] for o in items)]
                 box = [min(box[0], tb[0]), min(box[1], tb[1]), max(box[2], tb[2]), max(box[3], tb[3])]
             out.append(Cell(_join_texts(items), r, c, rs, cs, list(map(float, box)), conf))

@@ -176,6 +176,51 @@ def decode_microbench(runner, batches: list[int], context: int, iters: int = 50)
     return res
 
 
+def profile_prefill(runner, rng, n: int = 4) -> dict:
+    """Where prefill time goes: vision tower vs LM, and the top CUDA kernels (one step of n)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from serve_app.engine._private.runner import PrefillChunk
+    reqs = [make_request(9000 + i, rng, 1) for i in range(n)]
+    pix = [torch.from_numpy(r.images[0].pixel_values) for r in reqs]
+    grids = [r.images[0].grid_thw for r in reqs]
+    kv = runner.kv
+
+    def run(prof=None):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        feats = runner.encode_images(pix, grids)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        chunks, pages = [], []
+        for r, (emb, deep) in zip(reqs, feats):
+            ids = torch.tensor(r.prompt_token_ids)
+            pg = kv.allocate(kv.pages_for(len(ids)))
+            pages.append(pg)
+            vis = torch.nonzero(ids == IMG).flatten()
+            chunks.append(PrefillChunk(ids=ids, positions=torch.arange(len(ids)).view(1, -1).expand(3, -1),
+                                       start=0, pages=torch.tensor(pg, device="cuda"), vis_local=vis,
+                                       vis_embeds=emb, deepstack=deep, want_logits=True))
+        runner.prefill(chunks)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        for pg in pages:
+            kv.release(pg)
+        return t1 - t0, t2 - t1
+
+    run()
+    vis_s, lm_s = run()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    toks = sum(len(r.prompt_token_ids) for r in reqs)
+    out = {"requests": n, "tokens": toks, "vision_s": vis_s, "lm_s": lm_s,
+           "tok_per_s_model_only": toks / (vis_s + lm_s)}
+    print("prefill profile:", out, flush=True)
+    print(table, flush=True)
+    return out
+
+
 def lm_weight_bytes(runner) -> int:
     """Bytes a decode step must read: every LM weight once (the embedding only for B rows)."""
     n = 0
@@ -230,6 +275,8 @@ async def bench_engine(args, hf: dict | None) -> dict:
         same = next((i for i, (a, b) in enumerate(zip(got, hf["check_tokens"])) if a != b), len(got))
         out["greedy_vs_hf"] = {"tokens": len(got), "matching_prefix": same}
         print("greedy vs HF:", out["greedy_vs_hf"], got[:12], hf["check_tokens"][:12], flush=True)
+    if args.profile_prefill:
+        out["prefill_profile"] = profile_prefill(runner, np.random.default_rng(3))
     wbytes = lm_weight_bytes(runner)
     out["decode"] = decode_microbench(runner, args.decode_batches, args.context)
     fused_check = out["decode"].pop("fused_vs_reference", None)
@@ -325,6 +372,7 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
     ap.add_argument("--prefill-counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile-prefill", action="store_true")
     args = ap.parse_args()
     from serve_app.models import resolve_model
     args.model = resolve_model(args.model)

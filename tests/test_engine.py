@@ -8,6 +8,7 @@ are varied and sensitive to every input (a wrong M-RoPE delta breaks most image 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from serve_app.engine.protocol import EngineRequest, ImageInput, SamplingParams
 from serve_app.errors import ServeAppError
 
 IMG, VS, VE = 151655, 151652, 151653
+# ENGINE_TEST_DEVICE=cuda runs the same checks through the GPU path (Triton kernels, CUDA graphs).
+DEVICE = os.environ.get("ENGINE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +49,11 @@ def model_dir(tiny_model_path, tmp_path_factory) -> str:
 def hf_model(model_dir):
     from serve_app.models import load_model
 
-    return load_model(model_dir, dtype=torch.float32)
+    return load_model(model_dir, dtype=torch.float32, device=DEVICE)
 
 
 def _config(model_dir: str, **kw) -> EngineConfig:
-    base = dict(model=model_dir, engine="continuous", device="cpu", dtype="float32", max_num_seqs=4,
+    base = dict(model=model_dir, engine="continuous", device=DEVICE, dtype="float32", max_num_seqs=4,
                 max_model_len=512, max_prefill_tokens=64)
     base.update(kw)
     return EngineConfig(**base)
@@ -76,11 +79,11 @@ def _request(i: int, rng, n_images: int, max_tokens: int, **sampling) -> EngineR
 
 
 def _hf_greedy(model, req: EngineRequest) -> list[int]:
-    ids = torch.tensor([req.prompt_token_ids])
+    ids = torch.tensor([req.prompt_token_ids], device=DEVICE)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     if req.images:
-        kw["pixel_values"] = torch.from_numpy(np.concatenate([im.pixel_values for im in req.images]))
-        kw["image_grid_thw"] = torch.tensor([im.grid_thw for im in req.images])
+        kw["pixel_values"] = torch.from_numpy(np.concatenate([im.pixel_values for im in req.images])).to(DEVICE)
+        kw["image_grid_thw"] = torch.tensor([im.grid_thw for im in req.images], device=DEVICE)
         kw["mm_token_type_ids"] = (ids == IMG).int()
     with torch.inference_mode():
         out = model.generate(**kw, max_new_tokens=req.sampling.max_tokens, do_sample=False,

@@ -75,7 +75,7 @@ def _build_triton_kernel():
                s_qb, s_qh, s_kp, s_kh, s_ks, s_btb, s_ob, s_oh, s_os, s_lb, s_lh,
                scale,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -99,13 +99,13 @@ def _build_triton_kernel():
             row = page * s_kp + kvh * s_kh + (offs_n % PAGE) * s_ks
             k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
             v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -139,6 +139,7 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         scale, GROUP=group, GROUP_PAD=max(16, group), D=d, PAGE=page_size, BLOCK_N=64, SPLITS=splits,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)

@@ -47,7 +47,7 @@ def plan_kv_tokens(config: EngineConfig, runner: ModelRunner, budget: int | None
         tokens = explicit
     else:
         tokens = int(min(fit, want_max))
-    if tokens < config.max_model_len or (explicit and explicit > fit):
+    if (not explicit and tokens < config.max_model_len) or (explicit and explicit > fit):
         raise RuntimeError(
             f"GPU memory budget {budget / GiB:.1f} GiB does not fit weights {weights / GiB:.2f} GiB + "
             f"activations {(peak - weights) / GiB:.2f} GiB + KV for {max(tokens, config.max_model_len)} "

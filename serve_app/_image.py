@@ -341,23 +341,35 @@ _LUTS = np.stack([_norm_lut(m, s) for m, s in zip(IMAGE_MEAN, IMAGE_STD)])  # (3
 _SAME_LUT = bool((_LUTS == _LUTS[0]).all())
 
 
-def patchify(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
-             temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` -> normalised float32 ``(gh*gw, 3*T*p*p)`` in transformers' order
-    ``(gh/m, gw/m, m, m, C, T, p, p)``; reorders the 1-byte pixels, then one LUT pass."""
+def patch_order(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE
+                ) -> np.ndarray:
+    """uint8 ``(H, W, C)`` -> uint8 ``(gh*gw, C, p, p)`` in transformers' patch order
+    ``(gh/m, gw/m, m, m)``: the model input before normalisation and temporal repeat, 8x smaller
+    than ``pixel_values`` (a cheaper thing to ship to the VLM; see benchmarks/transfer_bench.py)."""
     h, w, c = rgb.shape
     gh, gw = h // patch_size, w // patch_size
     blocks = rgb.reshape(gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size,
                          patch_size, c).transpose(0, 3, 1, 4, 6, 2, 5)
-    blocks = np.ascontiguousarray(blocks)  # (GH, GW, m, m, C, p, p) uint8
-    if _SAME_LUT:
-        vals = _LUTS[0][blocks]
-    else:
-        vals = _LUTS[np.arange(c).reshape(1, 1, 1, 1, c, 1, 1), blocks]
-    out = np.empty(blocks.shape[:5] + (temporal_patch_size, patch_size, patch_size), np.float32)
-    for t in range(temporal_patch_size):  # a still image is repeated in time
-        out[:, :, :, :, :, t] = vals
-    return out.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
+    return np.ascontiguousarray(blocks).reshape(gh * gw, c, patch_size, patch_size)
+
+
+def normalise_patches(patches: np.ndarray, temporal_patch_size: int = TEMPORAL_PATCH_SIZE
+                      ) -> np.ndarray:
+    """uint8 ``(N, C, p, p)`` from :func:`patch_order` -> float32 ``pixel_values``
+    ``(N, C*T*p*p)``: one LUT pass (bit-identical to transformers), a still image repeated in T."""
+    n, c, p, _ = patches.shape
+    vals = _LUTS[0][patches] if _SAME_LUT else _LUTS[np.arange(c).reshape(1, c, 1, 1), patches]
+    out = np.empty((n, c, temporal_patch_size, p, p), np.float32)
+    for t in range(temporal_patch_size):
+        out[:, :, t] = vals
+    return out.reshape(n, c * temporal_patch_size * p * p)
+
+
+def patchify(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
+             temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` -> normalised float32 ``(gh*gw, 3*T*p*p)`` in transformers' order
+    ``(gh/m, gw/m, m, m, C, T, p, p)``; reorders the 1-byte pixels, then one LUT pass."""
+    return normalise_patches(patch_order(rgb, patch_size, merge_size), temporal_patch_size)
 
 
 def preprocess_rgb(im: Image.Image, min_pixels: int = DEFAULT_MIN_PIXELS,

@@ -12,6 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Protocol, Sequence
 
+import numpy as np
+
 from serve_app._fetch import FetchPolicy
 from serve_app._image import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR, ImageLimits,
                               classify_source, decode_image, image_id_for, parse_data_url,
@@ -188,25 +190,14 @@ class ImagePipeline:
         return out
 
     def process_one(self, source: str | bytes, min_pixels: int, max_pixels: int) -> ImageInput:
-        kind = classify_source(source)
-        if kind == "ref":
-            image_id = parse_image_ref(source)
-            hit = self.cache.get((image_id, min_pixels, max_pixels))
+        if classify_source(source) == "ref":  # a cache hit needs no trip to the upload store
+            hit = self.cache.get((parse_image_ref(source), min_pixels, max_pixels))
             if hit is not None:
                 return hit
-            data = self.store.get(image_id)
-            if data is None:
-                raise ServeAppError(f"image {image_id} not found: upload it with POST /v1/images (uploads "
-                                    "are kept in a bounded cache and may expire)", 404, "image_not_found")
-        elif kind == "url":
-            raise ServeAppError("fetching image URLs is disabled on this server; send a data: URL or "
-                                "upload with POST /v1/images", 400, "url_not_allowed")
-        else:
-            data = self.source_bytes(source)
-            image_id = image_id_for(data)
-            hit = self.cache.get((image_id, min_pixels, max_pixels))
-            if hit is not None:
-                return hit
+        image_id, data = self.encoded(source)
+        hit = self.cache.get((image_id, min_pixels, max_pixels))
+        if hit is not None:
+            return hit
         pixel_values, grid_thw = preprocess_rgb(decode_image(data, self.limits), min_pixels, max_pixels)
         pixel_values.flags.writeable = False  # shared by cache hits
         result = ImageInput(pixel_values, grid_thw, image_id)
@@ -214,6 +205,27 @@ class ImagePipeline:
         with self._lock:
             self.images_processed += 1
         return result
+
+    def encoded(self, source: str | bytes) -> tuple[str, bytes]:
+        """``(image_id, encoded bytes)`` of a data URL, raw bytes or ``image://`` reference."""
+        kind = classify_source(source)
+        if kind == "ref":
+            image_id = parse_image_ref(source)
+            data = self.store.get(image_id)
+            if data is None:
+                raise ServeAppError(f"image {image_id} not found: upload it with POST /v1/images (uploads "
+                                    "are kept in a bounded cache and may expire)", 404, "image_not_found")
+            return image_id, data
+        if kind == "url":
+            raise ServeAppError("fetching image URLs is disabled on this server; send a data: URL or "
+                                "upload with POST /v1/images", 400, "url_not_allowed")
+        data = self.source_bytes(source)
+        return image_id_for(data), data
+
+    def decode_rgb(self, source: str | bytes) -> np.ndarray:
+        """Oriented 8-bit RGB pixels (H, W, 3) of one source, every limit enforced (for tables)."""
+        _, data = self.encoded(source)
+        return np.asarray(decode_image(data, self.limits))
 
     def source_bytes(self, source: str | bytes) -> bytes:
         """bytes or a data URL -> encoded image bytes (size-checked)."""

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 
+import numpy as np
 import ray
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
@@ -109,6 +110,16 @@ class Preprocess:
             if isinstance(data, str) and _is_http(data):
                 data = (await self._fetch_urls([data]))[0]
             return await asyncio.to_thread(self.pipeline.upload, data)
+        except ServeAppError as e:
+            self._error(e)
+            raise
+
+    async def decode(self, source: str | bytes) -> "np.ndarray":
+        """One source -> oriented RGB uint8 pixels (H, W, 3): what TableExtractor reads."""
+        try:
+            if isinstance(source, str) and _is_http(source):
+                source = (await self._fetch_urls([source]))[0]
+            return await asyncio.to_thread(self.pipeline.decode_rgb, source)
         except ServeAppError as e:
             self._error(e)
             raise

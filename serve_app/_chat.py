@@ -90,6 +90,24 @@ def split_images(req: ChatCompletionRequest, max_images: int) -> tuple[list[dict
     return messages, sources
 
 
+def last_user_text(req: ChatCompletionRequest) -> str:
+    """The text of the last user message (what a table question is read from)."""
+    for m in reversed(req.messages):
+        if m.role == "user":
+            return " ".join(p.text for p in m.parts() if not isinstance(p, ImagePart))
+    return ""
+
+
+def with_table_context(messages: list[dict], context: str) -> list[dict]:
+    """Give the VLM the extracted tables as a system message (merged into an existing one)."""
+    note = ("Tables extracted by OCR from the most recent image in this conversation. Quote cell "
+            "values exactly as given here.\n\n" + context) if context else (
+            "No table was found in the most recent image in this conversation.")
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + note}] + messages[1:]
+    return [{"role": "system", "content": note}] + messages
+
+
 def sampling_overrides(req: ChatCompletionRequest) -> dict[str, Any]:
     """Only what the client set; the VLM fills the rest from the model's generation config."""
     out = {"max_tokens": req.max_completion_tokens or req.max_tokens, "temperature": req.temperature,

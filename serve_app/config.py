@@ -54,6 +54,14 @@ class TablesConfig(_Strict):
 
     enabled: bool = True
     route_table_questions: bool = Field(True, description="send table questions in chat to TableExtractor")
+    providers: list[str] | None = Field(None, description="ONNX Runtime providers (default: CUDA if built in, else CPU)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads (default: the replica's CPUs)")
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_tables: int = Field(8, ge=1, description="most tables returned per image")
+    max_concurrency: int = Field(1, ge=1, description="images extracted at once per replica")
+    det_limit_side: int = Field(1280, ge=320, description="longest side the text detector sees")
+    structure: Literal["auto", "slanet"] = "auto"
+    model_paths: dict[str, str] | None = Field(None, description="{det|rec|table: path} overrides")
 
 
 class AppConfig(_Strict):

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from serve_app import _chat
+from serve_app._table_routing import answer_table_question, asks_about_table, table_context
 from serve_app._http import (BodyLimitMiddleware, client_error, read_image_payload,
                              validation_message)
 from serve_app.config import AppConfig
@@ -123,12 +124,58 @@ class Ingress:
         data = await read_image_payload(request, self.cfg.api.max_request_bytes)
         return await self.preprocess.upload.remote(data)
 
+    # ---- tables --------------------------------------------------------------------------------
+    @api.post("/v1/tables")
+    async def extract_tables(self, request: Request, format: str = "json"):
+        """Tables in one image (same image forms as /v1/images): cells + HTML + CSV renderings."""
+        if self.tables is None:
+            raise ServeAppError("table extraction is disabled on this server (tables.enabled: false)",
+                                501, "not_implemented")
+        if format not in ("json", "html", "csv"):
+            raise ServeAppError("format must be json, html or csv", 400, "invalid_value", "format")
+        data = await read_image_payload(request, self.cfg.api.max_request_bytes)
+        tables = await self._tables_of(data)
+        if format == "html":
+            return HTMLResponse("\n".join(t["html"] for t in tables))
+        if format == "csv":
+            return PlainTextResponse("\n\n".join(t["csv"] for t in tables), media_type="text/csv")
+        return {"object": "list", "data": tables}
+
+    async def _tables_of(self, source) -> list[dict]:
+        # decoded pixels go from Preprocess to TableExtractor through the object store
+        return await self.tables.extract.remote(self.preprocess.decode.remote(source))
+
+    async def _route_table_question(self, body: ChatCompletionRequest, messages: list[dict],
+                                    sources: list[str]) -> tuple[list[dict], str | None]:
+        """README "Table questions": a table question about the most recent image is answered from
+        TableExtractor — exactly when it names a row/column/cell, else as context for the VLM."""
+        if (self.tables is None or not self.cfg.tables.route_table_questions or not sources):
+            return messages, None
+        text = _chat.last_user_text(body)
+        if not asks_about_table(text):
+            return messages, None
+        tables = await self._tables_of(sources[-1])
+        exact = answer_table_question(text, tables)
+        if exact is not None:
+            return messages, exact
+        return _chat.with_table_context(messages, table_context(tables)), None
+
     # ---- chat ----------------------------------------------------------------------------------
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
         _chat.check_request(body, self.cfg, self.served_name)
         messages, sources = _chat.split_images(body, self.cfg.images.max_images_per_request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        messages, exact = await self._route_table_question(body, messages, sources)
+        if exact is not None:  # answered from the table itself: no generation, no tokens
+            headers = {"X-Serve-App-Route": "table-exact"}
+            if body.stream:
+                sse = _chat.SSEWriter(request_id, self.served_name,
+                                      bool(body.stream_options and body.stream_options.include_usage))
+                events = [sse.role(), sse.content(exact), sse.finish("stop", 0, 0)]
+                return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
+            return JSONResponse(_chat.full_response(request_id, self.served_name, exact, "stop", 0, 0)
+                                .model_dump(), headers=headers)
         images = []
         if sources:
             # The pixel tensors go straight from Preprocess to the VLM through the object store;

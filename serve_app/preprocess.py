@@ -73,7 +73,7 @@ class ActorImageStore:
         return self._call("stats")
 
 
-@serve.deployment(name="Preprocess", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="Preprocess", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})
 class Preprocess:
     """Takes ``serve_app.config.ImagesConfig`` as a dict (see ``PreprocessOptions.from_dict``)."""
 

@@ -53,7 +53,7 @@ def _assigned_cpus() -> int | None:
         return None
 
 
-@serve.deployment(name="TableExtractor", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="TableExtractor", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})
 class TableExtractor:
     """``extract(image) -> list[table dict]`` and ``stats()``; see the module docstring for config."""
 

@@ -63,7 +63,7 @@ def serve_url(tiny_model_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"SERVE_APP_CACHE": CACHE_DIR}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_config(tables={"enabled": False})), name="serve_app", route_prefix="/")
+    serve.run(build_app(app_config()), name="serve_app", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -397,28 +397,16 @@ def _grid_cells(hm, vm, rows, cols):
 
 def _text_grid_regions(ocr: list[_Ocr], exclude: list[list[float]]) -> list[list[float]]:
     """Regions where OCR lines form >= 2 rows with >= 2 horizontally separated, aligned columns."""
-    boxes = [o.box for o in ocr if not any(_inter(o.box, e) > 0.5 * _area(o.box) for e in exclude)]
-    if len(boxes) < 4:
+    items = [o for o in ocr if not any(_inter(o.box, e) > 0.5 * _area(o.box) for e in exclude)]
+    if len(items) < 4:
         return []
-    boxes.sort(key=lambda b: (b[1] + b[3]) / 2)
-    lines: list[list[tuple]] = []
-    for b in boxes:
-        cy = (b[1] + b[3]) / 2
-        if lines:
-            ly0 = np.median([x[1] for x in lines[-1]])
-            ly1 = np.median([x[3] for x in lines[-1]])
-            if ly0 <= cy <= ly1:
-                lines[-1].append(b)
-                continue
-        lines.append([b])
-    heights = np.median([b[3] - b[1] for b in boxes])
+    heights = np.median([o.box[3] - o.box[1] for o in items])
     # Runs of consecutive multi-column lines; a single-item line (a rowspan label, a wrapped
     # cell) may sit inside a run but neither starts nor ends one.
     runs: list[list[list[tuple]]] = []
     cur: list[list[tuple]] = []
     held: list[list[tuple]] = []
-    for line in lines:
-        line.sort(key=lambda b: b[0])
+    for line in ([o.box for o in line] for line in _group_lines(items)):
         multi = len(line) >= 2 and any(line[i + 1][0] - line[i][2] > 0.8 * heights for i in range(len(line) - 1))
         top = min(b[1] for b in line)
         prev = held[-1] if held else (cur[-1] if cur else None)
@@ -472,7 +460,10 @@ def _group_lines(items: list[_Ocr]) -> list[list[_Ocr]]:
     lines: list[list[_Ocr]] = []
     for o in sorted(items, key=lambda o: (o.box[1] + o.box[3]) / 2):
         cy = (o.box[1] + o.box[3]) / 2
-        if lines and np.median([x.box[1] for x in lines[-1]]) <= cy <= np.median([x.box[3] for x in lines[-1]]):
+        # Same line: centres within 30% of the line height (a box-range test would swallow a
+        # rowspan label centred between two rows into the row below).
+        if lines and abs(cy - np.median([(x.box[1] + x.box[3]) / 2 for x in lines[-1]])) < \
+                0.3 * np.median([x.box[3] - x.box[1] for x in lines[-1] + [o]]):
             lines[-1].append(o)
         else:
             lines.append([o])
@@ -481,7 +472,7 @@ def _group_lines(items: list[_Ocr]) -> list[list[_Ocr]]:
 
 def _layout_cells(items: list[_Ocr]):
     """Structure from text geometry alone (for borderless tables): columns are the x-bands of the
-    most common kind of line (those with the modal number of boxes); a box reaching across a
+    lines with the most boxes (rows without spans); a box reaching across a
     band gap is a colspan; a partial line whose bands were filled by the line above continues
     those cells (wrapped text); one that sits between two lines that both lack its bands is a
     rowspan-2 label. Returns ``(cells, lines)`` with cells as ``(row, col, rowspan, colspan,
@@ -490,11 +481,17 @@ def _layout_cells(items: list[_Ocr]):
     counts = Counter(len(line) for line in lines if len(line) >= 2)
     if len(lines) < 2 or not counts:
         return None
-    mode = max(counts, key=lambda k: (counts[k], k))
-    bands = _column_bands([o.box for line in lines if len(line) == mode for o in line])
+    hgt = float(np.median([o.box[3] - o.box[1] for o in items]))
+    # Columns come from the fullest lines (rows without spans); bands closer than a column gap
+    # are one column whose text the detector split in two.
+    bands = []
+    for a, b in _column_bands([o.box for line in lines if len(line) == max(counts) for o in line]):
+        if bands and a - bands[-1][1] < 0.8 * hgt:
+            bands[-1] = (bands[-1][0], b)
+        else:
+            bands.append((a, b))
     if len(bands) < 2:
         return None
-    hgt = float(np.median([o.box[3] - o.box[1] for o in items]))
 
     def band_at(x: float, right: bool) -> int:
         for i, (a, b) in enumerate(bands):

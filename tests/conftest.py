@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def app_config(**overrides) -> dict:
     cfg = {
-        "engine": {"model": TINY, "engine": "hf-generate", "device": "cpu", "dtype": "float32",
+        "engine": {"model": TINY, "engine": "continuous", "device": "cpu", "dtype": "float32",
                    "max_model_len": 4096, "cache_dir": CACHE_DIR},
         "images": {"max_images_per_request": 4, "max_image_bytes": 8 * 1024 * 1024},
         "api": {"default_max_tokens": 32, "max_request_bytes": 16 * 1024 * 1024},

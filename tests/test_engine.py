@@ -299,3 +299,28 @@ def test_top_k_top_p_and_penalty():
     presence = torch.tensor([[True, False, False, False, False]])
     # 4/3 < 3: the penalised top token loses to the runner-up
     assert sample(logits[:1], greedy, presence).item() == 1
+
+
+def test_hf_generate_engine_agrees_with_continuous(model_dir):
+    """The two engines behind the protocol give the same greedy tokens (images included), and
+    ignore_eos runs to max_tokens in both."""
+    from serve_app.engine.hf_generate import HFGenerateEngine
+
+    rng = np.random.default_rng(7)
+    reqs = [_request(i, rng, i % 3, 12) for i in range(4)]
+    reqs.append(_request(9, rng, 1, 20, ignore_eos=True))
+
+    async def run(engine):
+        await engine.start()
+        try:
+            return [await _collect(engine, r) for r in reqs]
+        finally:
+            await engine.shutdown()
+
+    cfg = _config(model_dir)
+    cont = asyncio.run(run(ContinuousEngine(cfg)))
+    hf = asyncio.run(run(HFGenerateEngine(cfg.model_copy(update={"engine": "hf-generate"}))))
+    for req, (t1, x1, l1), (t2, x2, l2) in zip(reqs, cont, hf):
+        assert t1 == t2 and x1 == x2, req.request_id
+        assert l1.finish_reason == l2.finish_reason
+    assert len(cont[-1][0]) == 20 and cont[-1][2].finish_reason == "length"

@@ -80,6 +80,7 @@ def apply_memory_cap(config: EngineConfig, device: torch.device) -> int | None:
     budget = memory_budget_bytes(config, device)
     if budget is not None:
         total = gpu_info(device)["total"]
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
         logger.info("GPU memory capped at %.1f GiB of %.1f GiB", budget / 1024**3, total / 1024**3)
     return budget

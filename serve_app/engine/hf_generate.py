@@ -26,6 +26,8 @@ from serve_app.engine.protocol import EngineRequest, TokenDelta, validate_images
 
 logger = logging.getLogger(__name__)
 
+_NO_TOKEN = 2**31 - 1  # an id no vocabulary has
+
 
 @dataclass
 class _Job:
@@ -80,6 +82,7 @@ class HFGenerateEngine:
         self._counters = {"requests_total": 0, "finished_total": 0, "cancelled_total": 0,
                           "failed_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self._patch_dim = 0
+        self.image_token_id = -1
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -101,6 +104,7 @@ class HFGenerateEngine:
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.image_token_id = self.model.config.image_token_id
         vc = self.model.config.vision_config
         self._patch_dim = 3 * vc.temporal_patch_size * vc.patch_size**2
         logger.info("hf-generate engine: %s on %s (%s)", path, self.device, self.dtype)
@@ -197,13 +201,18 @@ class HFGenerateEngine:
         inputs = {"input_ids": torch.tensor([req.prompt_token_ids], device=dev)}
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         if req.images:
+            # M-RoPE needs to know which positions are image tokens (the processor's output)
+            ids = inputs["input_ids"]
+            inputs["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
             pv = np.concatenate([im.pixel_values for im in req.images], axis=0)
             inputs["pixel_values"] = torch.from_numpy(pv).to(dev, self.dtype, non_blocking=True)
             inputs["image_grid_thw"] = torch.tensor([im.grid_thw for im in req.images], device=dev)
+        # ignore_eos: EOS may be sampled but does not stop (unlike min_new_tokens, which bans it);
+        # a never-generated id keeps HF from falling back to the model's default EOS.
         eos = list(sp.stop_token_ids) + ([] if sp.ignore_eos else self.eos_token_ids)
-        kwargs = dict(max_new_tokens=sp.max_tokens, eos_token_id=eos or None,
+        kwargs = dict(max_new_tokens=sp.max_tokens, eos_token_id=eos or [_NO_TOKEN],
                       pad_token_id=self.tokenizer.pad_token_id or (eos[0] if eos else 0),
-                      min_new_tokens=sp.max_tokens if sp.ignore_eos else (sp.min_tokens or None),
+                      min_new_tokens=None if sp.ignore_eos else (sp.min_tokens or None),
                       repetition_penalty=sp.repetition_penalty if sp.repetition_penalty != 1.0 else None,
                       streamer=_Streamer(loop, job), stopping_criteria=[_CancelCriteria(job)])
         if sp.greedy:

@@ -1,0 +1,7 @@
+"""``python -m benchmarks.loadgen {run,sweep} --help``."""
+
+import sys
+
+from benchmarks.loadgen.cli import main
+
+sys.exit(main())

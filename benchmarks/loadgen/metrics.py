@@ -1,0 +1,283 @@
+"""Summaries of a run: latency percentiles, throughput, errors, GPU/CPU samples, engine time split."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from benchmarks.loadgen.client import RequestResult, RunResult
+
+# The article's service-level objective (A10, 12 sessions).
+SLO_TTFT_P95_S = 0.412
+SLO_E2E_P95_S = 1.86
+
+
+def percentile(values: Iterable[float], p: float) -> float | None:
+    """The ``p``-th percentile (0..100) with linear interpolation (numpy's default); None if empty."""
+    xs = sorted(values)
+    if not xs:
+        return None
+    if not 0 <= p <= 100:
+        raise ValueError("p must be within [0, 100]")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _dist(values: list[float]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {f"p{p}": percentile(values, p) for p in (50, 95, 99)}
+    out["mean"] = sum(values) / len(values) if values else None
+    out["max"] = max(values) if values else None
+    return {k: (round(v, 5) if v is not None else None) for k, v in out.items()}
+
+
+def summarize(run: RunResult, warmup_s: float = 0.0) -> dict[str, Any]:
+    """Metrics over the requests *started* in ``[warmup_s, window end)``.
+
+    ``achieved_qps`` counts successful requests that also *finished* inside the window, so a server
+    that falls behind shows a lower rate than offered (not the rate the client sent at).
+    """
+    lo, hi = warmup_s, run.wall_s
+    window = max(1e-9, hi - lo)
+    rs = [r for r in run.results if lo <= r.start < hi]
+    ok = [r for r in rs if r.ok]
+    errors = Counter(r.error for r in rs if not r.ok)
+    statuses = Counter(str(r.status) if r.status is not None else "none" for r in rs)
+    finished_in_window = [r for r in ok if r.end <= hi]
+    out_tokens = sum(r.output_tokens for r in ok)
+    mismatched = sum(1 for r in ok if r.expected_tokens and r.output_tokens != r.expected_tokens)
+    per_class: dict[str, Any] = {}
+    for name in sorted({r.cls for r in rs}):
+        cr = [r for r in ok if r.cls == name]
+        per_class[name] = {"requests": sum(r.cls == name for r in rs), "ok": len(cr),
+                           "ttft_p95": _dist([r.ttft for r in cr if r.ttft is not None])["p95"],
+                           "e2e_p95": _dist([r.e2e for r in cr])["p95"],
+                           "mean_output_tokens": round(sum(r.output_tokens for r in cr) / len(cr), 1)
+                           if cr else None}
+    prompts = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+    return {
+        "mode": run.spec.mode, "offered": run.spec.offered,
+        "offered_qps_actual": round(len(rs) / window, 4) if run.spec.mode == "open" else None,
+        "window_s": round(window, 3), "requests": len(rs), "ok": len(ok),
+        "achieved_qps": round(len(finished_in_window) / window, 4),
+        "completed_qps": round(len(ok) / window, 4),
+        "output_tokens_per_s": round(out_tokens / window, 2),
+        "ttft_s": _dist([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_s": _dist([r.tpot for r in ok if r.tpot is not None]),
+        "e2e_s": _dist([r.e2e for r in ok]),
+        "errors": dict(errors), "error_rate": round(len(rs) and sum(errors.values()) / len(rs), 4),
+        "status_counts": dict(statuses),
+        "mean_prompt_tokens": round(sum(prompts) / len(prompts), 1) if prompts else None,
+        "mean_output_tokens": round(out_tokens / len(ok), 1) if ok else None,
+        "output_length_mismatches": mismatched,
+        "per_class": per_class,
+    }
+
+
+def slo_check(summary: dict[str, Any], ttft_p95_s: float = SLO_TTFT_P95_S,
+              e2e_p95_s: float = SLO_E2E_P95_S) -> list[str]:
+    """Reasons this step breaks the SLO (empty list: it meets it)."""
+    why = []
+    if summary["ok"] == 0:
+        why.append("no successful requests")
+    if summary["errors"]:
+        why.append(f"errors {summary['errors']}")
+    t, e = summary["ttft_s"]["p95"], summary["e2e_s"]["p95"]
+    if t is not None and t > ttft_p95_s:
+        why.append(f"P95 TTFT {t * 1000:.0f} ms > {ttft_p95_s * 1000:.0f} ms")
+    if e is not None and e > e2e_p95_s:
+        why.append(f"P95 e2e {e:.2f} s > {e2e_p95_s:.2f} s")
+    return why
+
+
+# ------------------------------------------------------------------------- resource sampling
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies from /proc/stat: the fallback when psutil is missing."""
+    with open("/proc/stat") as f:
+        vals = [float(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)
+    return sum(vals) - idle, sum(vals)
+
+
+class ResourceSampler:
+    """Background thread: GPU memory/utilisation via NVML (None without a GPU) and host CPU %.
+
+    CPU % is the whole host's (all cores, 100 = every core busy), client included.
+    """
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._gpu_mem: list[float] = []
+        self._gpu_util: list[float] = []
+        self._cpu: list[float] = []
+        self._handles: list[Any] = []
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            idx = range(pynvml.nvmlDeviceGetCount())
+            if visible:
+                idx = [int(x) for x in visible.split(",") if x.strip().isdigit()]
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in idx]
+            self._nvml = pynvml
+        except Exception:
+            self._handles = []
+        try:
+            import psutil
+
+            self._psutil = psutil
+            psutil.cpu_percent(None)
+        except ImportError:
+            self._psutil = None
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self._handles)
+
+    def _sample_cpu(self, prev: tuple[float, float] | None) -> tuple[float | None, Any]:
+        if self._psutil is not None:
+            return self._psutil.cpu_percent(None), None
+        cur = _cpu_times()
+        if prev is None or cur[1] <= prev[1]:
+            return None, cur
+        return 100.0 * (cur[0] - prev[0]) / (cur[1] - prev[1]), cur
+
+    def _loop(self) -> None:
+        prev = None if self._psutil else _cpu_times()
+        while not self._stop.wait(self.interval_s):
+            cpu, prev = self._sample_cpu(prev)
+            if cpu is not None:
+                self._cpu.append(cpu)
+            for h in self._handles:
+                try:
+                    self._gpu_mem.append(self._nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
+                    self._gpu_util.append(float(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu))
+                except Exception:
+                    pass
+
+    def __enter__(self) -> "ResourceSampler":
+        self._thread = threading.Thread(target=self._loop, name="loadgen-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(5)
+
+    def summary(self) -> dict[str, Any]:
+        def mean(xs):
+            return round(sum(xs) / len(xs), 2) if xs else None
+
+        return {"gpu_mem_peak_gb": round(max(self._gpu_mem), 3) if self._gpu_mem else None,
+                "gpu_util_mean_pct": mean(self._gpu_util),
+                "gpu_util_max_pct": max(self._gpu_util) if self._gpu_util else None,
+                "cpu_mean_pct": mean(self._cpu),
+                "cpu_max_pct": max(self._cpu) if self._cpu else None,
+                "cpu_cores": os.cpu_count(), "samples": len(self._cpu)}
+
+
+# ---------------------------------------------------------------------- engine time split
+@dataclass
+class EngineTimes:
+    prefill_s: float | None
+    decode_s: float | None
+    vision_s: float | None
+
+
+def _engine_times(vlm: dict[str, Any]) -> EngineTimes:
+    """Cumulative engine seconds from a ``/v1/stats`` ``vlm`` block (totals if exposed, else avg*n)."""
+    def total(name: str) -> float | None:
+        if f"{name}_s_total" in vlm:
+            return float(vlm[f"{name}_s_total"])
+        avg, n = vlm.get(f"{name}_ms_avg"), vlm.get(f"{name}_steps")
+        if avg is None or n is None:
+            return None
+        return float(avg) * float(n) / 1000
+    return EngineTimes(total("prefill"), total("decode"), total("vision"))
+
+
+def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None,
+                     wall_s: float) -> dict[str, Any] | None:
+    """Where the engine's time went between two ``/v1/stats`` snapshots (one VLM replica).
+
+    Shares of the wall time: prefill and decode as the engine times them; ``other`` is the rest
+    (vision encoding unless the engine reports it separately, scheduling, and idle).
+    """
+    if not before or not after or "vlm" not in before or "vlm" not in after:
+        return None
+    b, a = before["vlm"], after["vlm"]
+    if not isinstance(a, dict) or "error" in a:
+        return None
+    counters = {}
+    for k in ("requests_total", "finished_total", "prompt_tokens_total", "generation_tokens_total",
+              "prefill_steps", "decode_steps", "images_encoded", "vision_cache_hits"):
+        if k in a and k in b:
+            counters[k] = a[k] - b[k]
+    tb, ta = _engine_times(b), _engine_times(a)
+    out: dict[str, Any] = {"engine": a.get("engine"), "counters": counters}
+    if ta.prefill_s is None or ta.decode_s is None:
+        return out
+    pre, dec = ta.prefill_s - tb.prefill_s, ta.decode_s - tb.decode_s
+    vis = (ta.vision_s - tb.vision_s) if ta.vision_s is not None and tb.vision_s is not None else None
+    busy = pre + dec + (vis or 0.0)
+    out.update({"prefill_s": round(pre, 3), "decode_s": round(dec, 3),
+                "vision_s": round(vis, 3) if vis is not None else None,
+                "prefill_pct": round(100 * pre / wall_s, 1), "decode_pct": round(100 * dec / wall_s, 1),
+                "vision_pct": round(100 * vis / wall_s, 1) if vis is not None else None,
+                "other_pct": round(100 * max(0.0, wall_s - busy) / wall_s, 1)})
+    if counters.get("decode_steps"):
+        out["decode_ms_per_step"] = round(1000 * dec / counters["decode_steps"], 3)
+        # first tokens come from prefill, so generated - finished tokens came from decode steps
+        dec_tokens = counters.get("generation_tokens_total", 0) - counters.get("finished_total", 0)
+        out["mean_decode_batch"] = round(dec_tokens / counters["decode_steps"], 2)
+    if counters.get("prompt_tokens_total") and pre > 0:
+        out["prefill_tokens_per_s"] = round(counters["prompt_tokens_total"] / pre, 1)
+    return out
+
+
+# -------------------------------------------------------------------------------- markdown
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f}"
+
+
+def markdown_table(steps: list[dict[str, Any]], offered_label: str = "offered QPS") -> str:
+    """One row per sweep step / run (each a dict with ``summary``, optional ``resources``,
+    ``engine_time``, ``slo_violations``)."""
+    head = (f"| engine | {offered_label} | achieved QPS | TTFT P50/P95/P99 ms | TPOT P50/P95 ms | "
+            "e2e P50/P95/P99 ms | out tok/s | errors | GPU mem peak GB | GPU util % | CPU % | "
+            "prefill/decode/other % | SLO |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for st in steps:
+        s, r, et = st["summary"], st.get("resources") or {}, st.get("engine_time") or {}
+        t, p, e = s["ttft_s"], s["tpot_s"], s["e2e_s"]
+        split = "-"
+        if et.get("prefill_pct") is not None:
+            split = f"{et['prefill_pct']:.0f}/{et['decode_pct']:.0f}/{et['other_pct']:.0f}"
+        errs = sum(s["errors"].values())
+        err_txt = "0" if not errs else f"{errs} ({', '.join(f'{k}:{v}' for k, v in s['errors'].items())})"
+        slo = "-" if "slo_violations" not in st else ("ok" if not st["slo_violations"] else "miss")
+        lines.append(
+            f"| {st.get('engine', '-')} | {s['offered']:g} | {s['achieved_qps']:.2f} | "
+            f"{_ms(t['p50'])}/{_ms(t['p95'])}/{_ms(t['p99'])} | {_ms(p['p50'])}/{_ms(p['p95'])} | "
+            f"{_ms(e['p50'])}/{_ms(e['p95'])}/{_ms(e['p99'])} | {s['output_tokens_per_s']:.0f} | "
+            f"{err_txt} | {_fmt(r.get('gpu_mem_peak_gb'))} | {_fmt(r.get('gpu_util_mean_pct'))} | "
+            f"{_fmt(r.get('cpu_mean_pct'))} | {split} | {slo} |")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def now_stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -1,0 +1,158 @@
+"""SLO sweep: raise the offered load step by step until the SLO breaks; report the max load at SLO.
+
+One step = one bounded load run (open loop at a QPS, or closed loop with N sessions) with resource
+sampling and a before/after ``/v1/stats`` snapshot for the engine's time split. Results are written
+after every step, so a sweep cut short (time limit) still leaves its JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from benchmarks.loadgen.client import LoadSpec, make_client, run_load, send
+from benchmarks.loadgen.metrics import (SLO_E2E_P95_S, SLO_TTFT_P95_S, ResourceSampler,
+                                        engine_breakdown, slo_check, summarize)
+from benchmarks.loadgen.workload import Turn, Workload
+
+
+@dataclass
+class SLO:
+    ttft_p95_s: float = SLO_TTFT_P95_S
+    e2e_p95_s: float = SLO_E2E_P95_S
+
+
+@dataclass
+class SweepPlan:
+    loads: list[float]                      # QPS (open) or sessions (closed), ascending
+    base: LoadSpec = field(default_factory=LoadSpec)
+    warmup_s: float = 2.0                   # per step: requests started earlier are not measured
+    refine: int = 0                         # bisection steps between the last pass and first miss
+    stop_on_miss: bool = True
+    deadline: float | None = None           # time.time() after which no new step starts
+
+
+def get_stats(url: str) -> dict[str, Any] | None:
+    try:
+        r = httpx.get(f"{url}/v1/stats", timeout=10, trust_env=False)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def warm_up(url: str, workload: Workload, n: int = 4, timeout_s: float = 300) -> list[str]:
+    """A few requests (one of each class first) so load/JIT/cache effects miss the first step."""
+    errors = []
+    async with make_client() as client:
+        t0 = time.perf_counter()
+        turns = []
+        for i in range(n):
+            cls, messages = workload.first_turn(workload.classes[i % len(workload.classes)])
+            turns.append(Turn(cls.name, workload.body(cls, messages), 0))
+        for t in turns:
+            res, _ = await send(client, url, t, t0, timeout_s)
+            if not res.ok:
+                errors.append(res.error or "?")
+    return errors
+
+
+def run_step(url: str, workload: Workload, spec: LoadSpec, warmup_s: float,
+             slo: SLO | None = None, allow_remote: bool = False) -> dict[str, Any]:
+    """One measured load run: summary, resources, engine time split, SLO verdict."""
+    before, tb = get_stats(url), time.perf_counter()
+    with ResourceSampler() as sampler:
+        run = asyncio.run(run_load(url, workload, spec, allow_remote=allow_remote))
+    after, ta = get_stats(url), time.perf_counter()
+    summary = summarize(run, warmup_s)
+    step: dict[str, Any] = {"spec": asdict(spec), "summary": summary, "resources": sampler.summary(),
+                            "engine_time": engine_breakdown(before, after, ta - tb),
+                            "engine_stats_after": (after or {}).get("vlm")}
+    if slo is not None:
+        step["slo_violations"] = slo_check(summary, slo.ttft_p95_s, slo.e2e_p95_s)
+    return step
+
+
+def sweep(url: str, workload: Workload, plan: SweepPlan, slo: SLO = SLO(), label: str = "",
+          on_step: Callable[[dict[str, Any]], None] | None = None,
+          allow_remote: bool = False) -> dict[str, Any]:
+    """Run the plan's steps in order; stop at the first SLO miss (then optionally bisect)."""
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    first_miss: float | None = None
+    stopped = None
+
+    def do(load: float) -> bool:
+        nonlocal best, stopped
+        step_len = plan.base.duration_s + plan.base.drain_s
+        if plan.deadline is not None and time.time() + step_len > plan.deadline:
+            stopped = f"time budget: step {load:g} not started"
+            return False
+        spec = replace(plan.base, qps=load) if plan.base.mode == "open" else \
+            replace(plan.base, sessions=int(load))
+        spec = replace(spec, seed=plan.base.seed + len(steps))
+        step = run_step(url, workload, spec, plan.warmup_s, slo, allow_remote)
+        step["engine"] = label
+        steps.append(step)
+        if on_step:
+            on_step(step)
+        ok = not step["slo_violations"]
+        if ok and (best is None or load > best["offered"]):
+            best = {"offered": load, "achieved_qps": step["summary"]["achieved_qps"]}
+        return ok
+
+    last_ok: float | None = None
+    for load in plan.loads:
+        if do(load):
+            last_ok = load
+        elif stopped:
+            break
+        else:
+            first_miss = load
+            if plan.stop_on_miss:
+                break
+    lo, hi = last_ok, first_miss
+    for _ in range(plan.refine):
+        if lo is None or hi is None or stopped:
+            break
+        mid = (lo + hi) / 2 if plan.base.mode == "open" else (lo + hi) // 2
+        if mid in (lo, hi):
+            break
+        mid = round(mid, 3)
+        if do(mid):
+            lo = mid
+        else:
+            hi = mid
+    max_ach = max((s["summary"]["achieved_qps"] for s in steps), default=None)
+    return {"engine": label, "mode": plan.base.mode, "steps": steps,
+            "max_at_slo": best,           # highest offered load whose step met the SLO (None: none did)
+            "first_miss": hi, "max_achieved_qps": max_ach, "stopped": stopped,
+            "slo": asdict(slo)}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def step_line(step: dict[str, Any]) -> str:
+    s = step["summary"]
+    et = step.get("engine_time") or {}
+    ms = lambda x: "-" if x is None else f"{x * 1000:.0f}"  # noqa: E731
+    split = ""
+    if et.get("prefill_pct") is not None:
+        split = f" prefill/decode/other {et['prefill_pct']:.0f}/{et['decode_pct']:.0f}/{et['other_pct']:.0f}%"
+    verdict = ""
+    if "slo_violations" in step:
+        verdict = " SLO ok" if not step["slo_violations"] else " SLO MISS: " + "; ".join(step["slo_violations"])
+    return (f"[{step.get('engine', '')}] {s['mode']} {s['offered']:g}: {s['requests']} req, "
+            f"achieved {s['achieved_qps']:.2f} qps, TTFT p50/p95 {ms(s['ttft_s']['p50'])}/"
+            f"{ms(s['ttft_s']['p95'])} ms, e2e p50/p95 {ms(s['e2e_s']['p50'])}/{ms(s['e2e_s']['p95'])} ms, "
+            f"TPOT p50 {ms(s['tpot_s']['p50'])} ms, errors {s['errors'] or 0}{split}{verdict}")

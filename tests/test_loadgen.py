@@ -1,0 +1,485 @@
+"""benchmarks/loadgen: workload mix, image uniqueness, Poisson arrivals, percentile maths, SSE
+parsing, the two load loops against a tiny fake SSE server, summaries and the Serve config builder.
+
+No Ray here: the loops talk to an in-test asyncio HTTP server on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen import client as lg_client  # noqa: E402
+from benchmarks.loadgen.client import (LoadSpec, RequestResult, RunResult, SSEParser,  # noqa: E402
+                                       StreamOutcome, apply_event, check_local, profile_arrivals,
+                                       run_load)
+from benchmarks.loadgen.metrics import (engine_breakdown, markdown_table, percentile,  # noqa: E402
+                                        slo_check, summarize)
+from benchmarks.loadgen.workload import (DEFAULT_CLASSES, Conversation, PooledImage,  # noqa: E402
+                                         Workload, build_image_pool, classes_with_tokens,
+                                         make_image, mean_output_tokens, poisson_arrivals,
+                                         with_nonce)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return build_image_pool(6, seed=1)
+
+
+# ------------------------------------------------------------------------------ workload
+def test_default_mix_matches_the_article(pool):
+    assert {c.name: (c.weight, c.max_tokens, c.n_images) for c in DEFAULT_CLASSES} == {
+        "short_description": (0.30, 48, 1), "detail_recognition": (0.40, 128, 1),
+        "cross_region_reasoning": (0.20, 192, 1), "two_image_comparison": (0.10, 128, 2)}
+    assert mean_output_tokens(DEFAULT_CLASSES) == pytest.approx(116.8)
+    w = Workload("m", pool=pool, seed=3)
+    n = 20000
+    counts = Counter(w.pick_class().name for _ in range(n))
+    for c in DEFAULT_CLASSES:  # binomial sd at n=20000 is <= 0.0035; allow ~4 sd
+        assert counts[c.name] / n == pytest.approx(c.weight, abs=0.015)
+
+
+def test_output_lengths_are_configurable_and_forced(pool):
+    classes = classes_with_tokens({"short_description": 7, "two_image_comparison": 9})
+    assert [c.max_tokens for c in classes] == [7, 128, 192, 9]
+    with pytest.raises(ValueError, match="unknown request classes"):
+        classes_with_tokens({"nope": 1})
+    w = Workload("tiny", classes, pool=pool, seed=0)
+    seen = set()
+    for _ in range(200):
+        t = w.single()
+        b = t.body
+        cls = next(c for c in classes if c.name == t.cls)
+        assert b["model"] == "tiny" and b["stream"] is True and b["stream_options"] == {"include_usage": True}
+        assert b["max_tokens"] == b["min_tokens"] == cls.max_tokens and b["ignore_eos"] is True
+        parts = b["messages"][0]["content"]
+        assert parts[0]["type"] == "text" and parts[0]["text"] in cls.prompts
+        assert sum(p["type"] == "image_url" for p in parts) == cls.n_images
+        seen.add(t.cls)
+    assert seen == {c.name for c in classes}
+    free = Workload("tiny", classes, pool=pool, force_lengths=False, temperature=0.0).single().body
+    assert "ignore_eos" not in free and "min_tokens" not in free and "top_p" not in free
+    assert free["temperature"] == 0.0
+
+
+def test_image_pool_sizes_quality_and_sources():
+    pool = build_image_pool(12, seed=5)
+    from PIL import Image
+
+    for p in pool:
+        assert 640 <= p.width <= 1920 and 480 <= p.height <= 1080 and 40 <= p.quality <= 75
+        im = Image.open(io.BytesIO(p.jpeg))
+        assert im.format == "JPEG" and im.size == (p.width, p.height)
+    kinds = {p.kind for p in pool}
+    assert "generated" in kinds and kinds - {"generated"}, kinds  # both generated and real photos
+    lo = make_image(np.random.default_rng(0), 800, 600, 40, "astronaut")
+    hi = make_image(np.random.default_rng(0), 800, 600, 75, "astronaut")
+    assert len(lo) < len(hi)  # the quality setting reaches the encoder
+
+
+def test_nonce_makes_bytes_unique_but_pixels_identical(pool):
+    from PIL import Image
+
+    from serve_app._image import image_id_for
+
+    p = pool[0]
+    urls = [p.data_url(n) for n in (1, 2)]
+    raw = [base64.b64decode(u.split(",", 1)[1]) for u in urls]
+    assert raw[0] != raw[1] and image_id_for(raw[0]) != image_id_for(raw[1])
+    assert raw[0] == with_nonce(p.jpeg, 1)  # the O(1) base64 splice equals encoding the whole thing
+    ref = np.asarray(Image.open(io.BytesIO(p.jpeg)).convert("RGB"))
+    for r in raw:
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r)).convert("RGB")), ref)
+    assert base64.b64decode(p.data_url().split(",", 1)[1]) == p.jpeg
+    with pytest.raises(ValueError):
+        PooledImage(b"\x89PNG....", 1, 1, 50, "x")
+    w = Workload("m", pool=pool, seed=0)
+    urls = [part["image_url"]["url"] for _ in range(30) for part in w.single().body["messages"][0]["content"]
+            if part["type"] == "image_url"]
+    assert len(set(urls)) == len(urls)
+    same = Workload("m", pool=pool[:1], seed=0, unique_images=False)
+    assert len({same.single().body["messages"][0]["content"][1]["image_url"]["url"] for _ in range(5)}) == 1
+
+
+def test_conversation_turns_history_and_restart(pool):
+    w = Workload("m", pool=pool, seed=2)
+    conv = Conversation(w, turns=2)
+    t0 = conv.next_turn()
+    first_msgs = t0.body["messages"]
+    assert t0.turn == 0 and len(first_msgs) == 1
+    conv.record_answer("answer one")
+    t1 = conv.next_turn()
+    msgs = t1.body["messages"]
+    assert t1.turn == 1 and t1.cls == t0.cls and len(msgs) == 3
+    assert msgs[0] == first_msgs[0] and msgs[1] == {"role": "assistant", "content": "answer one"}
+    assert msgs[2]["role"] == "user" and isinstance(msgs[2]["content"], str)
+    conv.record_answer("answer two")
+    t2 = conv.next_turn()  # turns exhausted: a fresh conversation with new images
+    assert t2.turn == 0 and len(t2.body["messages"]) == 1
+    conv.reset()
+    assert conv.next_turn().turn == 0
+    with pytest.raises(ValueError):
+        Conversation(w, turns=0)
+
+
+# ------------------------------------------------------------------------------- arrivals
+def test_poisson_arrivals_rate_and_exponential_gaps():
+    rng = random.Random(7)
+    qps, dur = 20.0, 500.0
+    arr = poisson_arrivals(qps, dur, rng)
+    assert all(0 < a < dur for a in arr) and arr == sorted(arr)
+    assert len(arr) / dur == pytest.approx(qps, rel=0.03)           # sd of N is sqrt(10000) = 1 %
+    gaps = np.diff([0.0] + arr)
+    assert gaps.mean() == pytest.approx(1 / qps, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.05)  # exponential: CV = 1
+    # memoryless: P(gap > 2/qps) = e^-2
+    assert (gaps > 2 / qps).mean() == pytest.approx(np.exp(-2), abs=0.01)
+    assert len(poisson_arrivals(qps, dur, random.Random(1), max_requests=10)) == 10
+    assert poisson_arrivals(0, 10, rng) == [] and poisson_arrivals(5, 0, rng) == []
+
+
+def test_profile_arrivals_follow_the_phases():
+    arr = profile_arrivals([(100, 2.0), (100, 10.0), (100, 0.0)], random.Random(3))
+    first = sum(a < 100 for a in arr)
+    second = sum(100 <= a < 200 for a in arr)
+    assert first == pytest.approx(200, rel=0.2) and second == pytest.approx(1000, rel=0.1)
+    assert not any(a >= 200 for a in arr)
+    assert len(profile_arrivals([(100, 5.0)], random.Random(0), max_requests=7)) == 7
+
+
+# -------------------------------------------------------------------------------- metrics
+def test_percentile_matches_numpy_linear():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 100, 1001):
+        xs = rng.exponential(size=n).tolist()
+        for p in (0, 1, 50, 95, 99, 100):
+            assert percentile(xs, p) == pytest.approx(float(np.percentile(xs, p)))
+    assert percentile([], 50) is None
+    assert percentile([3, 1, 2], 50) == 2
+    assert percentile([0, 10], 95) == pytest.approx(9.5)
+    with pytest.raises(ValueError):
+        percentile([1], 101)
+
+
+def _res(start, ttft, e2e, cls="a", tokens=11, error=None, status=200, expected=None):
+    return RequestResult(cls, 0, start, start + e2e, ttft, status, error, 100, tokens, expected)
+
+
+def test_summarize_window_rates_latencies_and_errors():
+    rs = [_res(0.5, 0.1, 1.0)]                                   # in warm-up: ignored
+    rs += [_res(1.0 + i, 0.2 + 0.01 * i, 1.0 + 0.1 * i) for i in range(8)]  # 8 ok in window
+    rs += [_res(8.5, 0.3, 5.0, expected=11)]                     # ok but finishes after the window
+    rs += [_res(9.0, None, 0.01, error="http_429", status=429),
+           _res(9.5, None, 0.2, error="stream_engine_error"),
+           _res(9.6, 0.1, 0.3, tokens=5, expected=11)]           # ok, output length mismatch
+    run = RunResult(LoadSpec(mode="open", qps=1.5, duration_s=11), rs, wall_s=11.0)
+    s = summarize(run, warmup_s=1.0)
+    assert s["requests"] == 12 and s["ok"] == 10 and s["window_s"] == 10.0
+    assert s["achieved_qps"] == pytest.approx(0.9)   # 9 ok finished by t=11 (8 + the short one)
+    assert s["completed_qps"] == pytest.approx(1.0)
+    assert s["offered_qps_actual"] == pytest.approx(1.2)
+    assert s["errors"] == {"http_429": 1, "stream_engine_error": 1} and s["error_rate"] == pytest.approx(2 / 12, abs=1e-4)
+    assert s["status_counts"] == {"200": 11, "429": 1}
+    assert s["output_length_mismatches"] == 1
+    e2e = [1.0 + 0.1 * i for i in range(8)] + [5.0, 0.3]
+    assert s["e2e_s"]["p95"] == pytest.approx(float(np.percentile(e2e, 95)), abs=1e-4)
+    ok_ttfts = [0.2 + 0.01 * i for i in range(8)] + [0.3, 0.1]
+    assert s["ttft_s"]["p50"] == pytest.approx(float(np.percentile(ok_ttfts, 50)), abs=1e-4)
+    # TPOT = (e2e - ttft) / (tokens - 1)
+    assert s["tpot_s"]["max"] == pytest.approx((5.0 - 0.3) / 10, abs=1e-4)
+    why = slo_check(s)
+    assert any("errors" in w for w in why) and any("P95 e2e" in w for w in why)
+    clean = summarize(RunResult(LoadSpec(duration_s=9), rs[1:9], wall_s=9.0), 1.0)
+    assert slo_check(clean) == [] and slo_check(clean, ttft_p95_s=0.2)[0].startswith("P95 TTFT")
+
+
+def test_engine_breakdown_from_stats_snapshots():
+    before = {"vlm": {"engine": "continuous", "prefill_steps": 10, "prefill_ms_avg": 100.0,
+                      "decode_steps": 100, "decode_ms_avg": 10.0, "finished_total": 5,
+                      "generation_tokens_total": 500, "prompt_tokens_total": 5000}}
+    after = {"vlm": {"engine": "continuous", "prefill_steps": 20, "prefill_ms_avg": 150.0,
+                     "decode_steps": 300, "decode_ms_avg": 20.0, "finished_total": 15,
+                     "generation_tokens_total": 1510, "prompt_tokens_total": 15000}}
+    b = engine_breakdown(before, after, wall_s=10.0)
+    # prefill 3.0 - 1.0 s, decode 6.0 - 1.0 s of 10 s
+    assert b["prefill_s"] == pytest.approx(2.0) and b["decode_s"] == pytest.approx(5.0)
+    assert (b["prefill_pct"], b["decode_pct"], b["other_pct"]) == (20.0, 50.0, 30.0)
+    assert b["decode_ms_per_step"] == pytest.approx(25.0)
+    assert b["mean_decode_batch"] == pytest.approx((1010 - 10) / 200)
+    assert b["prefill_tokens_per_s"] == pytest.approx(5000.0)
+    hf = engine_breakdown({"vlm": {"engine": "hf-generate", "finished_total": 1}},
+                          {"vlm": {"engine": "hf-generate", "finished_total": 4}}, 1.0)
+    assert hf == {"engine": "hf-generate", "counters": {"finished_total": 3}}
+    assert engine_breakdown(None, after, 1.0) is None
+
+
+def test_markdown_table_and_plot(tmp_path):
+    run = RunResult(LoadSpec(duration_s=4), [_res(0.5 + i, 0.1, 0.5) for i in range(3)], wall_s=4.0)
+    s = summarize(run)
+    step = {"engine": "continuous", "summary": s, "resources": {"cpu_mean_pct": 40.0},
+            "engine_time": {"prefill_pct": 10.0, "decode_pct": 50.0, "other_pct": 40.0},
+            "slo_violations": []}
+    md = markdown_table([step]).splitlines()
+    assert len(md) == 3 and md[0].count("|") == md[1].count("|") == md[2].count("|")
+    assert "| continuous | 1 | 0.75 | 100/100/100 |" in md[2] and "10/50/40" in md[2] and "| ok |" in md[2]
+    pytest.importorskip("matplotlib")
+    from benchmarks.loadgen.plot import plot_autoscale, plot_sweeps
+
+    png = plot_sweeps([{"engine": "continuous", "mode": "open", "steps": [step],
+                        "slo": {"ttft_p95_s": 0.4, "e2e_p95_s": 1.8}}], tmp_path / "s.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    tl = [{"t": t, "offered_qps": 1.0, "completed_qps": 0.5, "e2e_p95_s": None,
+           "replicas": {"VLM": {"RUNNING": 1 + (t > 2)}}} for t in range(5)]
+    assert plot_autoscale(tl, tmp_path / "a.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------- SSE
+def test_sse_parser_handles_multiline_comments_and_crlf():
+    p = SSEParser()
+    lines = [": keep-alive", "data: {\"a\":", "data: 1}", "", "event: x\r\n", "data:[DONE]\r\n", "\r\n", ""]
+    got = [d for d in (p.feed_line(x) for x in lines) if d is not None]
+    assert got == ['{"a":\n1}', "[DONE]"]
+    assert p.flush() is None
+    p.feed_line("data: tail")
+    assert p.flush() == "tail"
+
+
+def test_apply_event_content_usage_and_errors():
+    out = StreamOutcome()
+    apply_event(out, json.dumps({"choices": [{"delta": {"role": "assistant", "content": ""}}]}), 1.0)
+    assert out.first_content_at is None  # the role chunk is not a token
+    apply_event(out, json.dumps({"choices": [{"delta": {"content": "he"}}]}), 2.0)
+    apply_event(out, json.dumps({"choices": [{"delta": {"content": "llo"}, "finish_reason": None}]}), 3.0)
+    apply_event(out, json.dumps({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}), 4)
+    apply_event(out, "[DONE]", 5.0)
+    assert (out.text, out.first_content_at, out.prompt_tokens, out.completion_tokens, out.done) == \
+        ("hello", 2.0, 9, 2, True)
+    bad = StreamOutcome()
+    apply_event(bad, json.dumps({"error": {"message": "x", "code": "engine_error"}}), 1.0)
+    apply_event(bad, "not json", 1.0)
+    assert bad.error == "stream_engine_error"
+
+
+def test_check_local_only_allows_loopback():
+    for ok in ("http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:80", "http://127.0.0.5"):
+        check_local(ok)
+    for bad in ("http://10.0.0.1:8000", "http://example.com", "https://8.8.8.8"):
+        with pytest.raises(ValueError, match="loopback"):
+            check_local(bad)
+
+
+# --------------------------------------------------------------- loops vs a fake SSE server
+class FakeServer:
+    """Minimal HTTP/1.1 server speaking the chat-completions SSE stream; behaviour by ``model``."""
+
+    def __init__(self, first_delay: float = 0.05, token_delay: float = 0.01):
+        self.first_delay, self.token_delay = first_delay, token_delay
+        self.bodies: list[dict] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            body = json.loads(await reader.readexactly(length))
+            self.bodies.append(body)
+            mode = body["model"]
+            if mode == "busy":
+                err = json.dumps({"error": {"message": "queue full", "code": "overloaded"}}).encode()
+                writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(err) + err)
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            writer.write(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n')
+            await writer.drain()
+            if mode == "hang":
+                await asyncio.sleep(3600)
+            await asyncio.sleep(self.first_delay)
+            n = body["max_tokens"]
+            for i in range(n):
+                if mode == "midstream" and i == 2:
+                    writer.write(b'data: {"error":{"message":"boom","code":"engine_error"}}\n\ndata: [DONE]\n\n')
+                    return
+                chunk = {"choices": [{"delta": {"content": f"t{i} "}}]}
+                writer.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await writer.drain()
+                await asyncio.sleep(self.token_delay)
+            usage = {"choices": [], "usage": {"prompt_tokens": 50, "completion_tokens": n}}
+            writer.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            try:
+                await writer.drain()
+                writer.close()
+            except (ConnectionError, RuntimeError):
+                pass
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+
+def _small_workload(pool, model="ok", tokens=5):
+    classes = classes_with_tokens({c.name: tokens for c in DEFAULT_CLASSES})
+    return Workload(model, classes, pool=pool[:2], seed=0)
+
+
+def test_open_loop_against_fake_server(pool):
+    fake = FakeServer(first_delay=0.05, token_delay=0.01)
+
+    async def go():
+        async with fake as url:
+            spec = LoadSpec(mode="open", qps=25, duration_s=1.0, drain_s=5, seed=4)
+            return await run_load(url, _small_workload(pool), spec)
+
+    run = asyncio.run(go())
+    n = len(run.arrivals)
+    assert 10 <= n <= 45 and len(run.results) == n == len(fake.bodies)
+    assert all(r.ok and r.output_tokens == 5 and r.prompt_tokens == 50 for r in run.results)
+    for r in run.results:
+        # lower bounds are the server's sleeps; upper bounds leave room for a busy shared CPU
+        assert 0.04 <= r.ttft < 2.0 and r.e2e >= r.ttft + 4 * 0.01 and 0.009 <= r.tpot < 1.0
+    starts = [r.start for r in run.results]
+    assert all(abs(s - a) < 0.5 for s, a in zip(starts, run.arrivals))  # sent on schedule
+    assert all(b["stream"] and b["ignore_eos"] for b in fake.bodies)
+    s = summarize(run)
+    assert s["errors"] == {} and 0.04 <= s["ttft_s"]["p50"] < 1.0
+
+
+def test_closed_loop_sessions_carry_their_conversation(pool):
+    fake = FakeServer(first_delay=0.01, token_delay=0.002)
+
+    async def go():
+        async with fake as url:
+            spec = LoadSpec(mode="closed", sessions=3, duration_s=1.0, turns=2, drain_s=5, seed=1)
+            return await run_load(url, _small_workload(pool, tokens=3), spec)
+
+    run = asyncio.run(go())
+    assert len(run.results) >= 6 and all(r.ok for r in run.results)
+    followups = [b for b in fake.bodies if len(b["messages"]) == 3]
+    assert followups, "no second turns were sent"
+    for b in followups:   # the assistant turn carries what the fake server streamed
+        assert b["messages"][1] == {"role": "assistant", "content": "t0 t1 t2 "}
+    # closed loop: never more than `sessions` requests in flight
+    events = sorted([(r.start, 1) for r in run.results] + [(r.end, -1) for r in run.results])
+    level = peak = 0
+    for _, d in events:
+        level += d
+        peak = max(peak, level)
+    assert peak <= 3
+    budget = asyncio.run(_closed_with_budget(pool))
+    assert len(budget.results) == 4
+
+
+async def _closed_with_budget(pool):
+    async with FakeServer(0.0, 0.0) as url:
+        spec = LoadSpec(mode="closed", sessions=2, duration_s=30, max_requests=4, turns=2)
+        return await run_load(url, _small_workload(pool, tokens=2), spec)
+
+
+@pytest.mark.parametrize("model,error", [("busy", "http_429_overloaded"),
+                                         ("midstream", "stream_engine_error"),
+                                         ("hang", "drain_timeout")])
+def test_errors_are_classified(pool, model, error):
+    async def go():
+        async with FakeServer() as url:
+            spec = LoadSpec(mode="open", qps=20, duration_s=0.3, drain_s=0.5, max_requests=3, seed=2)
+            return await run_load(url, _small_workload(pool, model), spec)
+
+    run = asyncio.run(go())
+    assert run.results and all(r.error == error for r in run.results)
+    if model == "busy":
+        assert all(r.status == 429 for r in run.results)
+
+
+def test_request_timeout_and_connect_error(pool):
+    async def go():
+        async with FakeServer() as url:
+            spec = LoadSpec(mode="open", qps=20, duration_s=0.2, drain_s=5, max_requests=2,
+                            request_timeout_s=0.3)
+            timed = await run_load(url, _small_workload(pool, "hang"), spec)
+        from benchmarks.loadgen.server import free_port
+
+        dead = await run_load(f"http://127.0.0.1:{free_port()}", _small_workload(pool),
+                              LoadSpec(mode="open", qps=20, duration_s=0.2, max_requests=2))
+        return timed, dead
+
+    timed, dead = asyncio.run(go())
+    assert [r.error for r in timed.results] == ["timeout"] * len(timed.results) and timed.results
+    assert [r.error for r in dead.results] == ["connect_error"] * len(dead.results) and dead.results
+
+
+def test_run_load_refuses_remote_targets(pool):
+    with pytest.raises(ValueError, match="loopback"):
+        asyncio.run(run_load("http://192.0.2.1:80", _small_workload(pool), LoadSpec(duration_s=1)))
+
+
+def test_loadspec_validation():
+    with pytest.raises(ValueError):
+        LoadSpec(mode="burst")
+    assert LoadSpec(profile=[(2, 1.0), (3, 2.0)]).duration_s == 5
+    assert lg_client.LoadSpec(mode="closed", sessions=4).offered == 4.0
+
+
+# ------------------------------------------------------------------------- server config
+def test_build_serve_config_from_deployments_yaml():
+    from ray.serve.schema import ServeDeploySchema
+
+    from benchmarks.loadgen.server import build_serve_config, cpus_needed
+    from serve_app.config import AppConfig
+
+    cfg = build_serve_config(ROOT / "deployments.yaml", port=12345,
+                             engine={"engine": "continuous", "max_gpu_memory_gb": 24},
+                             deployments={"VLM": {"autoscaling_config": {"max_replicas": 2}}},
+                             vlm_num_gpus=1.0)
+    ServeDeploySchema.model_validate(cfg)
+    app = cfg["applications"][0]
+    AppConfig.model_validate(app["args"])
+    assert cfg["http_options"]["port"] == 12345 and cfg["http_options"]["host"] == "127.0.0.1"
+    assert app["args"]["engine"]["engine"] == "continuous" and app["args"]["engine"]["max_gpu_memory_gb"] == 24
+    assert app["args"]["tables"]["enabled"] is False
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert "TableExtractor" not in deps
+    assert deps["VLM"]["ray_actor_options"]["num_gpus"] == 1.0
+    vlm_as = deps["VLM"]["autoscaling_config"]
+    assert vlm_as["max_replicas"] == 2 and "target_ongoing_requests" in vlm_as  # merged, not replaced
+    assert cpus_needed(cfg) == pytest.approx(
+        sum((d.get("autoscaling_config") or {}).get("max_replicas", 1)
+            * d.get("ray_actor_options", {}).get("num_cpus", 1) for d in app["deployments"]))
+    with pytest.raises(ValueError, match="no deployment"):
+        build_serve_config(ROOT / "deployments.yaml", port=1, deployments={"Nope": {}})
+
+
+def test_autoscale_helpers():
+    from benchmarks.autoscale_run import offered_at, parse_profile, scale_events, timeline
+
+    prof = parse_profile("10:0.5,20:2")
+    assert prof == [(10.0, 0.5), (20.0, 2.0)]
+    assert [offered_at(prof, t) for t in (0, 9.9, 10, 29.9, 30)] == [0.5, 0.5, 2.0, 2.0, 0.0]
+    with pytest.raises(ValueError):
+        parse_profile("10:-1")
+    samples = [{"t": float(t), "replicas": {"VLM": {"RUNNING": n}}} for t, n in enumerate([1, 1, 2, 2, 1])]
+    assert scale_events(samples, "VLM") == [{"t": 2.0, "from": 1, "to": 2}, {"t": 4.0, "from": 2, "to": 1}]
+    results = [_res(0.0, 0.1, 1.5), _res(1.0, 0.1, 2.0), _res(2.0, None, 0.1, error="x")]
+    tl = timeline(samples, results, prof, rate_window_s=2.0, latency_window_s=10.0)
+    assert tl[3]["completed_qps"] == pytest.approx(1.0)   # ends 1.5 and 3.0 within (1, 3]
+    assert tl[3]["e2e_p95_s"] == pytest.approx(float(np.percentile([1.5, 2.0], 95)))
+    assert tl[0]["e2e_p95_s"] is None and statistics.mean(p["offered_qps"] for p in tl) == 0.5

@@ -177,19 +177,22 @@ def decode_microbench(runner, batches: list[int], context: int, iters: int = 50)
 
 
 def profile_prefill(runner, rng, n: int = 4) -> dict:
-    """Where prefill time goes: vision tower vs LM, and the top CUDA kernels (one step of n)."""
+    """Where prefill time goes (one step of n requests, synchronised): HF's vision module + plain
+    torch LM layers (the previous path) vs our vision tower + fused LM layers; bf16 agreement of
+    the two vision towers; attention implementations; the top CUDA kernels of the new path."""
     from torch.profiler import ProfilerActivity, profile
 
+    from serve_app.engine._private.attention import pick_packed_impl
     from serve_app.engine._private.runner import PrefillChunk
     reqs = [make_request(9000 + i, rng, 1) for i in range(n)]
-    pix = [torch.from_numpy(r.images[0].pixel_values) for r in reqs]
+    pix = [r.images[0].pixel_values for r in reqs]
     grids = [r.images[0].grid_thw for r in reqs]
     kv = runner.kv
 
-    def run(prof=None):
+    def run(encode, fused: bool):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        feats = runner.encode_images(pix, grids)
+        feats = encode(pix, grids)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         chunks, pages = [], []
@@ -201,23 +204,45 @@ def profile_prefill(runner, rng, n: int = 4) -> dict:
             chunks.append(PrefillChunk(ids=ids, positions=torch.arange(len(ids)).view(1, -1).expand(3, -1),
                                        start=0, pages=torch.tensor(pg, device="cuda"), vis_local=vis,
                                        vis_embeds=emb, deepstack=deep, want_logits=True))
-        runner.prefill(chunks)
+        runner.fused_prefill = fused
+        logits = runner.prefill(chunks)
+        runner.fused_prefill = True
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         for pg in pages:
             kv.release(pg)
-        return t1 - t0, t2 - t1
+        return t1 - t0, t2 - t1, logits
 
-    run()
-    vis_s, lm_s = run()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
     toks = sum(len(r.prompt_token_ids) for r in reqs)
-    out = {"requests": n, "tokens": toks, "vision_s": vis_s, "lm_s": lm_s,
-           "tok_per_s_model_only": toks / (vis_s + lm_s)}
+    out = {"requests": n, "tokens": toks, "attn_impl": {"vision": runner.vision_attn_impl,
+                                                        "prefill": runner.prefill_attn_impl},
+           "attn_autotune_ms": runner.attn_timings}
+    for name, enc, fused in (("previous", runner.encode_images_hf, False), ("new", runner.encode_images, True)):
+        run(enc, fused)
+        best = min((run(enc, fused) for _ in range(3)), key=lambda x: x[0] + x[1])
+        out[name] = {"vision_s": best[0], "lm_s": best[1], "tok_per_s_model_only": toks / (best[0] + best[1])}
+        print("prefill profile", name, out[name], flush=True)
+    a = runner.encode_images(pix, grids)
+    b = runner.encode_images_hf(pix, grids)
+    rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm()).item()  # noqa: E731
+    out["vision_bf16_rel_err"] = max(max(rel(x[0], y[0]), *(rel(p, q) for p, q in zip(x[1], y[1])))
+                                     for x, y in zip(a, b))
+    _, _, la = run(runner.encode_images, True)
+    _, _, lb = run(runner.encode_images_hf, False)
+    out["logits_new_vs_previous"] = {"rel_err": rel(la, lb),
+                                     "argmax_agree": (la.argmax(-1) == lb.argmax(-1)).float().mean().item()}
+    vc = runner.model.config.vision_config
+    _, out["vision_attn_ms_4x3680"] = pick_packed_impl(
+        runner.device, vc.num_heads, vc.num_heads, vc.hidden_size // vc.num_heads, [3680] * 4, False,
+        runner.dtype, candidates=("sdpa", "flash", "cudnn", "varlen"))
+    _, out["prefill_attn_ms_4x936"] = pick_packed_impl(
+        runner.device, runner.num_heads, runner.num_kv_heads, runner.head_dim, [936] * 4, True,
+        runner.dtype, candidates=("sdpa", "flash", "cudnn", "varlen"))
     print("prefill profile:", out, flush=True)
-    print(table, flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(runner.encode_images, True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
+          flush=True)
     return out
 
 
@@ -345,6 +370,18 @@ def markdown(res: dict) -> str:
     lines += ["", "| requests arriving together | prompt tokens | prefill tok/s |", "| --- | --- | --- |"]
     for n, p in e["prefill"].items():
         lines.append(f"| {n} | {p['prompt_tokens']} | {p['prompt_tok_per_s']:.0f} |")
+    if "prefill_profile" in e:
+        pp = e["prefill_profile"]
+        pv, nw = pp["previous"], pp["new"]
+        lines += ["", f"Prefill breakdown ({pp['requests']} requests, {pp['tokens']} tokens, one step, "
+                  f"synchronised): previous path (HF vision module, plain torch LM layers) vision "
+                  f"{1000 * pv['vision_s']:.0f} ms + LM {1000 * pv['lm_s']:.0f} ms "
+                  f"({pv['tok_per_s_model_only']:.0f} tok/s); new path vision {1000 * nw['vision_s']:.0f} ms + "
+                  f"LM {1000 * nw['lm_s']:.0f} ms ({nw['tok_per_s_model_only']:.0f} tok/s). Attention: "
+                  f"{pp['attn_impl']}. New vs HF vision tower in bf16: rel. error "
+                  f"{pp['vision_bf16_rel_err']:.1e}; logits new vs previous path: rel. error "
+                  f"{pp['logits_new_vs_previous']['rel_err']:.1e}, argmax agreement "
+                  f"{pp['logits_new_vs_previous']['argmax_agree']:.2f}."]
     lines += ["", f"Checks: Triton decode attention rel. error vs fp32 torch: "
               + ", ".join(f"{k} {v:.1e}" for k, v in e["attention_check"].items())]
     if "fused_vs_reference" in e:

@@ -324,3 +324,46 @@ def test_hf_generate_engine_agrees_with_continuous(model_dir):
         assert t1 == t2 and x1 == x2, req.request_id
         assert l1.finish_reason == l2.finish_reason
     assert len(cont[-1][0]) == 20 and cont[-1][2].finish_reason == "length"
+
+
+def test_vision_encoder_matches_hf_module(model_dir, hf_model):
+    """Our batched vision tower (sorted by size, packed attention, cached grid tables) equals HF's
+    vision module per image, deepstack levels included, for images of different grids."""
+    from serve_app.engine._private.runner import ModelRunner
+
+    runner = ModelRunner(hf_model, torch.device(DEVICE), max_num_seqs=2, max_model_len=256, fuse=False)
+    rng = np.random.default_rng(11)
+    grids = [(1, 6, 8), (1, 4, 4), (1, 6, 8), (1, 8, 2)]
+    pix = [rng.standard_normal((t * h * w, 1536)).astype(np.float32) for t, h, w in grids]
+    for p in pix:
+        p.setflags(write=False)                   # as arrays arrive from Ray: read-only
+    ours = runner.encode_images(pix, grids)
+    ours_again = runner.encode_images(pix[:2], grids[:2])   # cached grid tables
+    ref = runner.encode_images_hf(pix, grids)
+    assert len(ours) == len(grids)
+    for (e, ds), (re, rds), (t, h, w) in zip(ours, ref, grids):
+        assert e.shape == re.shape == (t * h * w // 4, re.shape[1])
+        torch.testing.assert_close(e, re, rtol=1e-4, atol=1e-4)
+        assert len(ds) == len(rds) >= 1
+        for a, b in zip(ds, rds):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for (e, _), (re, _) in zip(ours_again, ref[:2]):
+        torch.testing.assert_close(e, re, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_attention_equals_per_sequence_sdpa():
+    from serve_app.engine._private.attention import packed_attention
+
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 5, 9, 3, 3, 3]
+    t = sum(lens)
+    q, k, v = torch.randn(t, 4, 8, generator=g), torch.randn(t, 2, 8, generator=g), torch.randn(t, 2, 8, generator=g)
+    for causal in (True, False):
+        out = packed_attention(q, k, v, lens, causal, 0.3)
+        o = 0
+        for n in lens:
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[o:o + n].transpose(0, 1)[None], k[o:o + n].transpose(0, 1)[None],
+                v[o:o + n].transpose(0, 1)[None], is_causal=causal, scale=0.3, enable_gqa=True)
+            torch.testing.assert_close(out[o:o + n], ref[0].transpose(0, 1))
+            o += n

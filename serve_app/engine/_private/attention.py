@@ -7,6 +7,10 @@ fixed grid so that it can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +52,98 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         out = F.scaled_dot_product_attention(qh, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
                                              scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)                           # [T, H, D]
+
+
+PACKED_IMPLS = ("sdpa", "flash", "cudnn", "varlen")
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], causal: bool,
+                     scale: float, impl: str = "sdpa") -> torch.Tensor:
+    """Attention within each of several sequences packed along dim 0 (q [T, H, D], k/v [T, Hk, D],
+    any token stride), without padding or masks. ``lens`` are host ints (no device sync).
+
+    ``varlen``: one flash varlen call for the whole pack; otherwise one SDPA call per run of
+    equal-length sequences, batched (``flash``/``cudnn`` pin that SDPA backend).
+    """
+    if impl == "varlen":
+        return _varlen(q, k, v, lens, causal, scale)
+    gqa = k.shape[1] != q.shape[1]
+    ctx = contextlib.nullcontext()
+    if impl in ("flash", "cudnn"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION if impl == "flash" else SDPBackend.CUDNN_ATTENTION)
+    outs, off, i = [], 0, 0
+    with ctx:
+        while i < len(lens):
+            n, j = lens[i], i
+            while j < len(lens) and lens[j] == n:
+                j += 1
+            b, sl = j - i, slice(off, off + (j - i) * n)
+            qb, kb, vb = (x[sl].view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+            kw = {"enable_gqa": True} if gqa else {}
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale, **kw)
+            outs.append(o.transpose(1, 2).reshape(b * n, *q.shape[1:]))
+            off, i = off + b * n, j
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+_VARLEN_PARAMS: frozenset | None = None
+
+
+def _varlen(q, k, v, lens: list[int], causal: bool, scale: float) -> torch.Tensor:
+    global _VARLEN_PARAMS
+    from torch.nn.attention.varlen import varlen_attn
+    if _VARLEN_PARAMS is None:
+        _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
+    kw: dict = {}
+    if causal:
+        if "window_size" in _VARLEN_PARAMS:
+            kw["window_size"] = (-1, 0)
+        else:
+            kw["is_causal"] = True
+    if k.shape[1] != q.shape[1] and "enable_gqa" in _VARLEN_PARAMS:
+        kw["enable_gqa"] = True
+    if "scale" in _VARLEN_PARAMS:
+        kw["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise NotImplementedError("varlen_attn without a scale argument")
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32).to(q.device, non_blocking=True)
+    m = max(lens)
+    return varlen_attn(q, k, v, cu, cu, m, m, **kw)
+
+
+def pick_packed_impl(device: torch.device, heads: int, kv_heads: int, head_dim: int, lens: list[int],
+                     causal: bool, dtype: torch.dtype, candidates=("sdpa", "flash", "varlen")) -> tuple[str, dict]:
+    """Fastest ``packed_attention`` implementation that works here and agrees with plain SDPA
+    (timed once at start-up on a representative shape); ``sdpa`` off CUDA."""
+    if device.type != "cuda":
+        return "sdpa", {}
+    g = torch.Generator(device=device).manual_seed(0)
+    t = sum(lens)
+    q = torch.randn(t, heads, head_dim, device=device, dtype=dtype, generator=g)
+    k = torch.randn(t, kv_heads, head_dim, device=device, dtype=dtype, generator=g)
+    v = torch.randn(t, kv_heads, head_dim, device=device, dtype=dtype, generator=g)
+    scale = head_dim ** -0.5
+    ref = packed_attention(q, k, v, lens, causal, scale, "sdpa").float()
+    times: dict[str, float] = {}
+    for impl in candidates:
+        try:
+            out = packed_attention(q, k, v, lens, causal, scale, impl)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            if err > 2e-2:
+                times[impl] = float("inf")
+                continue
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            st.record()
+            for _ in range(3):
+                packed_attention(q, k, v, lens, causal, scale, impl)
+            en.record()
+            en.synchronize()
+            times[impl] = st.elapsed_time(en) / 3
+        except Exception:  # noqa: BLE001 - a backend this build/GPU lacks is simply not picked
+            times[impl] = float("inf")
+    best = min(times, key=times.get)
+    return (best if times[best] != float("inf") else "sdpa"), times
 
 
 def decode_attention_torch(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -41,9 +41,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
 
 
 @triton.jit
-def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC,
-                         s_qkv, s_qo_b, s_qo_h, s_kp, s_kh, s_ks, s_cos, eps,
-                         HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr):
+def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC, KO,
+                         s_qkv, s_qo_b, s_qo_h, s_kp, s_kh, s_ks, s_cos, s_ko_b, s_ko_h, eps,
+                         HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, WRITE_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     half = tl.arange(0, D // 2)
@@ -81,6 +81,10 @@ def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC,
         dst = page * s_kp + kh * s_kh + off * s_ks
         tl.store(KC + dst + half, o1)
         tl.store(KC + dst + D // 2 + half, o2)
+        if WRITE_K:
+            ko = KO + b * s_ko_b + kh * s_ko_h
+            tl.store(ko + half, o1)
+            tl.store(ko + D // 2 + half, o2)
         vsrc = QKV + b * s_qkv + (HQ + HK + kh) * D
         tl.store(VC + dst + half, tl.load(vsrc + half))
         tl.store(VC + dst + D // 2 + half, tl.load(vsrc + D // 2 + half))
@@ -89,16 +93,47 @@ def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC,
 def qk_norm_rope_store(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, pos: torch.Tensor, page: torch.Tensor, off: torch.Tensor,
                        cache_k: torch.Tensor, cache_v: torch.Tensor, hq: int, hk: int, d: int,
-                       eps: float) -> torch.Tensor:
-    """From fused qkv rows [B, (hq+2hk)*d]: q/k RMS norm, 1-D RoPE at ``pos`` (decode: all three
-    M-RoPE components are equal), K/V written to the cache at (page, off). Returns q [B, hq, d]."""
+                       eps: float, k_out: torch.Tensor | None = None) -> torch.Tensor:
+    """From fused qkv rows [B, (hq+2hk)*d]: q/k RMS norm, RoPE from row ``pos`` of the cos/sin
+    tables (decode: the 1-D table, all three M-RoPE components being equal; prefill: per-token
+    M-RoPE rows with ``pos = arange``), K/V written to the cache at (page, off), and the rotated
+    k also to ``k_out`` [B, hk, d] when given (prefill attends to it directly). Returns q [B, hq, d]."""
     b = qkv.shape[0]
     q = torch.empty(b, hq, d, dtype=qkv.dtype, device=qkv.device)
+    ko = k_out if k_out is not None else q
     _qk_norm_rope_kernel[(b, hq + hk)](
-        qkv, qn, kn, cos, sin, pos, page, off, q, cache_k, cache_v,
+        qkv, qn, kn, cos, sin, pos, page, off, q, cache_k, cache_v, ko,
         qkv.stride(0), q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        cos.stride(0), eps, HQ=hq, HK=hk, D=d, num_warps=1)
+        cos.stride(0), ko.stride(0), ko.stride(1), eps, HQ=hq, HK=hk, D=d, WRITE_K=k_out is not None,
+        num_warps=1)
     return q
+
+
+@triton.jit
+def _vision_rope_kernel(QKV, COS, SIN, s_row, s_cos, H2: tl.constexpr, D: tl.constexpr):
+    """In place on one token's q and k heads (the first 2*H*D of the row): HF's fp32 rotation."""
+    t = tl.program_id(0).to(tl.int64)
+    hh = tl.arange(0, H2)
+    half = tl.arange(0, D // 2)
+    c1 = tl.load(COS + t * s_cos + half)[None, :]
+    c2 = tl.load(COS + t * s_cos + D // 2 + half)[None, :]
+    s1 = tl.load(SIN + t * s_cos + half)[None, :]
+    s2 = tl.load(SIN + t * s_cos + D // 2 + half)[None, :]
+    p1 = QKV + t * s_row + hh[:, None] * D + half[None, :]
+    p2 = p1 + D // 2
+    x1 = tl.load(p1)
+    x2 = tl.load(p2)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(p1, (f1 * c1 - f2 * s1).to(x1.dtype))
+    tl.store(p2, (f2 * c2 + f1 * s2).to(x1.dtype))
+
+
+def vision_rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, d: int) -> None:
+    """Rotate q and k in fused vision ``qkv`` rows [N, 3*heads*d] in place (cos/sin [N, d] fp32)."""
+    n = qkv.shape[0]
+    assert (2 * heads) & (2 * heads - 1) == 0 and d & (d - 1) == 0, "power-of-two heads/head_dim"
+    _vision_rope_kernel[(n,)](qkv, cos, sin, qkv.stride(0), cos.stride(0), H2=2 * heads, D=d,
+                              num_warps=4)
 
 
 @triton.jit

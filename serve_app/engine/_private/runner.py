@@ -10,14 +10,18 @@ On CPU everything runs eagerly through the same code with torch attention (fp32 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from serve_app.engine._private.attention import (decode_attention_torch, decode_attention_triton,
-                                                 num_splits_for, prefill_attention, write_kv)
+                                                 num_splits_for, packed_attention, pick_packed_impl,
+                                                 prefill_attention, write_kv)
 from serve_app.engine._private.kv_cache import PagedKVCache
+from serve_app.engine._private.vision import VisionEncoder
 
 
 @dataclass
@@ -77,6 +81,7 @@ class ModelRunner:
         # Fused projections are one GEMM instead of three/two on the GPU; on CPU we keep HF's
         # separate ones so fp32 results stay identical to HF.
         self.fuse = self.is_cuda if fuse is None else fuse
+        self.fused_prefill = True      # GPU: fused prefill layers (False: the plain torch layers)
         self._prepare_weights()
         # 1-D RoPE table for decode: all three M-RoPE components equal (t + rope_delta) there.
         pos = torch.arange(max_model_len, device=device)
@@ -92,6 +97,18 @@ class ModelRunner:
                                  pin_memory=self.is_cuda)
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if self.is_cuda else 1)
+        # Packed (varlen) attention for prefill and the vision tower: the fastest implementation
+        # that works on this GPU, timed once on representative shapes.
+        vc = model.config.vision_config
+        self.vision_attn_impl, vt = pick_packed_impl(
+            device, vc.num_heads, vc.num_heads, vc.hidden_size // vc.num_heads, [4096, 4096], False, self.dtype)
+        self.prefill_attn_impl, pt = pick_packed_impl(
+            device, self.num_heads, self.num_kv_heads, self.head_dim, [1024, 1024], True, self.dtype)
+        self.attn_timings = {"vision": vt, "prefill": pt}
+        self.vision = VisionEncoder(self.visual, device, self.vision_attn_impl)
+        # Pinned staging for pixel values (grown on demand) and the event of its last upload.
+        self._pix_host: torch.Tensor | None = None
+        self._pix_event = torch.cuda.Event() if self.is_cuda else None
 
     # ----------------------------------------------------------------------------------- setup
     def _prepare_weights(self) -> None:
@@ -165,10 +182,53 @@ class ModelRunner:
         return F.linear(F.silu(g) * u, w["down"])
 
     # --------------------------------------------------------------------------------- vision
+    def _upload_pixels(self, pixel_values: list) -> torch.Tensor:
+        """Pixel rows of several images -> one device tensor. On CUDA through a pinned staging
+        buffer and a non-blocking copy (inputs may be read-only numpy arrays: never written)."""
+        n = sum(p.shape[0] for p in pixel_values)
+        width = pixel_values[0].shape[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # torch.from_numpy on read-only arrays
+            srcs = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pixel_values]
+        if not self.is_cuda:
+            return torch.cat(srcs) if len(srcs) > 1 else srcs[0]
+        dtype = srcs[0].dtype
+        if (self._pix_host is None or self._pix_host.numel() < n * width
+                or self._pix_host.dtype != dtype):
+            self._pix_host = torch.empty(max(n * width, 1 << 22), dtype=dtype, pin_memory=True)
+        else:
+            self._pix_event.synchronize()        # the previous upload has left the buffer
+        host = self._pix_host[:n * width].view(n, width)
+        o = 0
+        for s in srcs:
+            host[o:o + s.shape[0]].copy_(s)      # multi-threaded host copy into pinned memory
+            o += s.shape[0]
+        dev = host.to(self.device, non_blocking=True)
+        self._pix_event.record()
+        return dev
+
     @torch.inference_mode()
-    def encode_images(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]):
-        """Run the vision tower once over several images; per image ``(embeds, [deepstack...])``."""
-        pv = torch.cat(pixel_values).to(self.device, non_blocking=True).to(self.visual.dtype)
+    def encode_images(self, pixel_values: list, grids: list[tuple[int, int, int]]):
+        """Run the vision tower once over several images (numpy arrays or tensors of patch rows);
+        per image ``(embeds, [deepstack...])``, in the given order."""
+        grids = [tuple(int(x) for x in g) for g in grids]
+        # Equal grids side by side: one batched attention call per distinct size.
+        order = sorted(range(len(grids)), key=lambda i: grids[i][1] * grids[i][2])
+        pv = self._upload_pixels([pixel_values[i] for i in order])
+        sorted_grids = [grids[i] for i in order]
+        merged, deep = self.vision(pv, sorted_grids)
+        sizes = [t * h * w // (self.merge ** 2) for t, h, w in sorted_grids]
+        embeds = merged.to(self.dtype).split(sizes)
+        deep = [d.to(self.dtype).split(sizes) for d in deep]
+        out: list = [None] * len(grids)
+        for j, i in enumerate(order):
+            out[i] = (embeds[j], [lvl[j] for lvl in deep])
+        return out
+
+    @torch.inference_mode()
+    def encode_images_hf(self, pixel_values: list, grids: list[tuple[int, int, int]]):
+        """HF's own vision module (reference for tests and the benchmark)."""
+        pv = self._upload_pixels(pixel_values).to(self.visual.dtype)
         grid = torch.tensor(grids, dtype=torch.long, device=self.device)
         out = self.visual(pv, grid_thw=grid, return_dict=True)
         sizes = [t * h * w // (self.merge ** 2) for t, h, w in grids]
@@ -192,7 +252,7 @@ class ModelRunner:
         for c in chunks:
             offsets.append(o)
             if c.vis_local is not None and len(c.vis_local):
-                vis_idx.append(c.vis_local.to(dev) + o)
+                vis_idx.append(c.vis_local.to(dev, non_blocking=True) + o)
                 vis_emb.append(c.vis_embeds)
                 deep.append(c.deepstack)
             o += len(c.ids)
@@ -204,7 +264,6 @@ class ModelRunner:
         else:
             vidx, deep_cat = None, []
         cos, sin = self.lm.rotary_emb(h, pos[:, None, :])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]
         # Where each new token's K/V goes.
         page_idx, page_off = [], []
         for c in chunks:
@@ -212,6 +271,44 @@ class ModelRunner:
             page_idx.append(c.pages[tok // p])
             page_off.append(tok % p)
         page_idx, page_off = torch.cat(page_idx), torch.cat(page_off)
+        if self.is_cuda and self.fuse and self.fused_prefill:
+            h = self._prefill_layers_fused(h, cos[0].contiguous(), sin[0].contiguous(), page_idx,
+                                           page_off, chunks, offsets, vidx, deep_cat)
+        else:
+            h = self._prefill_layers(h, cos[0][:, None, :], sin[0][:, None, :], page_idx, page_off,
+                                     chunks, offsets, vidx, deep_cat)
+        last = [off + len(c.ids) - 1 for c, off in zip(chunks, offsets) if c.want_logits]
+        if not last:
+            return None
+        hl = _rms(h[torch.tensor(last, device=dev)], self.final_norm, self.eps)
+        return self.lm_head(hl).float()
+
+    def _attend(self, q, k, v, i: int, chunks, offsets) -> torch.Tensor:
+        """Prefill attention: first chunks packed (varlen / batched SDPA), later chunks against
+        their cached prefix."""
+        kv = self.kv
+        outs, run = [], []          # run: consecutive first chunks, attended in one call
+
+        def flush():
+            if run:
+                a, b = run[0][0], run[-1][0] + run[-1][1]
+                outs.append(packed_attention(q[a:b], k[a:b], v[a:b], [n for _, n in run], True,
+                                             self.scale, self.prefill_attn_impl))
+                run.clear()
+
+        for c, off in zip(chunks, offsets):
+            n = len(c.ids)
+            if c.start == 0:
+                run.append((off, n))
+                continue
+            flush()
+            outs.append(prefill_attention(q[off:off + n], k[off:off + n], v[off:off + n],
+                                          kv.k[i], kv.v[i], c.pages, c.start, self.scale))
+        flush()
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _prefill_layers(self, h, cos, sin, page_idx, page_off, chunks, offsets, vidx, deep_cat):
+        """Plain torch layers (CPU: HF's numerics exactly)."""
         kv = self.kv
         for i, w in enumerate(self.w):
             res = h
@@ -219,21 +316,41 @@ class ModelRunner:
             q, k, v = self._qkv(w, x)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             write_kv(kv.k[i], kv.v[i], k, v, page_idx, page_off)
-            outs = []
-            for c, off in zip(chunks, offsets):
-                n = len(c.ids)
-                outs.append(prefill_attention(q[off:off + n], k[off:off + n], v[off:off + n],
-                                              kv.k[i], kv.v[i], c.pages, c.start, self.scale))
-            attn = torch.cat(outs) if len(outs) > 1 else outs[0]
+            attn = self._attend(q, k, v, i, chunks, offsets)
             h = res + F.linear(attn.reshape(h.shape[0], -1), w["o"])
             h = h + self._mlp(w, self._norm(h, w["ln2"]))
             if vidx is not None and i < len(deep_cat):
                 h[vidx] = h[vidx] + deep_cat[i].to(h.dtype)
-        last = [off + len(c.ids) - 1 for c, off in zip(chunks, offsets) if c.want_logits]
-        if not last:
-            return None
-        hl = _rms(h[torch.tensor(last, device=dev)], self.final_norm, self.eps)
-        return self.lm_head(hl).float()
+        return h
+
+    def _prefill_layers_fused(self, h, cos, sin, page_idx, page_off, chunks, offsets, vidx, deep_cat):
+        """GPU layers: residual fused into the norms, q/k-norm + M-RoPE + KV store in one kernel."""
+        from serve_app.engine._private import kernels as K
+
+        kv = self.kv
+        t = h.shape[0]
+        hq, hk, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        rows = torch.arange(t, device=h.device)
+        k_buf = torch.empty(t, hk, d, dtype=h.dtype, device=h.device)
+        res = None
+        for i, w in enumerate(self.w):
+            if res is None:
+                x, res = K.rms_norm(h, w["ln1"], eps), h
+            else:
+                x, res = K.rms_norm(h, w["ln1"], eps, residual=res)
+            qkv = F.linear(x, w["qkv"])
+            q = K.qk_norm_rope_store(qkv, w["qn"], w["kn"], cos, sin, rows, page_idx, page_off,
+                                     kv.k[i], kv.v[i], hq, hk, d, eps, k_out=k_buf)
+            v = qkv.view(t, hq + 2 * hk, d)[:, hq + hk:]
+            attn = self._attend(q, k_buf, v, i, chunks, offsets)
+            h = F.linear(attn.reshape(t, -1), w["o"])
+            x, res = K.rms_norm(h, w["ln2"], eps, residual=res)
+            h = F.linear(K.silu_mul(F.linear(x, w["gu"])), w["down"])
+            if vidx is not None and i < len(deep_cat):
+                h = res + h                       # HF adds deepstack to the layer's output
+                h[vidx] = h[vidx] + deep_cat[i].to(h.dtype)
+                res = None
+        return h if res is None else res + h
 
     # --------------------------------------------------------------------------------- decode
     def _decode_forward(self, staging: torch.Tensor, batch: int, reference: bool = False) -> torch.Tensor:

@@ -248,7 +248,7 @@ class Scheduler:
                         known[im.image_id] = cached
                         self.counters["vision_cache_hits"] += 1
                         continue
-                pixel.append(torch.from_numpy(im.pixel_values))
+                pixel.append(im.pixel_values)
                 grids.append(tuple(int(x) for x in im.grid_thw))
                 owners.append(im.image_id or (id(s), j))
         if pixel:

@@ -13,6 +13,10 @@ likely, a share of requests with 2 images). ``--serve S`` also measures it direc
 that mix through a Serve handle (so Ray's serialisation of the result is included).
 
     python benchmarks/preprocess_bench.py --n 40 --serve 20 --out benchmarks/out/preprocess.json
+
+``--hf-device cuda`` adds transformers' torchvision-backed ``Qwen2VLImageProcessor`` on that device
+(PIL decode, then resize/normalise/patchify on the GPU, output left there; not bit-identical to
+the PIL path, so its max difference from ours is reported).
 """
 
 from __future__ import annotations
@@ -96,20 +100,37 @@ def per_image(args) -> list[dict]:
             out = hf(images=[Image.open(io.BytesIO(data))], return_tensors="np")
             return out["pixel_values"], out["image_grid_thw"]
 
+        cases = {"ours_ms": ours, "hf_ms": theirs, "ours_pipeline_miss_ms": lambda: miss.process([data]),
+                 "ours_pipeline_hit_ms": lambda: hit.process([data]), "ours_uint8_ms": ours_uint8}
+        extra = {}
+        if args.hf_device:
+            import torch
+
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+            tv = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                       image_std=[0.5] * 3, min_pixels=65_536, max_pixels=16_777_216)
+
+            def theirs_tv():
+                out = tv(images=[Image.open(io.BytesIO(data))], device=args.hf_device, return_tensors="pt")
+                if args.hf_device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                return out["pixel_values"]
+
+            cases["hf_torchvision_ms"] = theirs_tv
+            extra["hf_torchvision_max_abs_diff"] = float((theirs_tv().float().cpu() - torch.from_numpy(
+                preprocess_rgb(decode_image(data, limits))[0])).abs().max())
         pv, grid = ours()
         ref_pv, ref_grid = theirs()
         identical = bool(grid == tuple(int(v) for v in ref_grid[0]) and np.array_equal(pv, ref_pv))
         if not identical:
             raise SystemExit(f"{name}: outputs differ (max abs {np.abs(pv - ref_pv).max()})")
         hit.process([data])
-        t = timed({"ours_ms": ours, "hf_ms": theirs, "ours_pipeline_miss_ms": lambda: miss.process([data]),
-                   "ours_pipeline_hit_ms": lambda: hit.process([data]), "ours_uint8_ms": ours_uint8},
-                  args.n)
+        t = timed(cases, args.n)
         rows.append({
             "size": name, "jpeg_bytes": len(data), "grid_thw": list(grid), "tokens": grid[1] * grid[2] // 4,
             "pixel_values_mb": round(pv.nbytes / 2**20, 1), "identical": identical,
             **{k: statistics.median(v) for k, v in t.items()},
-            "min_ms": {k: min(v) for k, v in t.items()},
+            "min_ms": {k: min(v) for k, v in t.items()}, **extra,
         })
         rows[-1]["speedup"] = rows[-1]["hf_ms"] / rows[-1]["ours_ms"]
     return rows
@@ -201,6 +222,7 @@ def main() -> None:
     ap.add_argument("--serve", type=float, default=0.0, metavar="S",
                     help="also saturate the real Preprocess deployment for S seconds (starts Ray)")
     ap.add_argument("--concurrency", type=int, default=4, help="client threads for --serve")
+    ap.add_argument("--hf-device", help="also time transformers' torchvision processor on this device")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -217,6 +239,11 @@ def main() -> None:
               f"| {r['ours_pipeline_miss_ms']:.1f} ({mn['ours_pipeline_miss_ms']:.1f}) "
               f"| {r['ours_pipeline_hit_ms']:.2f} | {r['ours_uint8_ms']:.1f} ({mn['ours_uint8_ms']:.1f}) "
               f"| {r['identical']} |")
+    if args.hf_device:
+        print(f"\nHF Qwen2VLImageProcessor (torchvision) on {args.hf_device}:")
+        for r in rows:
+            print(f"  {r['size']}: {r['hf_torchvision_ms']:.1f} ({r['min_ms']['hf_torchvision_ms']:.1f}) ms, "
+                  f"max |diff| vs ours {r['hf_torchvision_max_abs_diff']:.3g}")
     plan = sizing(rows, args.rates, args.two_image_share, args.target_util) if len(rows) == len(SIZES) else []
     print()
     for s in plan:

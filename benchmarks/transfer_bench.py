@@ -16,6 +16,14 @@ Timed inside ``Caller`` (both hops), modes interleaved per round:
   zero_payload        as b with a 1-patch image: the fixed cost of the two hops
 
     python benchmarks/transfer_bench.py --n 30 --out benchmarks/out/transfer.json
+
+``--h2d`` (needs torch with CUDA; no Ray) times the engine side instead, per image: float32
+``pixel_values`` copied to the GPU from pageable memory (what ``tensor.to("cuda")`` on an array
+from the object store does) vs staged through a reused pinned buffer with a non-blocking copy, vs
+uint8 patches staged the same way and normalised on the GPU with the same 256-entry LUT (checked
+bit-identical to the CPU ``pixel_values``).
+
+    python benchmarks/transfer_bench.py --h2d --n 50 --out benchmarks/out/h2d.json
 """
 
 from __future__ import annotations
@@ -109,6 +117,85 @@ def build_app():
     return Caller.bind(Pre.bind(), Sink.bind())
 
 
+def resized_patches(w: int, h: int) -> np.ndarray:
+    """uint8 ``(N, 3, 16, 16)`` patches of a real photo at w x h, as Preprocess computes them."""
+    from PIL import Image
+
+    from preprocess_bench import photo_jpeg
+    from serve_app._image import ImageLimits, decode_image, patch_order, smart_resize
+
+    im = decode_image(photo_jpeg(w, h, 90), ImageLimits())
+    rh, rw = smart_resize(h, w)
+    return patch_order(np.asarray(im.resize((rw, rh), Image.Resampling.BICUBIC)))
+
+
+def h2d(args) -> list[dict]:
+    """Engine-side cost of getting one image's model input onto the GPU (see the module doc)."""
+    import warnings
+
+    import torch
+
+    from serve_app._image import _LUTS, normalise_patches
+
+    warnings.filterwarnings("ignore", message=".*not writable.*")  # read-only like object-store arrays
+
+    dev = torch.device("cuda")
+    lut = torch.from_numpy(_LUTS[0].copy()).to(dev)
+
+    def sync_ms(fn, n: int) -> list[float]:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    rows = []
+    for size in args.sizes:
+        u8 = resized_patches(*SIZES[size])
+        f32 = normalise_patches(u8)
+        f32.flags.writeable = False  # as received from the object store
+        pin_f32 = torch.empty(f32.shape, dtype=torch.float32, pin_memory=True)
+        pin_u8 = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+        n = len(u8)
+
+        def f32_pageable():
+            return torch.from_numpy(f32).to(dev)
+
+        def f32_pinned():
+            pin_f32.numpy()[...] = f32
+            return pin_f32.to(dev, non_blocking=True)
+
+        def f32_stage_only():
+            pin_f32.numpy()[...] = f32
+
+        def u8_pinned_gpu_norm():
+            pin_u8.numpy()[...] = u8
+            g = pin_u8.to(dev, non_blocking=True)
+            v = lut[g.long()]  # (N, 3, 16, 16) float32, same LUT as the CPU path
+            return v.unsqueeze(2).expand(n, 3, 2, 16, 16).reshape(n, 1536)
+
+        same = bool(torch.equal(u8_pinned_gpu_norm().cpu(), torch.from_numpy(f32.copy())))
+        cases = {"f32_pageable": f32_pageable, "f32_pinned_nonblocking": f32_pinned,
+                 "f32_stage_into_pinned_only": f32_stage_only, "u8_pinned_gpu_normalise": u8_pinned_gpu_norm}
+        for name, fn in cases.items():
+            t = sync_ms(fn, args.n)
+            rows.append({"size": size, "case": name, "median_ms": statistics.median(t), "min_ms": min(t),
+                         "mb": round((u8.nbytes if name.startswith("u8") else f32.nbytes) / 2**20, 2),
+                         "bit_identical": same})
+    print(f"\nms per image to the GPU ({torch.cuda.get_device_name()}), {args.n} runs\n")
+    print("| size | case | host MB | median ms | min ms | GPU-normalised == CPU |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['case']} | {r['mb']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} "
+              f"| {r['bit_identical']} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=30, help="timed rounds (each runs every mode once)")
@@ -116,7 +203,16 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--h2d", action="store_true", help="time host-to-GPU copies instead (torch + CUDA)")
     args = ap.parse_args()
+
+    if args.h2d:
+        rows = h2d(args)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"meta": {"n": args.n, "date": time.strftime("%Y-%m-%d %H:%M"),
+                                                     "cpus": os.cpu_count()}, "results": rows}, indent=2))
+        return
 
     import ray
     from ray import serve

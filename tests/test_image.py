@@ -148,7 +148,8 @@ def test_parity_jpeg_end_to_end(hf):
     data = encode(noise(1280, 720, seed=5), "JPEG", quality=85)
     ours = pipeline().process([data])[0]
     ref, grid = hf_run(hf, Image.open(io.BytesIO(data)))
-    assert ours.grid_thw == grid == (1, 44, 80)  # 720/32 = 22.5 rounds half-to-even: 704 and np.array_equal(ours.pixel_values, ref)
+    assert ours.grid_thw == grid == (1, 44, 80)  # 720/32 = 22.5 rounds half-to-even: 704
+    assert np.array_equal(ours.pixel_values, ref)
 
 
 # ---------------------------------------------------------------------------- smart_resize / tokens

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE = str(Path(sys.executable).with_name("serve"))
 
 
-def test_deployments_yaml_is_a_valid_serve_config():
-    cfg = yaml.safe_load((ROOT / "deployments.yaml").read_text())
+@pytest.mark.parametrize("name", ["deployments.yaml", "deployments.gpu.yaml"])
+def test_deployments_yaml_is_a_valid_serve_config(name):
+    cfg = yaml.safe_load((ROOT / name).read_text())
     schema = ServeDeploySchema.model_validate(cfg)
     app = schema.applications[0]
     assert app.import_path == "serve_app.app:build_app"

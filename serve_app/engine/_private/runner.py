@@ -101,7 +101,7 @@ class ModelRunner:
         # that works on this GPU, timed once on representative shapes.
         vc = model.config.vision_config
         self.vision_attn_impl, vt = pick_packed_impl(
-            device, vc.num_heads, vc.num_heads, vc.hidden_size // vc.num_heads, [4096, 4096], False, self.dtype)
+            device, vc.num_heads, vc.num_heads, vc.hidden_size // vc.num_heads, [4096] * 3, False, self.dtype)
         self.prefill_attn_impl, pt = pick_packed_impl(
             device, self.num_heads, self.num_kv_heads, self.head_dim, [1024, 1024], True, self.dtype)
         self.attn_timings = {"vision": vt, "prefill": pt}
@@ -199,11 +199,13 @@ class ModelRunner:
         else:
             self._pix_event.synchronize()        # the previous upload has left the buffer
         host = self._pix_host[:n * width].view(n, width)
+        dev = torch.empty(n, width, dtype=dtype, device=self.device)
         o = 0
-        for s in srcs:
-            host[o:o + s.shape[0]].copy_(s)      # multi-threaded host copy into pinned memory
-            o += s.shape[0]
-        dev = host.to(self.device, non_blocking=True)
+        for s in srcs:   # image i's upload overlaps the host copy of image i+1
+            e = o + s.shape[0]
+            host[o:e].copy_(s)                   # multi-threaded host copy into pinned memory
+            dev[o:e].copy_(host[o:e], non_blocking=True)
+            o = e
         self._pix_event.record()
         return dev
 

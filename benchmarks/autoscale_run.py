@@ -43,7 +43,7 @@ DEFAULT_OVERRIDES: dict[str, dict[str, Any]] = {
                                           "downscale_delay_s": 15, "look_back_period_s": 5,
                                           "metrics_interval_s": 1}},
 }
-DEFAULT_PROFILE = "20:0.3,40:1.5,20:0.6,60:0.1"
+DEFAULT_PROFILE = "20:0.3,45:3,20:1,60:0.1"
 
 
 def parse_profile(s: str) -> list[tuple[float, float]]:
@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from benchmarks.loadgen.plot import plot_autoscale
 
-        plot_autoscale(tl, out / "autoscale.png", a.title or f"autoscaling, profile {a.profile}")
+        engine = cfg["applications"][0]["args"]["engine"].get("engine")
+        plot_autoscale(tl, out / "autoscale.png",
+                       a.title or f"autoscaling ({engine} engine), load profile s:qps {a.profile}")
     except ImportError as e:
         log.warning("no plot (pip install matplotlib): %s", e)
     print("\n".join(lines))

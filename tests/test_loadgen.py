@@ -483,3 +483,47 @@ def test_autoscale_helpers():
     assert tl[3]["completed_qps"] == pytest.approx(1.0)   # ends 1.5 and 3.0 within (1, 3]
     assert tl[3]["e2e_p95_s"] == pytest.approx(float(np.percentile([1.5, 2.0], 95)))
     assert tl[0]["e2e_p95_s"] is None and statistics.mean(p["offered_qps"] for p in tl) == 0.5
+
+
+# -------------------------------------------------------------------------------- sweep
+def _fake_step(capacity: float, lucky: float | None = None):
+    """run_step stand-in: an engine that meets the SLO below ``capacity`` (and at ``lucky``)."""
+    calls = []
+
+    def run_step(url, workload, spec, warmup_s, slo, allow_remote):
+        calls.append(spec.qps)
+        ok = spec.qps <= capacity or spec.qps == lucky
+        summary = {"offered": spec.qps, "achieved_qps": min(spec.qps, capacity)}
+        return {"summary": summary, "slo_violations": [] if ok else ["P95 TTFT too high"]}
+    return run_step, calls
+
+
+def test_sweep_stops_at_first_miss_and_bisects(monkeypatch):
+    from benchmarks.loadgen import sweep as sw
+
+    fake, calls = _fake_step(capacity=5.0)
+    monkeypatch.setattr(sw, "run_step", fake)
+    plan = sw.SweepPlan([1, 2, 4, 8, 16], LoadSpec(duration_s=1, drain_s=0), refine=2)
+    seen = []
+    res = sw.run_sweep("http://127.0.0.1:1", None, plan, label="x", on_step=seen.append)
+    assert calls == [1, 2, 4, 8, 6.0, 5.0]           # stop at 8, then bisect 4..8: 6 (miss), 5 (ok)
+    assert res["max_at_slo"] == {"offered": 5.0, "achieved_qps": 5.0} and res["first_miss"] == 6.0
+    assert len(seen) == 6 and all(s["engine"] == "x" for s in seen)
+
+
+def test_sweep_no_stop_ignores_lucky_pass_and_honours_deadline(monkeypatch):
+    import time as _time
+
+    from benchmarks.loadgen import sweep as sw
+
+    fake, calls = _fake_step(capacity=2.0, lucky=8.0)
+    monkeypatch.setattr(sw, "run_step", fake)
+    plan = sw.SweepPlan([1, 2, 4, 8], LoadSpec(duration_s=1, drain_s=0), stop_on_miss=False)
+    res = sw.run_sweep("http://127.0.0.1:1", None, plan)
+    assert calls == [1, 2, 4, 8] and res["max_at_slo"]["offered"] == 2 and res["first_miss"] == 4
+    assert res["max_achieved_qps"] == 2.0
+    fake, calls = _fake_step(capacity=100)
+    monkeypatch.setattr(sw, "run_step", fake)
+    plan = sw.SweepPlan([1, 2], LoadSpec(duration_s=60, drain_s=0), deadline=_time.time() + 30)
+    res = sw.run_sweep("http://127.0.0.1:1", None, plan)
+    assert calls == [] and res["stopped"].startswith("time budget") and res["max_at_slo"] is None

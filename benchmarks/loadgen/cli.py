@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from benchmarks.loadgen.client import LoadSpec, check_local, run_load
 from benchmarks.loadgen.metrics import (ResourceSampler, engine_breakdown, markdown_table, now_stamp,
                                         summarize)
 from benchmarks.loadgen.server import (ROOT, LocalServe, build_serve_config, cpus_needed, gpu_count)
-from benchmarks.loadgen.sweep import (SLO, SweepPlan, get_stats, step_line, sweep, warm_up,
+from benchmarks.loadgen.sweep import (SLO, SweepPlan, get_stats, run_sweep, step_line, warm_up,
                                       write_json)
 from benchmarks.loadgen.workload import (RESOLUTIONS, Workload, build_image_pool, classes_with_tokens,
                                          mean_output_tokens, pool_summary)
@@ -52,7 +53,8 @@ def _kv(s: str, sep: str = ",") -> dict[str, str]:
 
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(),
-                            "python": platform.python_version(), "cpus": os.cpu_count()}
+                            "python": platform.python_version(), "cpus": os.cpu_count(),
+                            "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
     try:
         import psutil
 
@@ -113,7 +115,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="engine.model (default: the config's)")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None)
-    g.add_argument("--max-gpu-memory-gb", type=float, default=None)
+    g.add_argument("--max-gpu-memory-gb", type=float, default=None, help="0 = no cap")
     g.add_argument("--kv-cache-tokens", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
@@ -130,7 +132,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def engine_overrides(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("model", "device", "dtype", "max_gpu_memory_gb", "kv_cache_tokens", "max_num_seqs",
             "max_model_len", "cache_dir")
-    return {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
+    out = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
+    if out.get("max_gpu_memory_gb", 1) <= 0:
+        out["max_gpu_memory_gb"] = None    # 0 = uncapped, whatever the config says
+    return out
 
 
 def make_workload(url: str, a: argparse.Namespace) -> Workload:
@@ -225,7 +230,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def meta(a: argparse.Namespace, w: Workload | None) -> dict[str, Any]:
-    return {"date": now_stamp(), "command": " ".join(shlex.quote(x) for x in sys.argv),
+    argv = list(sys.argv)
+    if argv and argv[0].endswith("__main__.py"):
+        argv[0:1] = ["python", "-m", "benchmarks.loadgen"]
+    return {"date": now_stamp(), "command": " ".join(shlex.quote(x) for x in argv),
             "machine": machine_info(), "workload": workload_info(w) if w else None,
             "server": "url" if a.url else {"config": a.config, "engine_overrides": engine_overrides(a)}}
 
@@ -242,7 +250,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     w = None
     try:
         for engine in engines:
-            if deadline and time.time() > deadline - 30:
+            if deadline and time.time() > deadline - 90:  # app start + one short step
                 log.warning("time budget spent before engine %s", engine)
                 break
             label = engine or "target"
@@ -264,15 +272,16 @@ def cmd_sweep(a: argparse.Namespace) -> int:
                 log.warning("warm-up errors on %s: %s", label, errs)
             loads = loads_for.get(label) or _floats(a.loads)
             plan = SweepPlan(loads, base_spec(a), a.warmup, a.refine, not a.no_stop, deadline)
-            partial = {"engine": label, "mode": a.mode, "steps": [], "slo": {}}
+            partial = {"engine": label, "mode": a.mode, "steps": [], "slo": asdict(slo)}
             results["sweeps"].append(partial)
 
             def on_step(step, partial=partial):
                 print(step_line(step), flush=True)
                 partial["steps"].append(step)
                 write_json(out / "sweep.json", results)
+                write_reports(results, out, a.title)  # a run killed at its time limit keeps these
 
-            res = sweep(url, w, plan, slo, label, on_step, a.allow_remote)
+            res = run_sweep(url, w, plan, slo, label, on_step, a.allow_remote)
             res["server_config"] = target.cfg
             partial.clear()
             partial.update(res)
@@ -293,16 +302,33 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
         return
     mode = sweeps[0]["mode"]
     label = "offered QPS" if mode == "open" else "sessions"
-    lines = [f"# Load sweep {results['meta']['date']}", "",
-             f"`{results['meta']['command']}`", "",
+    m = results["meta"]
+    mach, wl = m.get("machine") or {}, m.get("workload") or {}
+    slo = sweeps[0].get("slo") or {}
+    lines = [f"# Load sweep {m['date']}", "", f"`{m['command']}`", "",
+             f"Machine: {mach.get('cpus')} CPUs (1-min load {mach.get('load_avg_1m_at_start')} at start), "
+             f"{mach.get('memory_gb')} GB, GPUs {mach.get('gpus') or 'none'}, "
+             f"commit {mach.get('git_commit')}. Workload: mean output {wl.get('mean_output_tokens')} tokens, "
+             f"images {wl.get('pool')}, temperature {wl.get('temperature')}. "
+             f"SLO: P95 TTFT <= {slo.get('ttft_p95_s')} s, P95 e2e <= {slo.get('e2e_p95_s')} s, no errors.", "",
              markdown_table([st for s in sweeps for st in s["steps"]], label), "",
              "| engine | max load at SLO | achieved QPS there | first miss | max achieved QPS | note |",
              "|---|---|---|---|---|---|"]
     for s in results["sweeps"]:
         best = s.get("max_at_slo") or {}
+        note = s.get("stopped") or s.get("error") or ("" if "max_at_slo" in s else "in progress")
         lines.append(f"| {s['engine']} | {best.get('offered', 'none')} | {best.get('achieved_qps', '-')} | "
-                     f"{s.get('first_miss', '-')} | {s.get('max_achieved_qps', '-')} | "
-                     f"{s.get('stopped') or s.get('error') or ''} |")
+                     f"{s.get('first_miss', '-')} | {s.get('max_achieved_qps', '-')} | {note} |")
+    lines += ["", "Engine time per step (from /v1/stats; 'other' = vision encoding, scheduling, idle):", "",
+              "| engine | load | prefill s | decode s | other % | decode ms/step | mean decode batch | "
+              "prefill tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for s in sweeps:
+        for st in s["steps"]:
+            et = st.get("engine_time") or {}
+            if et.get("decode_s") is not None:
+                lines.append(f"| {s['engine']} | {st['summary']['offered']:g} | {et['prefill_s']} | "
+                             f"{et['decode_s']} | {et['other_pct']} | {et.get('decode_ms_per_step', '-')} | "
+                             f"{et.get('mean_decode_batch', '-')} | {et.get('prefill_tokens_per_s', '-')} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     try:
         from benchmarks.loadgen.plot import plot_sweeps
@@ -345,7 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     add_load_args(s, True)
     add_workload_args(s)
     add_server_args(s)
+    pl = sub.add_parser("plot", help="re-write sweep.md / sweep.png from a sweep.json")
+    pl.add_argument("dir", help="folder holding sweep.json")
+    pl.add_argument("--title", default="")
     a = p.parse_args(argv)
+    if a.cmd == "plot":
+        d = Path(a.dir)
+        write_reports(json.loads((d / "sweep.json").read_text()), d, a.title)
+        print(f"wrote {d}/sweep.md" + (", sweep.png" if (d / "sweep.png").exists() else ""))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return cmd_run(a) if a.cmd == "run" else cmd_sweep(a)

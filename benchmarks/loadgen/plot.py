@@ -19,6 +19,21 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Write a small PNG: rendered by matplotlib, then quantised to a 64-colour palette (PIL)."""
+    import io
+
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(64).save(path, optimize=True)
+    return path
+
+
 def plot_sweeps(sweeps: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """TTFT, TPOT and e2e P50/P95/P99 against offered load, one colour per sweep, SLO lines."""
     plt = _plt()
@@ -53,11 +68,9 @@ def plot_sweeps(sweeps: list[dict[str, Any]], path: str | Path, title: str = "")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    out = _save(fig, path)
     plt.close(fig)
-    return path
+    return out
 
 
 def plot_autoscale(timeline: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -91,8 +104,6 @@ def plot_autoscale(timeline: list[dict[str, Any]], path: str | Path, title: str 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    out = _save(fig, path)
     plt.close(fig)
-    return path
+    return out

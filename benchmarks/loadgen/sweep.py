@@ -47,19 +47,15 @@ def get_stats(url: str) -> dict[str, Any] | None:
 
 
 async def warm_up(url: str, workload: Workload, n: int = 4, timeout_s: float = 300) -> list[str]:
-    """A few requests (one of each class first) so load/JIT/cache effects miss the first step."""
-    errors = []
+    """``n`` concurrent requests (classes in turn) so load/JIT/cache effects miss the first step."""
     async with make_client() as client:
         t0 = time.perf_counter()
         turns = []
         for i in range(n):
             cls, messages = workload.first_turn(workload.classes[i % len(workload.classes)])
             turns.append(Turn(cls.name, workload.body(cls, messages), 0))
-        for t in turns:
-            res, _ = await send(client, url, t, t0, timeout_s)
-            if not res.ok:
-                errors.append(res.error or "?")
-    return errors
+        done = await asyncio.gather(*(send(client, url, t, t0, timeout_s) for t in turns))
+    return [res.error or "?" for res, _ in done if not res.ok]
 
 
 def run_step(url: str, workload: Workload, spec: LoadSpec, warmup_s: float,
@@ -78,17 +74,16 @@ def run_step(url: str, workload: Workload, spec: LoadSpec, warmup_s: float,
     return step
 
 
-def sweep(url: str, workload: Workload, plan: SweepPlan, slo: SLO = SLO(), label: str = "",
+def run_sweep(url: str, workload: Workload, plan: SweepPlan, slo: SLO = SLO(), label: str = "",
           on_step: Callable[[dict[str, Any]], None] | None = None,
           allow_remote: bool = False) -> dict[str, Any]:
     """Run the plan's steps in order; stop at the first SLO miss (then optionally bisect)."""
     steps: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
     first_miss: float | None = None
     stopped = None
 
     def do(load: float) -> bool:
-        nonlocal best, stopped
+        nonlocal stopped
         step_len = plan.base.duration_s + plan.base.drain_s
         if plan.deadline is not None and time.time() + step_len > plan.deadline:
             stopped = f"time budget: step {load:g} not started"
@@ -101,22 +96,20 @@ def sweep(url: str, workload: Workload, plan: SweepPlan, slo: SLO = SLO(), label
         steps.append(step)
         if on_step:
             on_step(step)
-        ok = not step["slo_violations"]
-        if ok and (best is None or load > best["offered"]):
-            best = {"offered": load, "achieved_qps": step["summary"]["achieved_qps"]}
-        return ok
+        return not step["slo_violations"]
 
-    last_ok: float | None = None
+    passed: list[float] = []
     for load in plan.loads:
         if do(load):
-            last_ok = load
+            passed.append(load)
         elif stopped:
             break
         else:
-            first_miss = load
+            first_miss = load if first_miss is None else first_miss
             if plan.stop_on_miss:
                 break
-    lo, hi = last_ok, first_miss
+    hi = first_miss
+    lo = max((x for x in passed if hi is None or x < hi), default=None)
     for _ in range(plan.refine):
         if lo is None or hi is None or stopped:
             break
@@ -128,6 +121,13 @@ def sweep(url: str, workload: Workload, plan: SweepPlan, slo: SLO = SLO(), label
             lo = mid
         else:
             hi = mid
+    # The max load at SLO is the highest step below the first miss: a lucky pass above a miss
+    # (possible with --no-stop) does not count.
+    best = None
+    for st in sorted(steps, key=lambda s: s["summary"]["offered"]):
+        if st["slo_violations"]:
+            break
+        best = {"offered": st["summary"]["offered"], "achieved_qps": st["summary"]["achieved_qps"]}
     max_ach = max((s["summary"]["achieved_qps"] for s in steps), default=None)
     return {"engine": label, "mode": plan.base.mode, "steps": steps,
             "max_at_slo": best,           # highest offered load whose step met the SLO (None: none did)

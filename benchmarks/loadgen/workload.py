@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import logging
 import math
 import random
 import struct
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("loadgen")
 
 # Sizes between 640x480 and 1920x1080, the range the article's clients sent.
 RESOLUTIONS: tuple[tuple[int, int], ...] = (
@@ -133,6 +136,14 @@ def make_image(rng: np.random.Generator, w: int, h: int, quality: int, kind: str
     return buf.getvalue()
 
 
+def have_photos() -> bool:
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 _COM_PAYLOAD = 18   # SOI(2) + COM marker(2) + length(2) + 18 bytes = 24: base64 splits cleanly at 3 bytes
 
 
@@ -176,6 +187,9 @@ def build_image_pool(n: int, seed: int = 0, quality: tuple[int, int] = (40, 75),
     rng = np.random.default_rng(seed)
     pool = []
     photos = itertools.cycle(_PHOTOS)
+    if not have_photos():
+        log.warning("scikit-image is not installed: generated images only (pip install scikit-image)")
+        generated_share = 1.0
     for _ in range(n):
         w, h = resolutions[int(rng.integers(0, len(resolutions)))]
         q = int(rng.integers(quality[0], quality[1] + 1))

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from benchmarks.loadgen.client import RequestResult, RunResult
+from benchmarks.loadgen.client import RunResult
 
 # The article's service-level objective (A10, 12 sessions).
 SLO_TTFT_P95_S = 0.412

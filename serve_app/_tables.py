@@ -163,8 +163,10 @@ def default_model_paths() -> dict[str, Path]:
     paths: dict[str, Path] = {}
     try:
         ocr = _package_dir("rapidocr") / "models"
-        paths["det"] = ocr / "PP-OCRv6_det_small.onnx"
-        paths["rec"] = ocr / "PP-OCRv6_rec_small.onnx"
+        for kind in ("det", "rec"):  # 3.10.0's names; another release may ship other versions
+            pinned = ocr / f"PP-OCRv6_{kind}_small.onnx"
+            found = sorted(ocr.glob(f"*_{kind}*.onnx"))
+            paths[kind] = pinned if pinned.is_file() or not found else found[-1]
     except FileNotFoundError:
         pass
     try:
@@ -689,6 +691,7 @@ class TablePipeline:
                  max_tables: int = 8, max_side: int = 2560):
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)  # SLANet-plus loads with a harmless shape-merge warning
         if structure not in ("auto", "slanet"):
             raise ValueError(f"structure must be 'auto' or 'slanet', not {structure!r}")
         self.paths = resolve_model_paths(model_paths)

@@ -199,7 +199,7 @@ def render_table(cells: list[GtCell], n_rows: int, n_cols: int, *, zh: bool, rul
         x0, x1 = xs[c.col], xs[c.col + c.colspan]
         y0, y1 = ys[c.row], ys[c.row + c.rowspan]
         c.bbox = [float(x0), float(y0), float(x1), float(y1)]
-        tw, th = width_of(c.text), height_of(c.text)
+        th = height_of(c.text)
         ty = (y0 + y1 - th) / 2
         c.text_bbox = [x1, y1, x0, y0]
         for k, line in enumerate(c.text.split("\n")):

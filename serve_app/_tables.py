@@ -559,7 +559,7 @@ def _layout_cells(items: list[_Ocr]):
     for block in blocks:
         per_band: dict[int, list] = {}
         for ln in block:
-            for c0, c1, its in ln[0]:
+            for c0, c1, _ in ln[0]:
                 for b in range(c0, c1 + 1):
                     per_band.setdefault(b, []).append(ln)
         k = max(1, int(np.median([len(v) for v in per_band.values()])))

@@ -1,0 +1,94 @@
+"""GPU SLO sweeps of the whole app over HTTP (issue 6), Ray started before anything else.
+
+    python3 benchmarks/gpu_sweep.py OUT_DIR [--seconds N] [--uncapped]
+    # the same flow on a CPU box, as a smoke test of the script itself:
+    python benchmarks/gpu_sweep.py /tmp/s --model builtin:tiny-qwen3-vl --device cpu \\
+        --qps 0.5,1 --hf-qps 0.25 --cpus 2 --seconds 200 --step 10
+
+On the GPU machine the sweep's own in-process start once timed out (Ray's node never registered
+when Ray was started after the workload and NVML were set up); starting Ray first, then sweeping
+the app's URL, avoids it. The app is the shipped GPU profile, ``deployments.gpu.yaml`` (VLM memory
+capped at 24 GB, an A10's budget), minus the TableExtractor (the workload asks no table questions).
+
+Runs: the continuous engine up the QPS ladder until the first SLO miss (one bisection step), then
+the naive ``hf-generate`` engine at low loads, then (``--uncapped``) the continuous engine with no
+memory cap. Each writes OUT_DIR/<name>/sweep.{json,md,png}, also after every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen.server import LocalServe, build_serve_config  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--config", default=str(ROOT / "deployments.gpu.yaml"))
+    p.add_argument("--model", default="builtin:qwen3-vl-4b-random")
+    p.add_argument("--device", default=None, help="engine.device (default: the config's)")
+    p.add_argument("--cap-gb", type=float, default=24.0, help="VLM memory cap of the capped runs")
+    p.add_argument("--uncapped", action="store_true", help="also sweep with no memory cap")
+    p.add_argument("--two-replicas", default=None, metavar="QPS",
+                   help="last: two VLM replicas packed on one GPU (num_gpus 0.5, each capped at "
+                        "--cap-gb), swept over these QPS (issue 7's one-GPU part)")
+    p.add_argument("--seconds", type=float, default=440, help="time budget for all sweeps")
+    p.add_argument("--qps", default="8,12,16,20,24,28,32,40")
+    p.add_argument("--hf-qps", default="0.1,0.25")
+    p.add_argument("--hf-seconds", type=float, default=100, help="time kept back for hf-generate")
+    p.add_argument("--step", type=float, default=20, help="seconds of load per step")
+    p.add_argument("--cpus", type=float, default=12, help="Ray logical CPUs")
+    a = p.parse_args()
+    t_end = time.time() + a.seconds
+    srv = LocalServe(num_cpus=a.cpus)  # first: before NVML, images, or anything else
+    from benchmarks.loadgen.cli import main as loadgen
+
+    runs = [("capped-continuous", "continuous", a.cap_gb, a.qps, 1),
+            ("capped-hf-generate", "hf-generate", a.cap_gb, a.hf_qps, 1)]
+    if a.uncapped:
+        runs.append(("uncapped-continuous", "continuous", None, a.qps, 1))
+    if a.two_replicas:
+        runs.append(("two-replicas-one-gpu", "continuous", a.cap_gb, a.two_replicas, 2))
+    # seconds kept for each later run: app (re)start + warm-up + two or three short steps
+    reserve = {"capped-hf-generate": a.hf_seconds, "uncapped-continuous": 150, "two-replicas-one-gpu": 130}
+    cpu = a.device == "cpu"
+    try:
+        for i, (name, engine, cap, qps, replicas) in enumerate(runs):
+            left = t_end - time.time()
+            if left < 60:
+                print(f"skip {name}: {left:.0f} s left", flush=True)
+                continue
+            eng = {"model": a.model, "engine": engine, "max_gpu_memory_gb": cap}
+            if a.device:
+                eng["device"] = a.device
+            if a.device == "cpu":
+                eng["dtype"] = "float32"
+            vlm = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas}}
+            cfg = build_serve_config(a.config, port=srv.port, engine=eng, deployments={"VLM": vlm},
+                                     vlm_num_gpus=None if cpu else 1.0 / replicas)
+            if cpu:
+                for d in cfg["applications"][0]["deployments"]:
+                    d.get("ray_actor_options", {}).pop("num_gpus", None)
+            t = time.time()
+            url = srv.deploy(cfg)
+            print(f"{name}: app ready in {time.time() - t:.0f} s", flush=True)
+            keep = sum(reserve[r[0]] for r in runs[i + 1:])  # time kept for the runs after this
+            budget = max(30.0, t_end - time.time() - keep)
+            loadgen(["sweep", "--url", url, "--qps", qps, "--duration", str(a.step), "--warmup", "3",
+                     "--drain", "15", "--refine", "1", "--warmup-requests", "2",
+                     "--time-budget", str(budget), "--title", f"{name}: {a.model}",
+                     "--out", f"{a.out}/{name}"])
+    finally:
+        srv.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -65,7 +65,9 @@ def main() -> int:
             if left < 60:
                 print(f"skip {name}: {left:.0f} s left", flush=True)
                 continue
-            eng = {"model": a.model, "engine": engine, "max_gpu_memory_gb": cap}
+            # no cap = 90 % of the card (the engine's own default budget is an A10's 21.5 GiB)
+            eng = {"model": a.model, "engine": engine, "max_gpu_memory_gb": cap,
+                   "gpu_memory_fraction": None if cap else 0.9}
             if a.device:
                 eng["device"] = a.device
             if a.device == "cpu":

@@ -188,7 +188,9 @@ def test_summarize_window_rates_latencies_and_errors():
     run = RunResult(LoadSpec(mode="open", qps=1.5, duration_s=11), rs, wall_s=11.0)
     s = summarize(run, warmup_s=1.0)
     assert s["requests"] == 12 and s["ok"] == 10 and s["window_s"] == 10.0
-    assert s["achieved_qps"] == pytest.approx(0.9)   # 9 ok finished by t=11 (8 + the short one)
+    # throughput: ok requests that finished in [1, 11): the warm-up one (ends 1.5), the 8, the short
+    # one at 9.6; not the one ending at 13.5
+    assert s["achieved_qps"] == pytest.approx(1.0)
     assert s["completed_qps"] == pytest.approx(1.0)
     assert s["offered_qps_actual"] == pytest.approx(1.2)
     assert s["errors"] == {"http_429": 1, "stream_engine_error": 1} and s["error_rate"] == pytest.approx(2 / 12, abs=1e-4)
@@ -527,3 +529,17 @@ def test_sweep_no_stop_ignores_lucky_pass_and_honours_deadline(monkeypatch):
     plan = sw.SweepPlan([1, 2], LoadSpec(duration_s=60, drain_s=0), deadline=_time.time() + 30)
     res = sw.run_sweep("http://127.0.0.1:1", None, plan)
     assert calls == [] and res["stopped"].startswith("time budget") and res["max_at_slo"] is None
+
+
+def test_zero_memory_cap_means_most_of_the_card_not_the_default_budget():
+    import argparse
+
+    from benchmarks.loadgen.cli import engine_overrides
+
+    keys = ("model", "device", "dtype", "max_gpu_memory_gb", "kv_cache_tokens", "max_num_seqs",
+            "max_model_len", "cache_dir")
+    a = argparse.Namespace(**{k: None for k in keys})
+    a.max_gpu_memory_gb = 0.0
+    assert engine_overrides(a) == {"max_gpu_memory_gb": None, "gpu_memory_fraction": 0.9}
+    a.max_gpu_memory_gb = 24.0
+    assert engine_overrides(a) == {"max_gpu_memory_gb": 24.0}

@@ -134,7 +134,9 @@ def engine_overrides(a: argparse.Namespace) -> dict[str, Any]:
             "max_model_len", "cache_dir")
     out = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     if out.get("max_gpu_memory_gb", 1) <= 0:
-        out["max_gpu_memory_gb"] = None    # 0 = uncapped, whatever the config says
+        # 0 = uncapped, whatever the config says. No cap at all would mean the engine's default
+        # budget (an A10's, 21.5 GiB), so ask for most of the card instead.
+        out["max_gpu_memory_gb"], out["gpu_memory_fraction"] = None, 0.9
     return out
 
 

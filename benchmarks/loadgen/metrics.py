@@ -39,8 +39,10 @@ def _dist(values: list[float]) -> dict[str, float | None]:
 def summarize(run: RunResult, warmup_s: float = 0.0) -> dict[str, Any]:
     """Metrics over the requests *started* in ``[warmup_s, window end)``.
 
-    ``achieved_qps`` counts successful requests that also *finished* inside the window, so a server
-    that falls behind shows a lower rate than offered (not the rate the client sent at).
+    ``achieved_qps`` is throughput: successful requests that *finished* inside the window (whenever
+    they started) per second, so a server that keeps up shows the offered rate and one that falls
+    behind shows its capacity (not the rate the client sent at). ``completed_qps``: requests started
+    in the window that succeeded, per second of window.
     """
     lo, hi = warmup_s, run.wall_s
     window = max(1e-9, hi - lo)
@@ -48,7 +50,7 @@ def summarize(run: RunResult, warmup_s: float = 0.0) -> dict[str, Any]:
     ok = [r for r in rs if r.ok]
     errors = Counter(r.error for r in rs if not r.ok)
     statuses = Counter(str(r.status) if r.status is not None else "none" for r in rs)
-    finished_in_window = [r for r in ok if r.end <= hi]
+    finished_in_window = [r for r in run.results if r.ok and lo <= r.end < hi]
     out_tokens = sum(r.output_tokens for r in ok)
     mismatched = sum(1 for r in ok if r.expected_tokens and r.output_tokens != r.expected_tokens)
     per_class: dict[str, Any] = {}

@@ -195,6 +195,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     res = evaluate(3 if args.quick else args.n, args.structure, args.threads, args.seed, args.categories, args.verbose)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2, ensure_ascii=False))
     if args.min_teds is not None and res["overall"]["teds"] < args.min_teds:
         print(f"overall TEDS {res['overall']['teds']:.3f} is below --min-teds {args.min_teds}")

@@ -3,7 +3,7 @@
     python3 benchmarks/gpu_sweep.py OUT_DIR [--seconds N] [--uncapped]
     # the same flow on a CPU box, as a smoke test of the script itself:
     python benchmarks/gpu_sweep.py /tmp/s --model builtin:tiny-qwen3-vl --device cpu \\
-        --qps 0.5,1 --hf-qps 0.25 --cpus 2 --seconds 200 --step 10
+        --qps 0.5,1 --hf-qps 0.25 --cpus 8 --seconds 300 --step 10
 
 On the GPU machine the sweep's own in-process start once timed out (Ray's node never registered
 when Ray was started after the workload and NVML were set up); starting Ray first, then sweeping

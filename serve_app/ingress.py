@@ -11,7 +11,7 @@ import logging
 import uuid
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
@@ -146,29 +146,31 @@ class Ingress:
         return await self.tables.extract.remote(self.preprocess.decode.remote(source))
 
     async def _route_table_question(self, body: ChatCompletionRequest, messages: list[dict],
-                                    sources: list[str]) -> tuple[list[dict], str | None]:
-        """README "Table questions": a table question about the most recent image is answered from
-        TableExtractor — exactly when it names a row/column/cell, else as context for the VLM."""
+                                    sources: list[str]) -> tuple[list[dict], str | None, str | None]:
+        """README "Tables": a table question about the most recent image is answered from
+        TableExtractor — exactly when it names a row/column/cell, else as context for the VLM.
+        Returns (messages, exact answer or None, route name for the X-Serve-App-Route header)."""
         if (self.tables is None or not self.cfg.tables.route_table_questions or not sources):
-            return messages, None
+            return messages, None, None
         text = _chat.last_user_text(body)
         if not asks_about_table(text):
-            return messages, None
+            return messages, None, None
         tables = await self._tables_of(sources[-1])
         exact = answer_table_question(text, tables)
         if exact is not None:
-            return messages, exact
-        return _chat.with_table_context(messages, table_context(tables)), None
+            return messages, exact, "table-exact"
+        return _chat.with_table_context(messages, table_context(tables)), None, "table-context"
 
     # ---- chat ----------------------------------------------------------------------------------
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, response: Response):
         _chat.check_request(body, self.cfg, self.served_name)
         messages, sources = _chat.split_images(body, self.cfg.images.max_images_per_request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        messages, exact = await self._route_table_question(body, messages, sources)
+        messages, exact, route = await self._route_table_question(body, messages, sources)
+        route_header = {"X-Serve-App-Route": route} if route else {}
         if exact is not None:  # answered from the table itself: no generation, no tokens
-            headers = {"X-Serve-App-Route": "table-exact"}
+            headers = route_header
             if body.stream:
                 sse = _chat.SSEWriter(request_id, self.served_name,
                                       bool(body.stream_options and body.stream_options.include_usage))
@@ -193,7 +195,8 @@ class Ingress:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             sse = _chat.SSEWriter(request_id, self.served_name, include_usage)
             return StreamingResponse(self._stream(gen, sse, n_prompt), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": request_id,
+                                              **route_header})
         text, finish, n_gen = [], None, 0
         try:
             async for d in gen:
@@ -202,6 +205,7 @@ class Ingress:
         except BaseException as e:
             gen.cancel()  # includes client disconnect (CancelledError)
             raise client_error(e) if isinstance(e, Exception) else e
+        response.headers.update(route_header)
         return _chat.full_response(request_id, self.served_name, "".join(text), finish, n_prompt, n_gen)
 
     async def _stream(self, gen, sse: _chat.SSEWriter, n_prompt: int):

@@ -131,3 +131,17 @@ def test_chat_non_table_question_goes_to_the_vlm(client, model_name, en_png):
     route, r = _ask(client, model_name, [{"role": "user", "content": [
         img, {"type": "text", "text": "Put the book on the table, please. What colour is it?"}]}])
     assert route is None and r.usage.prompt_tokens > 0 and r.usage.completion_tokens >= 1
+
+
+def test_chat_unspecific_table_question_gives_the_vlm_the_table(client, model_name, en_png):
+    """No row/column named: the extracted table goes into the prompt as context, so the same image
+    and a same-length question costs many more prompt tokens than one that is not about a table."""
+    img = {"type": "image_url", "image_url": {"url": data_url(en_png, "image/png")}}
+    route, r = _ask(client, model_name, [{"role": "user", "content": [
+        img, {"type": "text", "text": "What data is in the table of this image?"}]}])
+    control_route, control = _ask(client, model_name, [{"role": "user", "content": [
+        img, {"type": "text", "text": "What data is in the photo of this image?"}]}])
+    assert route == "table-context" and control_route is None
+    assert r.usage.completion_tokens >= 1
+    # the context holds every cell of the 4x3 table plus an instruction: dozens of tokens
+    assert r.usage.prompt_tokens - control.usage.prompt_tokens >= 40

@@ -11,8 +11,8 @@ the app's URL, avoids it. The app is the shipped GPU profile, ``deployments.gpu.
 capped at 24 GB, an A10's budget), minus the TableExtractor (the workload asks no table questions).
 
 Runs: the continuous engine up the QPS ladder until the first SLO miss (one bisection step), then
-the naive ``hf-generate`` engine at low loads, then (``--uncapped``) the continuous engine with no
-memory cap. Each writes OUT_DIR/<name>/sweep.{json,md,png}, also after every step.
+the naive ``hf-generate`` engine at low loads, then (``--uncapped``) the continuous engine with 90 %
+of the card. Each writes OUT_DIR/<name>/sweep.{json,md,png}, also after every step.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen.server import LocalServe, build_serve_config  # noqa: E402
+from benchmarks.loadgen.server import LocalServe, build_serve_config, memory_overrides  # noqa: E402
 
 
 def main() -> int:
@@ -65,9 +65,7 @@ def main() -> int:
             if left < 60:
                 print(f"skip {name}: {left:.0f} s left", flush=True)
                 continue
-            # no cap = 90 % of the card (the engine's own default budget is an A10's 21.5 GiB)
-            eng = {"model": a.model, "engine": engine, "max_gpu_memory_gb": cap,
-                   "gpu_memory_fraction": None if cap else 0.9}
+            eng = {"model": a.model, "engine": engine, **memory_overrides(cap)}
             if a.device:
                 eng["device"] = a.device
             if a.device == "cpu":

@@ -170,14 +170,14 @@ class Ingress:
         messages, exact, route = await self._route_table_question(body, messages, sources)
         route_header = {"X-Serve-App-Route": route} if route else {}
         if exact is not None:  # answered from the table itself: no generation, no tokens
-            headers = route_header
             if body.stream:
                 sse = _chat.SSEWriter(request_id, self.served_name,
                                       bool(body.stream_options and body.stream_options.include_usage))
                 events = [sse.role(), sse.content(exact), sse.finish("stop", 0, 0)]
-                return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
+                return StreamingResponse(iter(events), media_type="text/event-stream",
+                                         headers=route_header)
             return JSONResponse(_chat.full_response(request_id, self.served_name, exact, "stop", 0, 0)
-                                .model_dump(), headers=headers)
+                                .model_dump(), headers=route_header)
         images = []
         if sources:
             # The pixel tensors go straight from Preprocess to the VLM through the object store;

@@ -534,12 +534,11 @@ def test_sweep_no_stop_ignores_lucky_pass_and_honours_deadline(monkeypatch):
 def test_zero_memory_cap_means_most_of_the_card_not_the_default_budget():
     import argparse
 
-    from benchmarks.loadgen.cli import engine_overrides
+    from benchmarks.loadgen.cli import add_server_args, engine_overrides
 
-    keys = ("model", "device", "dtype", "max_gpu_memory_gb", "kv_cache_tokens", "max_num_seqs",
-            "max_model_len", "cache_dir")
-    a = argparse.Namespace(**{k: None for k in keys})
-    a.max_gpu_memory_gb = 0.0
+    p = argparse.ArgumentParser()
+    add_server_args(p)
+    a = p.parse_args(["--max-gpu-memory-gb", "0"])
     assert engine_overrides(a) == {"max_gpu_memory_gb": None, "gpu_memory_fraction": 0.9}
-    a.max_gpu_memory_gb = 24.0
+    a = p.parse_args(["--max-gpu-memory-gb", "24"])
     assert engine_overrides(a) == {"max_gpu_memory_gb": 24.0}

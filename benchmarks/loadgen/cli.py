@@ -30,7 +30,8 @@ from typing import Any
 from benchmarks.loadgen.client import LoadSpec, check_local, run_load
 from benchmarks.loadgen.metrics import (ResourceSampler, engine_breakdown, markdown_table, now_stamp,
                                         summarize)
-from benchmarks.loadgen.server import (ROOT, LocalServe, build_serve_config, cpus_needed, gpu_count)
+from benchmarks.loadgen.server import (ROOT, LocalServe, build_serve_config, cpus_needed, gpu_count,
+                                      memory_overrides)
 from benchmarks.loadgen.sweep import (SLO, SweepPlan, get_stats, run_sweep, step_line, warm_up,
                                       write_json)
 from benchmarks.loadgen.workload import (RESOLUTIONS, Workload, build_image_pool, classes_with_tokens,
@@ -133,10 +134,8 @@ def engine_overrides(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("model", "device", "dtype", "max_gpu_memory_gb", "kv_cache_tokens", "max_num_seqs",
             "max_model_len", "cache_dir")
     out = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
-    if out.get("max_gpu_memory_gb", 1) <= 0:
-        # 0 = uncapped, whatever the config says. No cap at all would mean the engine's default
-        # budget (an A10's, 21.5 GiB), so ask for most of the card instead.
-        out["max_gpu_memory_gb"], out["gpu_memory_fraction"] = None, 0.9
+    if out.get("max_gpu_memory_gb", 1) <= 0:  # 0 = uncapped, whatever the config says
+        out.update(memory_overrides(None))
     return out
 
 

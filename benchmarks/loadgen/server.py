@@ -68,6 +68,18 @@ def build_serve_config(config_path: str | os.PathLike = ROOT / "deployments.yaml
     return cfg
 
 
+# "Uncapped" asks for most of the card: no cap at all would mean the engine's own default budget
+# (an A10's, 21.5 GiB), which is not what an uncapped benchmark means.
+UNCAPPED_GPU_FRACTION = 0.9
+
+
+def memory_overrides(cap_gb: float | None) -> dict[str, Any]:
+    """``engine`` memory fields for a cap in GB; ``None`` or <= 0 = uncapped (most of the card)."""
+    if cap_gb is None or cap_gb <= 0:
+        return {"max_gpu_memory_gb": None, "gpu_memory_fraction": UNCAPPED_GPU_FRACTION}
+    return {"max_gpu_memory_gb": cap_gb, "gpu_memory_fraction": None}
+
+
 def cpus_needed(cfg: dict[str, Any]) -> float:
     """Logical CPUs for every deployment at its max replicas (Ray refuses to place more)."""
     total = 0.0

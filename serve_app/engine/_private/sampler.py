@@ -50,6 +50,7 @@ class SamplingBatch:
     all_greedy: bool
     any_top: bool
     any_penalty: bool
+    top_k_max: int = -1            # largest top_k in the batch (-1: unknown, read from top_k)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, presence: torch.Tensor | None) -> torch.Tensor:
@@ -63,9 +64,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, presence: torch.Tensor | 
         vals = torch.where(ban >= 0, torch.full_like(ban, 0, dtype=logits.dtype) - float("inf"),
                            logits.gather(1, ban.clamp_min(0)))
         logits = logits.scatter(1, ban.clamp_min(0), vals)
-    greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
-        return greedy_tokens
+        return logits.argmax(dim=-1)
+    if logits.is_cuda:
+        return _sample_cuda(logits, batch)
+    return sample_torch(logits, batch)
+
+
+def sample_torch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The reference path (CPU; on the GPU the benchmark's baseline): full sort for top-p."""
+    greedy_tokens = logits.argmax(dim=-1)
     greedy = batch.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
     scaled = logits / temp[:, None]
@@ -74,6 +82,21 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, presence: torch.Tensor | 
     noise = gumbel_noise(batch.seeds, batch.steps, scaled.shape[-1])
     sampled = (scaled + noise).argmax(dim=-1)
     return torch.where(greedy, greedy_tokens, sampled)
+
+
+def _sample_cuda(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """GPU: one Triton kernel, no vocabulary sort (top-k's threshold from ``torch.topk``)."""
+    from serve_app.engine._private.sampling_kernel import sample_rows
+
+    kth = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+    if batch.any_top:
+        kmax = batch.top_k_max if batch.top_k_max >= 0 else int(batch.top_k.max())
+        kmax = min(kmax, logits.shape[-1])
+        if kmax > 0:
+            k = batch.top_k.clamp(1, kmax)
+            vals = logits.topk(kmax, dim=-1).values.gather(1, (k - 1)[:, None])[:, 0]
+            kth = torch.where(batch.top_k > 0, vals, kth)
+    return sample_rows(logits, batch.temperature, batch.top_p, kth, batch.seeds, batch.steps)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -92,3 +115,59 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     drop &= ranks > 0
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+class SlotSampling:
+    """Per-slot sampling parameters and token presence, kept on the device.
+
+    Set once when a request takes a slot; each step gathers its rows by slot index on the device,
+    so a step uploads no per-row parameters and needs no host round trip.
+    """
+
+    def __init__(self, num_slots: int, vocab: int, device: torch.device):
+        n = num_slots + 1                      # the last row serves padding
+        self.temperature = torch.zeros(n, device=device)
+        self.top_p = torch.ones(n, device=device)
+        self.top_k = torch.zeros(n, dtype=torch.int64, device=device)
+        self.penalty = torch.ones(n, device=device)
+        self.seed = torch.zeros(n, dtype=torch.int64, device=device)
+        self.presence = torch.zeros(n, vocab, dtype=torch.bool, device=device)
+        self.device = device
+
+    def assign(self, slot: int, sp, seed: int, prompt: list[int]) -> None:
+        dev = self.device
+        floats = torch.tensor([sp.temperature if not sp.greedy else 0.0, sp.top_p, sp.repetition_penalty])
+        ints = torch.tensor([sp.top_k, seed], dtype=torch.int64)
+        floats, ints = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
+        self.temperature[slot] = floats[0]
+        self.top_p[slot] = floats[1]
+        self.penalty[slot] = floats[2]
+        self.top_k[slot] = ints[0]
+        self.seed[slot] = ints[1]
+        row = self.presence[slot]
+        row.zero_()
+        row[torch.tensor(prompt, dtype=torch.int64).to(dev, non_blocking=True)] = True
+
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, params: list,
+               banned: torch.Tensor | None) -> torch.Tensor:
+        """Tokens for rows ``slots`` (device int64) at generation ``steps``; ``params``: the rows'
+        SamplingParams (host), for the batch-level flags only. Marks the tokens as present."""
+        all_greedy = all(sp.greedy for sp in params)
+        any_pen = any(sp.repetition_penalty != 1.0 for sp in params)
+        if all_greedy:
+            one = self.temperature[:1]
+            batch = SamplingBatch(one, one, self.top_k[:1],
+                                  self.penalty.index_select(0, slots) if any_pen else one, one,
+                                  one, banned, all_greedy=True, any_top=False, any_penalty=any_pen)
+        else:
+            pick = lambda t: t.index_select(0, slots)  # noqa: E731
+            batch = SamplingBatch(pick(self.temperature), pick(self.top_p), pick(self.top_k),
+                                  pick(self.penalty), pick(self.seed), steps, banned,
+                                  all_greedy=False,
+                                  any_top=any(sp.top_k > 0 or sp.top_p < 1.0 for sp in params),
+                                  any_penalty=any_pen,
+                                  top_k_max=max((sp.top_k for sp in params), default=0))
+        presence = self.presence.index_select(0, slots) if any_pen else None
+        tokens = sample(logits, batch, presence)
+        self.presence[slots, tokens] = True
+        return tokens

@@ -176,6 +176,41 @@ def decode_microbench(runner, batches: list[int], context: int, iters: int = 50)
     return res
 
 
+def sampler_microbench(batches: list[int], vocab: int, iters: int = 30) -> dict:
+    """Per-row sampling (temperature 0.7, top-p 0.95, the load workload's) over the full vocabulary:
+    the torch path (sort + int64 Gumbel hash) vs the Triton kernel, and how often they agree."""
+    from serve_app.engine._private.sampler import SamplingBatch, _sample_cuda, sample_torch
+
+    res = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for b in batches:
+        row = {}
+        for spread in (2.0, 8.0):         # flat (random weights) and peaked (trained-model-like) logits
+            logits = torch.randn(b, vocab, device="cuda", generator=g) * spread
+            batch = SamplingBatch(torch.full((b,), 0.7, device="cuda"), torch.full((b,), 0.95, device="cuda"),
+                                  torch.zeros(b, dtype=torch.int64, device="cuda"), torch.ones(b, device="cuda"),
+                                  torch.arange(b, device="cuda") + 11, torch.full((b,), 5, device="cuda"),
+                                  None, all_greedy=False, any_top=True, any_penalty=False, top_k_max=0)
+            agree = float((sample_torch(logits, batch) == _sample_cuda(logits, batch)).float().mean())
+            times = {}
+            for name, fn in (("torch", sample_torch), ("triton", _sample_cuda)):
+                ts = []
+                for i in range(iters + 3):
+                    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    st.record()
+                    fn(logits, batch)
+                    en.record()
+                    torch.cuda.synchronize()
+                    if i >= 3:
+                        ts.append(st.elapsed_time(en))
+                times[name] = statistics.median(ts)
+            row[f"spread_{spread:g}"] = {"torch_ms": times["torch"], "triton_ms": times["triton"],
+                                         "agree": agree}
+        res[b] = row
+        print(f"sampling batch {b}: {row}", flush=True)
+    return res
+
+
 def profile_prefill(runner, rng, n: int = 4) -> dict:
     """Where prefill time goes (one step of n requests, synchronised): HF's vision module + plain
     torch LM layers (the previous path) vs our vision tower + fused LM layers; bf16 agreement of
@@ -316,14 +351,20 @@ async def bench_engine(args, hf: dict | None) -> dict:
     rng = np.random.default_rng(7)
     # warm-up the full path (vision, prefill shapes, sampling)
     await run_requests(engine, [make_request(1000 + i, rng, 8) for i in range(4)])
-    s0 = engine.stats()
-    out["throughput"] = await run_requests(engine, [make_request(i, rng, args.output_tokens)
-                                                    for i in range(args.requests)])
-    s1 = engine.stats()
-    print("throughput:", {k: v for k, v in out["throughput"].items()}, s1, flush=True)
-    steps = s1["decode_steps"] - s0["decode_steps"]
-    out["throughput"]["engine_decode_steps"] = steps
-    out["throughput"]["stats_after"] = s1
+    out["sampling"] = sampler_microbench(args.decode_batches, runner.vocab)
+    for key, greedy in (("throughput", True), ("throughput_sampled", False)):
+        if key == "throughput_sampled" and not args.sampled:
+            continue
+        s0 = engine.stats()
+        out[key] = await run_requests(engine, [make_request(i, rng, args.output_tokens, greedy)
+                                               for i in range(args.requests)])
+        s1 = engine.stats()
+        print(f"{key}:", {k: v for k, v in out[key].items()}, s1, flush=True)
+        steps = s1["decode_steps"] - s0["decode_steps"]
+        out[key]["engine_decode_steps"] = steps
+        # GPU time per decode step (CUDA events), sampling included
+        out[key]["engine_decode_ms_per_step"] = 1000 * (s1["decode_s_total"] - s0["decode_s_total"]) / max(1, steps)
+        out[key]["stats_after"] = s1
     out["prefill"] = {}
     for n in args.prefill_counts:
         best = None
@@ -363,10 +404,20 @@ def markdown(res: dict) -> str:
         hf = res["hf"]
         lines.append(f"| naive HF generate (sequential) | {hf['requests']} | {hf['req_per_s']:.3f} | "
                      f"{hf['tok_per_s']:.1f} | {hf['ttft_s_mean']:.3f} (alone) | - |")
-    lines.append(f"| continuous engine | {t['requests']} | {t['req_per_s']:.2f} | {t['tok_per_s']:.0f} | "
-                 f"{t['ttft_s_mean']:.2f} | {t['ttft_s_p90']:.2f} |")
+    for key, label in (("throughput", "greedy"), ("throughput_sampled", "temperature 0.7")):
+        if key in e:
+            t2 = e[key]
+            lines.append(f"| continuous engine, {label} (decode {t2['engine_decode_ms_per_step']:.2f} ms/step "
+                         f"GPU) | {t2['requests']} | {t2['req_per_s']:.2f} | {t2['tok_per_s']:.0f} | "
+                         f"{t2['ttft_s_mean']:.2f} | {t2['ttft_s_p90']:.2f} |")
     if res.get("hf"):
         lines.append(f"\nSpeed-up in requests/s over naive HF: {t['req_per_s'] / res['hf']['req_per_s']:.1f}x")
+    if e.get("sampling"):
+        lines += ["", "| sampling batch (V=151,936, T 0.7, top-p 0.95) | logits spread | torch sort path ms | "
+                  "Triton kernel ms | same token |", "| --- | --- | --- | --- | --- |"]
+        for b, row in e["sampling"].items():
+            for spread, r in row.items():
+                lines.append(f"| {b} | {spread} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {r['agree']:.3f} |")
     lines += ["", "| requests arriving together | prompt tokens | prefill tok/s |", "| --- | --- | --- |"]
     for n, p in e["prefill"].items():
         lines.append(f"| {n} | {p['prompt_tokens']} | {p['prompt_tok_per_s']:.0f} |")
@@ -409,6 +460,8 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
     ap.add_argument("--prefill-counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--sampled", action="store_true",
+                    help="also run the concurrent requests with temperature 0.7 sampling")
     ap.add_argument("--profile-prefill", action="store_true")
     args = ap.parse_args()
     from serve_app.models import resolve_model

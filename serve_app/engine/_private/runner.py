@@ -92,9 +92,18 @@ class ModelRunner:
         # Slot-indexed block tables on the device; the extra last row (all page 0) serves padding.
         self.block_tables = torch.zeros(max_num_seqs + 1, self.max_pages, dtype=torch.int32, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._staging = torch.zeros(6, max_num_seqs, dtype=torch.int64, device=device)
-        self._host = torch.zeros(6, max_num_seqs, dtype=torch.int64,
-                                 pin_memory=self.is_cuda)
+        # Decode inputs: rows ids, rope pos, page, offset, live length, slot, tokens generated so
+        # far (the sampler's step). Two pinned host buffers, alternated: the scheduler launches
+        # step N+1 before step N's copy is known to be done, so a buffer is rewritten only after
+        # the event of its previous upload.
+        self._staging = torch.zeros(7, max_num_seqs, dtype=torch.int64, device=device)
+        self._host = [torch.zeros(7, max_num_seqs, dtype=torch.int64, pin_memory=self.is_cuda)
+                      for _ in range(2)]
+        self._host_events = [torch.cuda.Event() if self.is_cuda else None for _ in range(2)]
+        self._host_turn = 0
+        # The token each slot feeds next, written by the sampler on the device: a decode step can
+        # be launched before the host has seen the previous step's tokens.
+        self.last_tok = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if self.is_cuda else 1)
         # Packed (varlen) attention for prefill and the vision tower: the fastest implementation
@@ -441,19 +450,31 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def decode(self, ids: list[int], positions: list[int], pages: list[int], offsets: list[int],
-               lengths: list[int], slots: list[int], reference: bool = False) -> torch.Tensor:
+    def decode(self, ids: list[int] | None, positions: list[int], pages: list[int], offsets: list[int],
+               lengths: list[int], slots: list[int], steps: list[int] | None = None,
+               reference: bool = False) -> torch.Tensor:
         """float32 logits [B, V] for one new token per row (its K/V is written first).
 
+        ``ids=None`` feeds each slot's ``last_tok`` (gathered on the device: no host round trip).
+        ``steps`` (optional) lands in :meth:`step_inputs` for the sampler.
         ``reference=True`` runs the plain torch path instead (GPU self-check in the benchmark)."""
-        b = len(ids)
-        host = self._host
+        b = len(slots)
+        turn = self._host_turn
+        self._host_turn ^= 1
+        host, ev = self._host[turn], self._host_events[turn]
+        if ev is not None:
+            ev.synchronize()                  # its previous upload (two launches ago) is done
         bb = self.bucket_for(b) if self._graphs else b
         host[:, :bb].zero_()
         host[5, :bb].fill_(self.max_num_seqs)
-        for j, vals in enumerate((ids, positions, pages, offsets, lengths, slots)):
-            host[j, :b] = torch.as_tensor(vals, dtype=torch.int64)
+        for j, vals in enumerate((ids, positions, pages, offsets, lengths, slots, steps)):
+            if vals is not None:
+                host[j, :b] = torch.as_tensor(vals, dtype=torch.int64)
         self._staging[:, :bb].copy_(host[:, :bb], non_blocking=self.is_cuda)
+        if ev is not None:
+            ev.record()
+        if ids is None:
+            torch.index_select(self.last_tok, 0, self._staging[5, :bb], out=self._staging[0, :bb])
         if reference:
             return self._decode_forward(self._staging, b, reference=True)
         if bb in self._graphs:
@@ -461,3 +482,7 @@ class ModelRunner:
             g.replay()
             return out[:b]
         return self._decode_forward(self._staging, b)
+
+    def step_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, steps) of the last :meth:`decode` launch, on the device (valid until the next)."""
+        return self._staging[5, :b], self._staging[6, :b]

@@ -3,6 +3,11 @@
 Runs on the engine thread only. Every request reserves the KV pages for prompt + max new tokens
 when it is admitted, so a running request can never run out of memory; requests that do not fit
 wait in arrival order (no failure, no OOM).
+
+Steps overlap the host and the GPU: step N+1 is launched (its input tokens read on the device from
+``runner.last_tok``) before the host has seen step N's tokens; then the host detokenises and
+streams step N while the GPU runs N+1. A request that hits a stop token at step N has one wasted
+token computed at N+1, which is dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 
 from serve_app.engine._private.memory import plan_kv_tokens
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
-from serve_app.engine._private.sampler import SamplingBatch, sample
+from serve_app.engine._private.sampler import SlotSampling
 from serve_app.engine._private.vision_cache import VisionCache
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
@@ -50,7 +55,9 @@ class _Seq:
     vis_embeds: torch.Tensor | None = None
     deepstack: list[torch.Tensor] = field(default_factory=list)
     computed: int = 0
-    out: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)   # tokens the host has seen
+    launched: int = 0                              # tokens whose sampling was launched
+    done: bool = False
     first_token_at: float | None = None
 
     @property
@@ -76,13 +83,13 @@ class Scheduler:
         self.by_id: dict[str, _Seq] = {}
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
-        dev = runner.device
-        self.presence = torch.zeros(config.max_num_seqs, runner.vocab, dtype=torch.bool, device=dev)
+        self.slots = SlotSampling(config.max_num_seqs, runner.vocab, runner.device)
+        self._inflight: list[_Launch] = []
+        self._inflight_timers: list[tuple[str, _Timer]] = []
         self.counters = dict(requests_total=0, finished_total=0, cancelled_total=0,
                              prompt_tokens_total=0, generation_tokens_total=0, prefill_steps=0,
                              decode_steps=0, images_encoded=0, vision_cache_hits=0)
-        self._decode_time = 0.0
-        self._prefill_time = 0.0
+        self._time = {"prefill": 0.0, "decode": 0.0, "vision": 0.0}   # GPU seconds on CUDA
         self._pending: list[tuple[str, Any]] = []
 
     # ------------------------------------------------------------------------------ loading
@@ -174,15 +181,26 @@ class Scheduler:
         self._flush()
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self._inflight)
 
     # ------------------------------------------------------------------------------- step
     def step(self) -> None:
+        """Launch this iteration's GPU work, then take in the previous iteration's tokens."""
         self._admit()
+        launched = []
         if self.prefilling:
-            self._prefill_step()
-        if self.running:
-            self._decode_step()
+            launched.append(self._prefill_step())
+        rows = [s for s in self.running if not s.done and s.launched < s.max_new]
+        if rows:
+            launched.append(self._decode_step(rows))
+        launched = [x for x in launched if x is not None]
+        previous, self._inflight = self._inflight, launched
+        for launch in previous:
+            self._collect(launch)
+        if not rows and not self.prefilling:   # nothing will follow: take in this launch too
+            for launch in self._inflight:
+                self._collect(launch)
+            self._inflight = []
         self._flush()
 
     def _out(self, rid: str, item) -> None:
@@ -209,9 +227,7 @@ class Scheduler:
             dev = self.runner.device
             seq.pages_dev = torch.tensor(pages, dtype=torch.int64).to(dev, non_blocking=True)
             self.runner.set_block_table(seq.slot, pages)
-            row = self.presence[seq.slot]
-            row.zero_()
-            row[torch.tensor(seq.prompt, dtype=torch.int64).to(dev, non_blocking=True)] = True
+            self.slots.assign(seq.slot, seq.req.sampling, seq.seed, seq.prompt)
             self._prepare_positions(seq)
             self.prefilling.append(seq)
             backlog += len(seq.prompt)
@@ -252,7 +268,10 @@ class Scheduler:
                 grids.append(tuple(int(x) for x in im.grid_thw))
                 owners.append(im.image_id or (id(s), j))
         if pixel:
-            for key, feats in zip(owners, self.runner.encode_images(pixel, grids)):
+            timer = _Timer(self.runner.is_cuda)
+            encoded = self.runner.encode_images(pixel, grids)
+            self._inflight_timers.append(("vision", timer.stop()))
+            for key, feats in zip(owners, encoded):
                 known[key] = feats
                 if isinstance(key, str):
                     self.vision_cache.put(key, feats)
@@ -262,8 +281,8 @@ class Scheduler:
             s.vis_embeds = torch.cat([p[0] for p in parts])
             s.deepstack = [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))]
 
-    def _prefill_step(self) -> None:
-        t0 = time.perf_counter()
+    def _prefill_step(self) -> "_Launch | None":
+        timer = _Timer(self.runner.is_cuda)
         budget = self.config.max_prefill_tokens
         chunks, seqs = [], []
         for s in self.prefilling:
@@ -287,70 +306,76 @@ class Scheduler:
         done = [s for s, c in zip(seqs, chunks) if c.want_logits]
         for s, c in zip(seqs, chunks):
             s.computed += len(c.ids)
-        if done:
-            for s in done:
-                self.prefilling.remove(s)
-                s.vis_embeds, s.deepstack = None, []   # only needed during prefill
-            tokens = self._sample(logits, done)
-            now = time.monotonic()
-            for s, t in zip(done, tokens):
-                s.first_token_at = now
-                self.running.append(s)
-                self._accept(s, t)
         self.counters["prefill_steps"] += 1
-        self._prefill_time += time.perf_counter() - t0
+        if not done:
+            self._inflight_timers.append(("prefill", timer.stop()))
+            return None
+        for s in done:
+            self.prefilling.remove(s)
+            s.vis_embeds, s.deepstack = None, []   # only needed during prefill
+            self.running.append(s)
+        dev = self.runner.device
+        slots = torch.tensor([s.slot for s in done], dtype=torch.int64).to(dev, non_blocking=True)
+        steps = torch.zeros(len(done), dtype=torch.int64, device=dev)
+        return self._launch_sample("prefill", timer, logits, done, slots, steps)
 
-    def _decode_step(self) -> None:
-        t0 = time.perf_counter()
-        rows = self.running
+    def _decode_step(self, rows: list[_Seq]) -> "_Launch":
+        timer = _Timer(self.runner.is_cuda)
         p = self.runner.page_size
-        ids, pos, pages, offs, lens, slots = [], [], [], [], [], []
+        pos, pages, offs, lens, slots, steps = [], [], [], [], [], []
         for s in rows:
-            t = len(s.prompt) + len(s.out) - 1     # index of the token being fed
-            ids.append(s.out[-1])
+            t = len(s.prompt) + s.launched - 1     # index of the token being fed
             pos.append(t + s.rope_delta)
             pages.append(s.pages[t // p])
             offs.append(t % p)
             lens.append(t + 1)
             slots.append(s.slot)
-        logits = self.runner.decode(ids, pos, pages, offs, lens, slots)
-        tokens = self._sample(logits, rows)
-        for s, tok in zip(list(rows), tokens):
-            self._accept(s, tok)
+            steps.append(s.launched)
+        logits = self.runner.decode(None, pos, pages, offs, lens, slots, steps)
+        slot_dev, step_dev = self.runner.step_inputs(len(rows))
         self.counters["decode_steps"] += 1
-        self._decode_time += time.perf_counter() - t0
+        return self._launch_sample("decode", timer, logits, rows, slot_dev, step_dev)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-        dev = logits.device
-        sps = [s.req.sampling for s in seqs]
-        all_greedy = all(sp.greedy for sp in sps)
-        any_pen = any(sp.repetition_penalty != 1.0 for sp in sps)
-        need_ban = [s for s in seqs if len(s.out) < s.req.sampling.min_tokens and s.ban_ids]
+    def _launch_sample(self, kind: str, timer: "_Timer", logits: torch.Tensor, seqs: list[_Seq],
+                       slots: torch.Tensor, steps: torch.Tensor) -> "_Launch":
+        """Sample on the device, feed the tokens back as the slots' next inputs, start the copy
+        to the host; the host reads them in :meth:`_collect`, after launching the next step."""
         banned = None
-        if need_ban:
+        if any(s.launched < s.req.sampling.min_tokens and s.ban_ids for s in seqs):
             width = max(len(s.ban_ids) for s in seqs)
-            ban = [(s.ban_ids + [-1] * width)[:width] if len(s.out) < s.req.sampling.min_tokens
+            ban = [(s.ban_ids + [-1] * width)[:width] if s.launched < s.req.sampling.min_tokens
                    else [-1] * width for s in seqs]
-            banned = torch.tensor(ban, dtype=torch.int64).to(dev)
-        f32 = lambda xs: torch.tensor(xs, dtype=torch.float32).to(dev, non_blocking=True)  # noqa: E731
-        i64 = lambda xs: torch.tensor(xs, dtype=torch.int64).to(dev, non_blocking=True)  # noqa: E731
-        if all_greedy:  # the common serving case: skip building the sampling tensors
-            one, zero = torch.ones(1, device=dev), torch.zeros(1, dtype=torch.int64, device=dev)
-            batch = SamplingBatch(one, one, zero, f32([sp.repetition_penalty for sp in sps]) if any_pen else one,
-                                  zero, zero, banned, all_greedy=True, any_top=False, any_penalty=any_pen)
+            banned = torch.tensor(ban, dtype=torch.int64).to(logits.device)
+        tokens = self.slots.sample(logits, slots, steps, [s.req.sampling for s in seqs], banned)
+        self.runner.last_tok.index_copy_(0, slots, tokens)
+        for s in seqs:
+            s.launched += 1
+        if self.runner.is_cuda:
+            host = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
         else:
-            batch = SamplingBatch(
-                temperature=f32([sp.temperature for sp in sps]), top_p=f32([sp.top_p for sp in sps]),
-                top_k=i64([sp.top_k for sp in sps]),
-                repetition_penalty=f32([sp.repetition_penalty for sp in sps]),
-                seeds=i64([s.seed for s in seqs]), steps=i64([len(s.out) for s in seqs]), banned=banned,
-                all_greedy=False, any_top=any(sp.top_k > 0 or sp.top_p < 1.0 for sp in sps),
-                any_penalty=any_pen)
-        slot_idx = i64([s.slot for s in seqs])
-        presence = self.presence.index_select(0, slot_idx) if any_pen else None
-        tokens = sample(logits, batch, presence)
-        self.presence[slot_idx, tokens] = True
-        return tokens.tolist()
+            host = tokens
+        return _Launch(kind, seqs, host, timer.stop())
+
+    def _collect(self, launch: "_Launch") -> None:
+        """Wait for a launch's tokens and take them in (stream, stop, finish)."""
+        launch.timer.synchronize()
+        self._time[launch.kind] += launch.timer.seconds()
+        left = []
+        for kind, t in self._inflight_timers:   # vision / partial prefill chunks that are done
+            if t.done():
+                self._time[kind] += t.seconds()
+            else:
+                left.append((kind, t))
+        self._inflight_timers = left
+        now = time.monotonic()
+        for s, tok in zip(launch.seqs, launch.tokens.tolist()):
+            if s.done:
+                continue                        # stopped or cancelled after this was launched
+            if s.first_token_at is None:
+                s.first_token_at = now
+            self._accept(s, tok)
+
 
     def _accept(self, s: _Seq, tok: int) -> None:
         """Take one sampled token: stream it, or finish the request."""
@@ -370,6 +395,7 @@ class Scheduler:
     def _finish(self, s: _Seq, reason: str, toks: list[int], texts: list[str]) -> None:
         text = "".join(texts) + ("" if reason == "cancelled" else s.detok.flush())
         self._out(s.rid, TokenDelta(s.rid, text, toks, len(s.prompt), len(s.out), reason))
+        s.done = True
         if s in self.running:
             self.running.remove(s)
         if s in self.prefilling:
@@ -393,8 +419,51 @@ class Scheduler:
                 "kv_pages_free": self.kv.free_pages if self.kv else 0,
                 "kv_pages_total": self.kv.capacity_pages if self.kv else 0,
                 "vision_cache_bytes": self.vision_cache.bytes,
-                "decode_ms_avg": round(1000 * self._decode_time / max(1, c["decode_steps"]), 3),
-                "prefill_ms_avg": round(1000 * self._prefill_time / max(1, c["prefill_steps"]), 3)}
+                "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
+                "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
+                **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()}}
 
     def describe(self) -> dict:
         return dict(self.info)
+
+
+class _Timer:
+    """Time of work launched on the GPU (CUDA events, read once it is done); host time on CPU."""
+
+    def __init__(self, cuda: bool):
+        self._cuda = cuda
+        if cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0, self._t1 = time.perf_counter(), 0.0
+
+    def stop(self) -> "_Timer":
+        if self._cuda:
+            self._end.record()
+        else:
+            self._t1 = time.perf_counter()
+        return self
+
+    def synchronize(self) -> None:
+        if self._cuda:
+            self._end.synchronize()
+
+    def done(self) -> bool:
+        return not self._cuda or self._end.query()
+
+    def seconds(self) -> float:
+        if self._cuda:
+            return self._start.elapsed_time(self._end) / 1000
+        return self._t1 - self._t0
+
+
+@dataclass
+class _Launch:
+    """Tokens sampled on the device for ``seqs``, on their way to the host."""
+
+    kind: str
+    seqs: list[_Seq]
+    tokens: torch.Tensor
+    timer: _Timer

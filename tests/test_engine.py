@@ -165,6 +165,54 @@ def test_cancel_frees_slot_and_pages(model_dir):
     assert len(toks) == last.num_generated_tokens and last.finish_reason in ("length", "stop")
 
 
+def test_slow_consumer_gets_merged_deltas(model_dir):
+    """Deltas that pile up while the consumer is busy come out merged: the same text, tokens and
+    counts as a fast consumer gets, in fewer items; an engine error still comes after them."""
+    rng = np.random.default_rng(8)
+    req = _request(0, rng, 1, 24, ignore_eos=True)
+
+    async def consume(engine, request_id, pause=0.0, park=False):
+        req.request_id = request_id
+        before = engine.stats()["finished_total"]
+        out = []
+        async for d in engine.generate(req):
+            out.append(d)
+            if park and len(out) == 1:  # sit out the whole generation: the rest is queued
+                while engine.stats()["finished_total"] == before:
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.05)  # the finishing step's deltas reach the queue
+            await asyncio.sleep(pause)
+        return out
+
+    async def scenario(engine):
+        fast = await consume(engine, "fast")
+        slow = await consume(engine, "slow", pause=0.02)
+        parked = await consume(engine, "parked", park=True)
+        # an error queued behind deltas: the deltas first (merged), then the error
+        stream = engine.generate(_request(1, rng, 0, 400, ignore_eos=True))
+        first = await stream.__anext__()
+        await asyncio.sleep(0.1)
+        await engine.shutdown()
+        rest = []
+        with pytest.raises(ServeAppError) as e:
+            async for d in stream:
+                rest.append(d)
+        return fast, slow, parked, first, rest, e.value
+
+    fast, slow, parked, first, rest, err = _run(_config(model_dir), scenario)
+    flat = lambda ds: ([t for d in ds for t in d.token_ids], "".join(d.text for d in ds))  # noqa: E731
+    assert len(flat(fast)[0]) == 24
+    for got in (slow, parked):
+        assert flat(got) == flat(fast)
+        assert (got[-1].finish_reason, got[-1].num_generated_tokens) == ("length", 24)
+        assert all(d.finish_reason is None for d in got[:-1])
+        assert [d.num_prompt_tokens for d in got] == [fast[0].num_prompt_tokens] * len(got)
+    assert len(parked) <= 2  # what was queued while it sat out came as one item
+    assert err.code == "engine_shutdown"
+    assert len(rest) == 1 and rest[0].finish_reason is None and rest[0].token_ids
+    assert rest[0].num_generated_tokens == len(first.token_ids) + len(rest[0].token_ids)
+
+
 def test_small_kv_budget_queues_instead_of_failing(model_dir, hf_model):
     rng = np.random.default_rng(3)
     reqs = [_request(i, rng, i % 2, 30, ignore_eos=True) for i in range(6)]

@@ -1,4 +1,5 @@
-"""Unit tests of the Ray-free serving logic: detokeniser, prompt building, request checks."""
+"""Unit tests of the Ray-free serving logic: detokeniser, prompt building, request checks,
+stream merging."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from serve_app._http import client_error, validation_message
 from serve_app._prompt import PromptBuilder
 from serve_app.config import AppConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
-from serve_app.engine.protocol import ImageInput
+from serve_app.engine.protocol import ImageInput, TokenDelta, merge_deltas
 from serve_app.errors import ServeAppError
 from serve_app.protocol import ChatCompletionRequest
 
@@ -114,3 +115,18 @@ def test_client_error_unwraps_and_maps():
     assert client_error(TimeoutError()).status == 504
     assert validation_message([{"loc": ("body", "messages"), "msg": "too short", "type": "x"}]) == (
         "invalid request: messages: too short", "messages")
+
+
+# ---- stream merging (engine queue draining) -----------------------------
+def _delta(i: int, finish: str | None = None) -> TokenDelta:
+    return TokenDelta("r", f"t{i} ", [i], 7, i, finish)
+
+
+def test_merge_deltas_concatenates_and_keeps_the_last_counts():
+    a, b, c = _delta(1), TokenDelta("r", "", [2], 7, 2), _delta(3, "length")
+    m = merge_deltas([a, b, c])
+    assert m == TokenDelta("r", "t1 t3 ", [1, 2, 3], 7, 3, "length")
+    assert merge_deltas([a]) is a
+    assert (a.text, a.token_ids) == ("t1 ", [1])  # inputs untouched
+    with pytest.raises(ValueError):
+        merge_deltas([])

@@ -21,7 +21,7 @@ import torch
 
 from serve_app.engine._private.scheduler import Scheduler
 from serve_app.engine.config import EngineConfig
-from serve_app.engine.protocol import EngineRequest, TokenDelta, validate_images
+from serve_app.engine.protocol import EngineRequest, TokenDelta, merge_deltas, validate_images
 from serve_app.errors import ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -101,13 +101,29 @@ class ContinuousEngine:
         self._streams[rid] = out
         self._inbox.put(("add", request, time.monotonic()))
         self._wake.set()
-        done = False
+        done, held = False, None
         try:
             while True:
-                item = await out.get()
+                if held is not None:
+                    item, held = held, None
+                else:
+                    item = await out.get()
                 if isinstance(item, BaseException):
                     done = True
                     raise item
+                if item.finish_reason is None and not out.empty():
+                    # A slow consumer (or a busy loop) let deltas pile up: send them as one item.
+                    # An exception is kept for the next turn, so it follows the deltas before it.
+                    batch = [item]
+                    while not out.empty():
+                        nxt = out.get_nowait()
+                        if isinstance(nxt, BaseException):
+                            held = nxt
+                            break
+                        batch.append(nxt)
+                        if nxt.finish_reason is not None:
+                            break
+                    item = merge_deltas(batch)
                 if item.finish_reason is not None:
                     done = True
                 yield item

@@ -64,7 +64,8 @@ class EngineRequest:
 
 @dataclass
 class TokenDelta:
-    """One step of output for one request.
+    """Output of one request: one engine step, or several consecutive ones merged
+    (:func:`merge_deltas`) when the consumer was slower than the engine.
 
     ``text`` is the newly decoded text (may be empty while a multi-byte character is incomplete);
     ``finish_reason`` is set on the last delta only: ``"stop"`` (EOS, stop token or stop string),
@@ -77,6 +78,20 @@ class TokenDelta:
     num_prompt_tokens: int
     num_generated_tokens: int
     finish_reason: str | None = None
+
+
+def merge_deltas(deltas: Sequence[TokenDelta]) -> TokenDelta:
+    """Consecutive deltas of one request as one: text and token ids concatenated, counts and
+    ``finish_reason`` from the last. Used to stream fewer, bigger items (engine queue draining, the
+    VLM's ``stream_interval_ms``); a single delta is returned as is."""
+    if not deltas:
+        raise ValueError("merge_deltas needs at least one delta")
+    if len(deltas) == 1:
+        return deltas[0]
+    last = deltas[-1]
+    return TokenDelta(deltas[0].request_id, "".join(d.text for d in deltas),
+                      [t for d in deltas for t in d.token_ids], last.num_prompt_tokens,
+                      last.num_generated_tokens, last.finish_reason)
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ def build_app(args: dict) -> Application:
     cfg = AppConfig.model_validate(args or {})
     config = cfg.model_dump(mode="json")
     preprocess = Preprocess.bind(config["images"])
-    vlm = VLM.bind(config["engine"], cfg.api.default_max_tokens)
+    vlm = VLM.bind(config["engine"], cfg.api.default_max_tokens, cfg.api.stream_interval_ms)
     tables = None
     if cfg.tables.enabled:  # imported only when used: it pulls in the OCR stack
         from serve_app.table_extractor import TableExtractor

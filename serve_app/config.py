@@ -39,11 +39,14 @@ class ImagesConfig(_Strict):
 
 
 class ApiConfig(_Strict):
-    """HTTP-level limits of the ingress."""
+    """HTTP-level limits of the ingress, and request defaults and streaming of the VLM."""
 
     max_request_bytes: int = Field(96 * 1024 * 1024, ge=1024,
                                    description="whole request body; bigger bodies get 413")
     default_max_tokens: int = Field(512, ge=1, description="when the request gives none")
+    stream_interval_ms: float = Field(
+        0, ge=0, allow_inf_nan=False, description="VLM: merge a stream's tokens into at most one item per interval "
+                             "(first text and the end go out at once); 0 = no time-based merging")
     max_messages: int = Field(256, ge=1)
     max_stop_sequences: int = Field(16, ge=0)
     enable_web_page: bool = Field(True, description="serve the small demo page at /")

@@ -4,19 +4,26 @@ It owns prompt building (chat template + image tokens) and the context-length ch
 surface before the first token; generation itself belongs to the engine, which knows nothing about
 Ray. The first item of every stream is an empty "accepted" delta carrying the prompt token count,
 which lets the ingress answer 4xx instead of a broken 200 stream.
+
+Every streamed item costs the replica's event loop (and the GIL the engine thread needs), so with
+``stream_interval_ms`` the deltas of a request are merged and sent at most once per interval, as Ray
+Serve LLM's ``stream_batching_interval_ms`` does: the first text goes out at once (TTFT unchanged)
+and the final delta is never held back.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Any, AsyncGenerator, Sequence
+from typing import Any, AsyncGenerator, AsyncIterator, Sequence
 
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from serve_app.engine import EngineConfig, EngineRequest, ImageInput, SamplingParams, TokenDelta
 from serve_app.engine import create_engine
+from serve_app.engine.protocol import merge_deltas
 from serve_app.errors import ServeAppError
 from serve_app._prompt import PromptBuilder
 
@@ -25,13 +32,49 @@ logger = logging.getLogger("ray.serve")
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
+async def coalesce_deltas(stream: AsyncIterator[TokenDelta], interval_s: float,
+                          clock=time.monotonic) -> AsyncGenerator[TokenDelta, None]:
+    """Re-stream ``stream`` with its deltas merged into at most one item per ``interval_s``.
+
+    Deltas pass through unchanged until one carrying text has gone out (so time to first token is
+    not delayed); after that they are held and sent merged once ``interval_s`` has passed since the
+    last item. The rule is checked when a delta arrives, with no timer task: the engine emits a
+    delta per decode step, so a held token waits at most the interval plus one step. A finished
+    delta flushes at once; held deltas are sent before an exception from ``stream`` is re-raised.
+    Closing this generator does not close ``stream``: the caller owns it.
+    """
+    pending: list[TokenDelta] = []
+    last_sent, text_sent = 0.0, False
+    try:
+        async for delta in stream:
+            pending.append(delta)
+            now = clock()
+            if delta.finish_reason is not None or not text_sent or now - last_sent >= interval_s:
+                out = merge_deltas(pending)
+                pending = []
+                text_sent = text_sent or bool(out.text)
+                last_sent = now
+                yield out
+    except Exception:
+        if pending:
+            yield merge_deltas(pending)
+        raise
+    if pending:  # the engine ended without a finished delta (not expected): lose nothing
+        yield merge_deltas(pending)
+
+
 @serve.deployment(name="VLM", max_ongoing_requests=64, health_check_period_s=10,
                   health_check_timeout_s=30, graceful_shutdown_timeout_s=30,
                   ray_actor_options={"num_cpus": 1})
 class VLM:
-    async def __init__(self, engine_config: dict, default_max_tokens: int = 512):
+    async def __init__(self, engine_config: dict, default_max_tokens: int = 512,
+                       stream_interval_ms: float = 0):
+        if not (math.isfinite(stream_interval_ms) and stream_interval_ms >= 0):
+            raise ValueError(f"stream_interval_ms must be a finite number >= 0 (0 = no time-based "
+                             f"merging), got {stream_interval_ms!r}")
         self.config = EngineConfig.model_validate(engine_config)
         self.default_max_tokens = default_max_tokens
+        self.stream_interval_s = stream_interval_ms / 1000
         self.engine = create_engine(self.config)
         await self.engine.start()
         self.prompts = PromptBuilder(self.engine.tokenizer)
@@ -84,17 +127,20 @@ class VLM:
         request = EngineRequest(request_id, ids, list(images), self._sampling(sampling, len(ids)))
         yield TokenDelta(request_id, "", [], len(ids), 0, None)  # accepted
         stream = self.engine.generate(request)
+        deltas = coalesce_deltas(stream, self.stream_interval_s) if self.stream_interval_s else stream
         finish, n_gen, first = None, 0, True
         self._running += 1
         self._m_running.set(self._running)
         try:
-            async for delta in stream:
+            async for delta in deltas:
                 if first and delta.token_ids:
                     self._m_ttft.observe(time.perf_counter() - t0)
                     first = False
                 finish, n_gen = delta.finish_reason, delta.num_generated_tokens
                 yield delta
         finally:
+            if deltas is not stream:
+                await deltas.aclose()
             await stream.aclose()  # on client disconnect this cancels the engine request
             self._running -= 1
             self._m_running.set(self._running)

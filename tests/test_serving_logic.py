@@ -3,7 +3,10 @@ stream merging."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
+import pydantic
 import pytest
 
 from serve_app import _chat
@@ -117,7 +120,7 @@ def test_client_error_unwraps_and_maps():
         "invalid request: messages: too short", "messages")
 
 
-# ---- stream merging (engine queue draining) -----------------------------
+# ---- stream merging (engine queue draining, VLM stream_interval_ms) -----------------------------
 def _delta(i: int, finish: str | None = None) -> TokenDelta:
     return TokenDelta("r", f"t{i} ", [i], 7, i, finish)
 
@@ -130,3 +133,67 @@ def test_merge_deltas_concatenates_and_keeps_the_last_counts():
     assert (a.text, a.token_ids) == ("t1 ", [1])  # inputs untouched
     with pytest.raises(ValueError):
         merge_deltas([])
+
+
+async def _fake_stream(items, clock):
+    """Items are (arrival time, delta or exception); the fake clock jumps to each arrival."""
+    for t, item in items:
+        clock.now = t
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _coalesced(items, interval_s):
+    from serve_app.vlm import coalesce_deltas
+
+    clock = _Clock()
+
+    async def main():
+        out = []
+        try:
+            async for d in coalesce_deltas(_fake_stream(items, clock), interval_s, clock):
+                out.append((clock.now, d))
+        except Exception as e:
+            out.append((clock.now, e))
+        return out
+    return asyncio.run(main())
+
+
+def test_coalesce_sends_first_text_at_once_then_per_interval_and_the_end_at_once():
+    empty = TokenDelta("r", "", [0], 7, 1)  # e.g. half a UTF-8 character: no text yet
+    items = [(0.000, empty), (0.007, _delta(2)), (0.014, _delta(3)), (0.021, _delta(4)),
+             (0.028, _delta(5)), (0.035, _delta(6)), (0.042, _delta(7)), (0.049, _delta(8, "stop"))]
+    got = _coalesced(items, 0.020)
+    # passed through until text went out (t=0.007), then one item once 20 ms passed, then the end
+    assert [(t, d.token_ids) for t, d in got] == [
+        (0.000, [0]), (0.007, [2]), (0.028, [3, 4, 5]), (0.049, [6, 7, 8])]
+    assert got[-1][1].finish_reason == "stop" and got[-1][1].num_generated_tokens == 8
+    assert "".join(d.text for _, d in got) == "".join(d.text for _, d in items)
+
+
+def test_coalesce_flushes_held_deltas_before_an_error():
+    boom = ServeAppError("engine shut down", 503, "engine_shutdown")
+    got = _coalesced([(0.0, _delta(1)), (0.001, _delta(2)), (0.002, _delta(3)), (0.003, boom)], 1.0)
+    assert [d.token_ids if isinstance(d, TokenDelta) else d for _, d in got] == [[1], [2, 3], boom]
+
+
+def test_stream_interval_must_not_be_negative():
+    from serve_app.vlm import VLM
+
+    for bad in (-5, float("inf")):
+        with pytest.raises(pydantic.ValidationError, match="stream_interval_ms"):
+            AppConfig.model_validate({"api": {"stream_interval_ms": bad}})
+    class Bare(VLM.func_or_class):  # the class under the Serve decorator, minus its async __del__
+        def __del__(self):
+            pass
+
+    with pytest.raises(ValueError, match="stream_interval_ms must be a finite number >= 0"):
+        asyncio.run(Bare.__new__(Bare).__init__({}, 32, -1))

@@ -39,6 +39,9 @@ def main() -> int:
     p.add_argument("--two-replicas", default=None, metavar="QPS",
                    help="last: two VLM replicas packed on one GPU (num_gpus 0.5, each capped at "
                         "--cap-gb), swept over these QPS (issue 7's one-GPU part)")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated runs to do (capped-continuous, capped-hf-generate, "
+                        "uncapped-continuous, two-replicas-one-gpu); default: all asked for")
     p.add_argument("--seconds", type=float, default=440, help="time budget for all sweeps")
     p.add_argument("--qps", default="8,12,16,20,24,28,32,40")
     p.add_argument("--hf-qps", default="0.1,0.25")
@@ -56,6 +59,8 @@ def main() -> int:
         runs.append(("uncapped-continuous", "continuous", None, a.qps, 1))
     if a.two_replicas:
         runs.append(("two-replicas-one-gpu", "continuous", a.cap_gb, a.two_replicas, 2))
+    if a.only:
+        runs = [r for r in runs if r[0] in a.only.split(",")]
     # seconds kept for each later run: app (re)start + warm-up + two or three short steps
     reserve = {"capped-hf-generate": a.hf_seconds, "uncapped-continuous": 150, "two-replicas-one-gpu": 130}
     cpu = a.device == "cpu"

@@ -37,8 +37,17 @@ def _splitmix64(x):
 
 
 @triton.jit
+def _argmax_lanes(best_v, best_i, V):
+    """Reduce per-lane (value, first index) pairs: the max, its smallest index (torch's argmax)."""
+    v = tl.max(best_v, axis=0)
+    return tl.min(tl.where(best_v == v, best_i, V), axis=0)
+
+
+@triton.jit
 def _sample_kernel(L, s_l, V, TEMP, TOPP, KTH, SEED, STEP, OUT,
                    BLOCK: tl.constexpr, PASSES: tl.constexpr, SPAN: tl.constexpr):
+    # Every pass keeps per-lane accumulators and reduces once at its end: a cross-warp reduction
+    # per block would make each pass latency-bound.
     row = tl.program_id(0).to(tl.int64)
     base = L + row * s_l
     t = tl.load(TEMP + row)
@@ -47,23 +56,24 @@ def _sample_kernel(L, s_l, V, TEMP, TOPP, KTH, SEED, STEP, OUT,
     top_p = tl.load(TOPP + row)
     cols = tl.arange(0, BLOCK)
 
-    # pass 1: max, softmax denominator (relative to the running max), greedy argmax
-    m = tl.full([], -1e30, tl.float32)
-    s = tl.full([], 0.0, tl.float32)
-    best_v = tl.full([], -float("inf"), tl.float32)
-    best_i = tl.full([], 0, tl.int32)
+    # pass 1: max, softmax denominator (online, per lane), greedy argmax
+    m_l = tl.full([BLOCK], -1e30, tl.float32)
+    s_l = tl.zeros([BLOCK], dtype=tl.float32)
+    bv_l = tl.full([BLOCK], -float("inf"), tl.float32)
+    bi_l = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + cols
         x = tl.load(base + offs, mask=offs < V, other=-float("inf"))
         z = tl.where(x >= kth, x * inv_t, -float("inf"))
-        bm = tl.max(z, axis=0)
-        nm = tl.maximum(m, bm)
-        s = s * tl.exp(m - nm) + tl.sum(tl.exp(z - nm), axis=0)
-        m = nm
-        best_i = tl.where(bm > best_v, start + tl.argmax(z, axis=0), best_i)
-        best_v = tl.maximum(best_v, bm)
+        nm = tl.maximum(m_l, z)
+        s_l = s_l * tl.exp(m_l - nm) + tl.exp(z - nm)
+        m_l = nm
+        bi_l = tl.where(z > bv_l, offs, bi_l)
+        bv_l = tl.maximum(bv_l, z)
+    m = tl.max(m_l, axis=0)
+    s = tl.sum(s_l * tl.exp(m_l - m), axis=0)
+    token = _argmax_lanes(bv_l, bi_l, V)
 
-    token = best_i
     if t > 0.0:
         lo = tl.full([], -float("inf"), tl.float32)
         if top_p < 1.0:
@@ -75,13 +85,14 @@ def _sample_kernel(L, s_l, V, TEMP, TOPP, KTH, SEED, STEP, OUT,
             for _ in range(PASSES):
                 w = (hi - lo) / 8.0
                 mids = lo + (j + 1).to(tl.float32) * w       # mids[7] == hi
-                mass = tl.zeros([8], dtype=tl.float32)
+                acc = tl.zeros([8, BLOCK], dtype=tl.float32)
                 for start in range(0, V, BLOCK):
                     offs = start + cols
                     x = tl.load(base + offs, mask=offs < V, other=-float("inf"))
                     z = tl.where(x >= kth, x * inv_t, -float("inf"))
                     e = tl.exp(z - m)
-                    mass += tl.sum(tl.where(z[None, :] >= mids[:, None], e[None, :], 0.0), axis=1)
+                    acc += tl.where(z[None, :] >= mids[:, None], e[None, :], 0.0)
+                mass = tl.sum(acc, axis=1)
                 ok = (mass >= target) & (j < 7)
                 n_ok = tl.sum(ok.to(tl.int32), axis=0).to(tl.float32)   # a prefix: mass falls with j
                 hi = lo + (n_ok + 1.0) * w
@@ -90,20 +101,18 @@ def _sample_kernel(L, s_l, V, TEMP, TOPP, KTH, SEED, STEP, OUT,
         seed = tl.load(SEED + row).to(tl.uint64, bitcast=True)
         step = tl.load(STEP + row).to(tl.uint64, bitcast=True)
         h0 = _splitmix64(seed * _GOLDEN + step)
-        best_v = tl.full([], -float("inf"), tl.float32)
-        best_i = tl.full([], 0, tl.int32)
+        bv_l = tl.full([BLOCK], -float("inf"), tl.float32)
+        bi_l = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, V, BLOCK):
             offs = start + cols
             x = tl.load(base + offs, mask=offs < V, other=-float("inf"))
             z = tl.where(x >= kth, x * inv_t, -float("inf"))
             h = _splitmix64(h0 + offs.to(tl.uint64) * _GOLDEN)
             u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            g = -tl.log(-tl.log(u))
-            val = tl.where(z >= lo, z + g, -float("inf"))
-            bm = tl.max(val, axis=0)
-            best_i = tl.where(bm > best_v, start + tl.argmax(val, axis=0), best_i)
-            best_v = tl.maximum(best_v, bm)
-        token = best_i
+            val = tl.where(z >= lo, z - tl.log(-tl.log(u)), -float("inf"))
+            bi_l = tl.where(val > bv_l, offs, bi_l)
+            bv_l = tl.maximum(bv_l, val)
+        token = _argmax_lanes(bv_l, bi_l, V)
     tl.store(OUT + row, token.to(tl.int64))
 
 
@@ -118,5 +127,5 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     _sample_kernel[(b,)](logits, logits.stride(0), v, temperature.float().contiguous(),
                          top_p.float().contiguous(), kth.float().contiguous(),
                          seeds.to(torch.int64).contiguous(), steps.to(torch.int64).contiguous(), out,
-                         BLOCK=1024, PASSES=_SEARCH_PASSES, SPAN=_SPAN_BELOW_MAX, num_warps=8)
+                         BLOCK=2048, PASSES=_SEARCH_PASSES, SPAN=_SPAN_BELOW_MAX, num_warps=8)
     return out

@@ -197,6 +197,11 @@ class Scheduler:
         previous, self._inflight = self._inflight, launched
         for launch in previous:
             self._collect(launch)
+        if launched and launched[0].kind == "prefill":
+            # First tokens go out when the prefill is done, not a step later: its end event comes
+            # before the decode step just launched, which keeps the GPU busy meanwhile.
+            self._collect(launched[0])
+            self._inflight = launched[1:]
         if not rows and not self.prefilling:   # nothing will follow: take in this launch too
             for launch in self._inflight:
                 self._collect(launch)

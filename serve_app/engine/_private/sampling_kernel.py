@@ -37,6 +37,13 @@ def _splitmix64(x):
 
 
 @triton.jit
+def _scaled(base, offs, V, kth, inv_t):
+    """Logits / temperature, -inf outside the vocabulary and below the top-k threshold."""
+    x = tl.load(base + offs, mask=offs < V, other=-float("inf"))
+    return tl.where(x >= kth, x * inv_t, -float("inf"))
+
+
+@triton.jit
 def _argmax_lanes(best_v, best_i, V):
     """Reduce per-lane (value, first index) pairs: the max, its smallest index (torch's argmax)."""
     v = tl.max(best_v, axis=0)
@@ -63,8 +70,7 @@ def _sample_kernel(L, s_l, V, TEMP, TOPP, KTH, SEED, STEP, OUT,
     bi_l = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + cols
-        x = tl.load(base + offs, mask=offs < V, other=-float("inf"))
-        z = tl.where(x >= kth, x * inv_t, -float("inf"))
+        z = _scaled(base, offs, V, kth, inv_t)
         nm = tl.maximum(m_l, z)
         s_l = s_l * tl.exp(m_l - nm) + tl.exp(z - nm)
         m_l = nm
@@ -88,8 +94,7 @@ def _sample_kernel(L, s_l, V, TEMP, TOPP, KTH, SEED, STEP, OUT,
                 acc = tl.zeros([8, BLOCK], dtype=tl.float32)
                 for start in range(0, V, BLOCK):
                     offs = start + cols
-                    x = tl.load(base + offs, mask=offs < V, other=-float("inf"))
-                    z = tl.where(x >= kth, x * inv_t, -float("inf"))
+                    z = _scaled(base, offs, V, kth, inv_t)
                     e = tl.exp(z - m)
                     acc += tl.where(z[None, :] >= mids[:, None], e[None, :], 0.0)
                 mass = tl.sum(acc, axis=1)
@@ -105,8 +110,7 @@ def _sample_kernel(L, s_l, V, TEMP, TOPP, KTH, SEED, STEP, OUT,
         bi_l = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, V, BLOCK):
             offs = start + cols
-            x = tl.load(base + offs, mask=offs < V, other=-float("inf"))
-            z = tl.where(x >= kth, x * inv_t, -float("inf"))
+            z = _scaled(base, offs, V, kth, inv_t)
             h = _splitmix64(h0 + offs.to(tl.uint64) * _GOLDEN)
             u = ((h >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
             val = tl.where(z >= lo, z - tl.log(-tl.log(u)), -float("inf"))

@@ -123,6 +123,28 @@ def scale_events(samples: list[dict[str, Any]], name: str) -> list[dict[str, Any
     return events
 
 
+def scale_up_latencies(samples: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """For each scale-up of ``name``: when the controller decided it (the replica count in any
+    state grew: a STARTING replica appeared) and when the new replicas served (RUNNING reached the
+    new count); resolution = the sampling interval."""
+    out, prev_total, pending = [], None, None
+    for s in samples:
+        total = sum(s["replicas"].get(name, {}).values())
+        if prev_total is not None and total > prev_total and pending is None:
+            pending = {"decided_t": s["t"], "from": prev_total, "to": total}
+        if pending is not None:
+            pending["to"] = max(pending["to"], total)
+            if running(s, name) >= pending["to"]:
+                pending["serving_t"] = s["t"]
+                pending["seconds"] = round(s["t"] - pending["decided_t"], 2)
+                out.append(pending)
+                pending = None
+        prev_total = total
+    if pending is not None:
+        out.append({**pending, "serving_t": None, "seconds": None})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -137,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="RAY_SERVE_{REPLICA,HANDLE}_AUTOSCALING_METRIC_PUSH_INTERVAL_S (Serve's default "
                         "is 10 s, which slows every reaction by up to that much)")
     p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--sample-interval", type=float, default=0.5,
+                   help="seconds between serve.status() samples (the scale-up timing resolution)")
     p.add_argument("--title", default="")
     add_workload_args(p)
     add_server_args(p)
@@ -164,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = LoadSpec(mode="open", profile=profile, drain_s=30, request_timeout_s=a.request_timeout,
                         seed=a.seed)
         t0 = time.perf_counter()
-        sampler = ReplicaSampler(t0).start()
+        sampler = ReplicaSampler(t0, a.sample_interval).start()
         log.info("load profile %s (%.0f s), Ray num_cpus=%s", profile, spec.duration_s, num_cpus)
         with ResourceSampler() as res:
             run = asyncio.run(run_load(url, w, spec, t0=t0))
@@ -184,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     tl = timeline(sampler.samples, run.results, profile)
     summary = summarize(run)
     events = {name: scale_events(sampler.samples, name) for name in ("VLM", "Preprocess")}
+    scale_ups = {name: scale_up_latencies(sampler.samples, name) for name in ("VLM", "Preprocess")}
     peak = {name: max((running(s, name) for s in sampler.samples), default=0)
             for name in ("VLM", "Preprocess")}
     result = {"meta": {**meta(a, w), "profile": profile, "overrides": overrides, "num_cpus": num_cpus,
                        "metric_push_interval_s": a.metrics_push_s},
               "summary": summary, "resources": res.summary(), "scale_events": events,
+              "scale_up_latency": scale_ups,
               "peak_running": peak, "timeline": tl, "workload": workload_info(w)}
     write_json(out / "autoscale.json", result)
     lines = [f"# Autoscaling run {result['meta']['date']}", "", f"`{result['meta']['command']}`", "",
@@ -196,7 +222,14 @@ def main(argv: list[str] | None = None) -> int:
              f"errors {summary['errors'] or 0}", ""]
     for name, ev in events.items():
         lines.append(f"- {name}: peak {peak[name]} RUNNING; changes: "
-                     + (", ".join(f"t={e['t']:.0f}s {e['from']}->{e['to']}" for e in ev) or "none"))
+                     + (", ".join(f"t={e['t']:.0f}s {e['from']}->{e['to']}" for e in ev) or "none")
+                     + "; scale-up decision -> serving: "
+                     + (", ".join(f"{u['from']}->{u['to']} at t={u['decided_t']:.1f}s: "
+                                  + (f"{u['seconds']:.1f} s" if u["seconds"] is not None else "never served")
+                                  for u in scale_ups[name]) or "none"))
+    gpu = result["resources"].get("gpu_mem_peak_gb_per_device")
+    if gpu:
+        lines.append(f"- GPU memory peak per device (GB): {gpu}")
     (out / "autoscale.md").write_text("\n".join(lines) + "\n")
     try:
         from benchmarks.loadgen.plot import plot_autoscale

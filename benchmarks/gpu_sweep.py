@@ -39,9 +39,12 @@ def main() -> int:
     p.add_argument("--two-replicas", default=None, metavar="QPS",
                    help="last: two VLM replicas packed on one GPU (num_gpus 0.5, each capped at "
                         "--cap-gb), swept over these QPS (issue 7's one-GPU part)")
+    p.add_argument("--replica-gpus", type=float, default=None,
+                   help="num_gpus per VLM replica in the --two-replicas run (default 0.5: both on one "
+                        "card; 1 on a two-GPU machine puts one replica on each GPU)")
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated runs to do (capped-continuous, capped-hf-generate, "
-                        "uncapped-continuous, two-replicas-one-gpu); default: all asked for")
+                        "uncapped-continuous, two-replicas-one-gpu or -two-gpus); default: all asked for")
     p.add_argument("--seconds", type=float, default=440, help="time budget for all sweeps")
     p.add_argument("--qps", default="8,12,16,20,24,28,32,40")
     p.add_argument("--hf-qps", default="0.1,0.25")
@@ -58,11 +61,13 @@ def main() -> int:
     if a.uncapped:
         runs.append(("uncapped-continuous", "continuous", None, a.qps, 1))
     if a.two_replicas:
-        runs.append(("two-replicas-one-gpu", "continuous", a.cap_gb, a.two_replicas, 2))
+        name = "two-replicas-two-gpus" if (a.replica_gpus or 0.5) > 0.5 else "two-replicas-one-gpu"
+        runs.append((name, "continuous", a.cap_gb, a.two_replicas, 2))
     if a.only:
         runs = [r for r in runs if r[0] in a.only.split(",")]
     # seconds kept for each later run: app (re)start + warm-up + two or three short steps
-    reserve = {"capped-hf-generate": a.hf_seconds, "uncapped-continuous": 150, "two-replicas-one-gpu": 130}
+    reserve = {"capped-hf-generate": a.hf_seconds, "uncapped-continuous": 150, "two-replicas-one-gpu": 130,
+               "two-replicas-two-gpus": 130}
     cpu = a.device == "cpu"
     try:
         for i, (name, engine, cap, qps, replicas) in enumerate(runs):
@@ -76,8 +81,10 @@ def main() -> int:
             if a.device == "cpu":
                 eng["dtype"] = "float32"
             vlm = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas}}
+            vlm_gpus = None if cpu else (a.replica_gpus if replicas > 1 and a.replica_gpus
+                                         else 1.0 / replicas)
             cfg = build_serve_config(a.config, port=srv.port, engine=eng, deployments={"VLM": vlm},
-                                     vlm_num_gpus=None if cpu else 1.0 / replicas)
+                                     vlm_num_gpus=vlm_gpus)
             if cpu:
                 for d in cfg["applications"][0]["deployments"]:
                     d.get("ray_actor_options", {}).pop("num_gpus", None)

@@ -487,6 +487,20 @@ def test_autoscale_helpers():
     assert tl[0]["e2e_p95_s"] is None and statistics.mean(p["offered_qps"] for p in tl) == 0.5
 
 
+def test_scale_up_latency_from_replica_states():
+    """Decision = a replica appears in any state; serving = RUNNING reaches the new count."""
+    from benchmarks.autoscale_run import scale_up_latencies
+
+    states = [{"RUNNING": 1}, {"RUNNING": 1, "STARTING": 1}, {"RUNNING": 1, "STARTING": 1},
+              {"RUNNING": 2}, {"RUNNING": 1, "STOPPING": 1}, {"RUNNING": 1},
+              {"RUNNING": 1, "STARTING": 1}]
+    samples = [{"t": 0.5 * i, "replicas": {"VLM": st}} for i, st in enumerate(states)]
+    assert scale_up_latencies(samples, "VLM") == [
+        {"decided_t": 0.5, "from": 1, "to": 2, "serving_t": 1.5, "seconds": 1.0},
+        {"decided_t": 3.0, "from": 1, "to": 2, "serving_t": None, "seconds": None}]  # never served
+    assert scale_up_latencies(samples, "Preprocess") == []
+
+
 # -------------------------------------------------------------------------------- sweep
 def _fake_step(capacity: float, lucky: float | None = None):
     """run_step stand-in: an engine that meets the SLO below ``capacity`` (and at ``lucky``)."""

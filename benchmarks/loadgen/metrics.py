@@ -117,6 +117,7 @@ class ResourceSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._gpu_mem: list[float] = []
+        self._gpu_peak: list[float] = []     # per device: with one replica per GPU, per replica
         self._gpu_util: list[float] = []
         self._cpu: list[float] = []
         self._handles: list[Any] = []
@@ -130,6 +131,7 @@ class ResourceSampler:
             if visible:
                 idx = [int(x) for x in visible.split(",") if x.strip().isdigit()]
             self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in idx]
+            self._gpu_peak = [0.0] * len(self._handles)
             self._nvml = pynvml
         except Exception:
             self._handles = []
@@ -159,9 +161,11 @@ class ResourceSampler:
             cpu, prev = self._sample_cpu(prev)
             if cpu is not None:
                 self._cpu.append(cpu)
-            for h in self._handles:
+            for i, h in enumerate(self._handles):
                 try:
-                    self._gpu_mem.append(self._nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
+                    used = self._nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30
+                    self._gpu_mem.append(used)
+                    self._gpu_peak[i] = max(self._gpu_peak[i], used)
                     self._gpu_util.append(float(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu))
                 except Exception:
                     pass
@@ -181,6 +185,7 @@ class ResourceSampler:
             return round(sum(xs) / len(xs), 2) if xs else None
 
         return {"gpu_mem_peak_gb": round(max(self._gpu_mem), 3) if self._gpu_mem else None,
+                "gpu_mem_peak_gb_per_device": [round(x, 3) for x in self._gpu_peak] or None,
                 "gpu_util_mean_pct": mean(self._gpu_util),
                 "gpu_util_max_pct": max(self._gpu_util) if self._gpu_util else None,
                 "cpu_mean_pct": mean(self._cpu),

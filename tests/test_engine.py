@@ -416,3 +416,23 @@ def test_packed_attention_equals_per_sequence_sdpa():
                 v[o:o + n].transpose(0, 1)[None], is_causal=causal, scale=0.3, enable_gqa=True)
             torch.testing.assert_close(out[o:o + n], ref[0].transpose(0, 1))
             o += n
+
+
+@pytest.mark.parametrize("spread", [0.05, 1.0, 6.0])
+def test_fast_nucleus_matches_sorted_nucleus(spread):
+    """The CPU top-p without a vocabulary sort keeps the sorted path's tokens, but for boundary
+    tokens whose total probability is float-rounding-sized."""
+    from serve_app.engine._private.sampler import _top_k_top_p, _top_k_top_p_fast
+
+    g = torch.Generator().manual_seed(int(spread * 100))
+    logits = torch.randn(4, 151936, generator=g) * spread
+    logits[:, 3] = float("-inf")                     # banned
+    top_k, top_p = torch.tensor([0, 50, 0, 0]), torch.tensor([0.9, 0.95, 0.5, 1.0])
+    ref, got = _top_k_top_p(logits, top_k, top_p), _top_k_top_p_fast(logits, top_k, top_p)
+    probs = logits.softmax(-1)
+    differ = torch.isinf(ref) != torch.isinf(got)
+    assert (probs * differ).sum(-1).max().item() < 1e-4
+    assert torch.isinf(got[:, 3]).all()
+    assert torch.equal(torch.isinf(got[3]), torch.isinf(logits[3]))   # top_p 1: nothing dropped
+    kept = ~torch.isinf(got[1])
+    assert kept.sum().item() <= 50 and kept[logits[1].argmax()]

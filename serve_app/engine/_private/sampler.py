@@ -78,7 +78,7 @@ def sample_torch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
     scaled = logits / temp[:, None]
     if batch.any_top:
-        scaled = _top_k_top_p(scaled, batch.top_k, batch.top_p)
+        scaled = _top_k_top_p_fast(scaled, batch.top_k, batch.top_p)
     noise = gumbel_noise(batch.seeds, batch.steps, scaled.shape[-1])
     sampled = (scaled + noise).argmax(dim=-1)
     return torch.where(greedy, greedy_tokens, sampled)
@@ -97,6 +97,45 @@ def _sample_cuda(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             vals = logits.topk(kmax, dim=-1).values.gather(1, (k - 1)[:, None])[:, 0]
             kth = torch.where(batch.top_k > 0, vals, kth)
     return sample_rows(logits, batch.temperature, batch.top_p, kth, batch.seeds, batch.steps)
+
+
+_NUCLEUS_BINS = 4096
+
+
+def _top_k_top_p_fast(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """:func:`_top_k_top_p` without sorting the vocabulary (on CPU a 151,936-token sort is ~13 ms
+    a row): the nucleus is every token at or above its smallest kept logit, found with a mass
+    histogram over the logits and a sort of one bin only. Same tokens as the sort but for ties at
+    the boundary (all kept) and float rounding of the mass there."""
+    vocab = logits.shape[-1]
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.ones_like(top_k))
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+        kth = torch.where(top_k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    rows = []
+    for z, p in zip(logits, top_p.tolist()):
+        rows.append(z if p >= 1.0 else z.masked_fill(z < _nucleus_floor(z, p), float("-inf")))
+    return torch.stack(rows)
+
+
+def _nucleus_floor(z: torch.Tensor, p: float, bins: int = _NUCLEUS_BINS) -> float:
+    """Smallest logit that top-p keeps (tokens in descending order are kept while the mass before
+    them is < p). Bin 0 holds the largest logits; only the bin where the mass crosses p is sorted."""
+    probs = z.softmax(dim=-1)
+    top = z.max()
+    bottom = torch.where(torch.isfinite(z), z, top).min()
+    if float(top - bottom) <= 0.0:
+        return float(top)                                    # one value (ties): keep them all
+    b = ((top - z) * ((bins - 1) / (top - bottom))).clamp(0, bins - 1).long()   # -inf -> last bin
+    mass = torch.bincount(b, weights=probs.double(), minlength=bins)
+    before_bin = mass.cumsum(0) - mass                       # mass of all larger bins
+    edge = int((before_bin < p).sum()) - 1                   # bins before it are all kept
+    members = (b == edge).nonzero().squeeze(1)
+    vals, order = probs[members].double().sort(descending=True)
+    before = before_bin[edge] + vals.cumsum(0) - vals
+    keep = max(int((before < p).sum()), 1)
+    return float(z[members[order[keep - 1]]])
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -191,9 +191,12 @@ def sampler_microbench(batches: list[int], vocab: int, iters: int = 30) -> dict:
                                   torch.zeros(b, dtype=torch.int64, device="cuda"), torch.ones(b, device="cuda"),
                                   torch.arange(b, device="cuda") + 11, torch.full((b,), 5, device="cuda"),
                                   None, all_greedy=False, any_top=True, any_penalty=False, top_k_max=0)
-            agree = float((sample_torch(logits, batch) == _sample_cuda(logits, batch)).float().mean())
+            def sort_path(lg, bt):
+                return sample_torch(lg, bt, sort_nucleus=True)
+
+            agree = float((sort_path(logits, batch) == _sample_cuda(logits, batch)).float().mean())
             times = {}
-            for name, fn in (("torch", sample_torch), ("triton", _sample_cuda)):
+            for name, fn in (("torch", sort_path), ("triton", _sample_cuda)):
                 ts = []
                 for i in range(iters + 3):
                     st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -71,14 +71,16 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, presence: torch.Tensor | 
     return sample_torch(logits, batch)
 
 
-def sample_torch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The reference path (CPU; on the GPU the benchmark's baseline): full sort for top-p."""
+def sample_torch(logits: torch.Tensor, batch: SamplingBatch, sort_nucleus: bool = False) -> torch.Tensor:
+    """The CPU path, and the reference for the GPU kernel. ``sort_nucleus``: top-p by sorting the
+    whole vocabulary (the earlier path, the benchmark's baseline) instead of the histogram."""
     greedy_tokens = logits.argmax(dim=-1)
     greedy = batch.temperature <= 0
     temp = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
     scaled = logits / temp[:, None]
     if batch.any_top:
-        scaled = _top_k_top_p_fast(scaled, batch.top_k, batch.top_p)
+        nucleus = _top_k_top_p if sort_nucleus else _top_k_top_p_fast
+        scaled = nucleus(scaled, batch.top_k, batch.top_p)
     noise = gumbel_noise(batch.seeds, batch.steps, scaled.shape[-1])
     sampled = (scaled + noise).argmax(dim=-1)
     return torch.where(greedy, greedy_tokens, sampled)

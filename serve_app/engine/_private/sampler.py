@@ -93,12 +93,17 @@ def _sample_cuda(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     kth = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
     if batch.any_top:
         kmax = batch.top_k_max if batch.top_k_max >= 0 else int(batch.top_k.max())
-        kmax = min(kmax, logits.shape[-1])
         if kmax > 0:
-            k = batch.top_k.clamp(1, kmax)
-            vals = logits.topk(kmax, dim=-1).values.gather(1, (k - 1)[:, None])[:, 0]
-            kth = torch.where(batch.top_k > 0, vals, kth)
+            kth = _top_k_threshold(logits, batch.top_k, kmax)
     return sample_rows(logits, batch.temperature, batch.top_p, kth, batch.seeds, batch.steps)
+
+
+def _top_k_threshold(logits: torch.Tensor, top_k: torch.Tensor, kmax: int) -> torch.Tensor:
+    """Each row's k-th largest logit (tokens equal to it are kept, as HF's TopK does), -inf for
+    rows without top-k; ``kmax`` is the largest top_k of the batch."""
+    kmax = min(kmax, logits.shape[-1])
+    kth = logits.topk(kmax, dim=-1).values.gather(1, (top_k.clamp(1, kmax) - 1)[:, None])[:, 0]
+    return torch.where(top_k > 0, kth, torch.full_like(kth, float("-inf")))
 
 
 _NUCLEUS_BINS = 4096
@@ -109,12 +114,9 @@ def _top_k_top_p_fast(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     a row): the nucleus is every token at or above its smallest kept logit, found with a mass
     histogram over the logits and a sort of one bin only. Same tokens as the sort but for ties at
     the boundary (all kept) and float rounding of the mass there."""
-    vocab = logits.shape[-1]
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.ones_like(top_k))
-        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-        kth = torch.where(top_k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    kmax = int(top_k.max())
+    if kmax > 0:
+        logits = logits.masked_fill(logits < _top_k_threshold(logits, top_k, kmax)[:, None], float("-inf"))
     rows = []
     for z, p in zip(logits, top_p.tolist()):
         rows.append(z if p >= 1.0 else z.masked_fill(z < _nucleus_floor(z, p), float("-inf")))

@@ -78,7 +78,7 @@ def _request(i: int, rng, n_images: int, max_tokens: int, **sampling) -> EngineR
     return EngineRequest(f"req-{i}", ids, images, sp)
 
 
-def _hf_greedy(model, req: EngineRequest) -> list[int]:
+def _hf_greedy(model, req: EngineRequest, **gen) -> list[int]:
     ids = torch.tensor([req.prompt_token_ids], device=DEVICE)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     if req.images:
@@ -87,7 +87,7 @@ def _hf_greedy(model, req: EngineRequest) -> list[int]:
         kw["mm_token_type_ids"] = (ids == IMG).int()
     with torch.inference_mode():
         out = model.generate(**kw, max_new_tokens=req.sampling.max_tokens, do_sample=False,
-                             temperature=None, top_p=None, top_k=None)
+                             temperature=None, top_p=None, top_k=None, **gen)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -132,6 +132,25 @@ def test_greedy_matches_hf_generate_staggered(model_dir, hf_model, tokenizer):
         assert last.num_prompt_tokens == len(req.prompt_token_ids)
         assert last.num_generated_tokens == len(ref)
         assert last.finish_reason in ("length", "stop")
+
+
+def test_repetition_penalty_matches_hf_generate(model_dir, hf_model):
+    """Greedy with repetition_penalty equals HF generate's, next to requests without one (their
+    slots skip the token-presence rows; a slot reused by a penalised request starts clean)."""
+    rng = np.random.default_rng(5)
+    reqs = [_request(i, rng, i % 2, 16, **({"repetition_penalty": 1.8} if i % 2 else {}))
+            for i in range(6)]
+
+    async def scenario(engine):
+        return await asyncio.gather(*[_collect(engine, r, 0.02 * i) for i, r in enumerate(reqs)])
+
+    results = _run(_config(model_dir, max_num_seqs=2), scenario)
+    for req, (toks, _, _) in zip(reqs, results):
+        ref = _hf_greedy(hf_model, req, repetition_penalty=req.sampling.repetition_penalty)
+        assert toks == ref, req.request_id
+    plain = [toks for (toks, _, _), r in zip(results, reqs) if r.sampling.repetition_penalty == 1.0]
+    pen = [toks for (toks, _, _), r in zip(results, reqs) if r.sampling.repetition_penalty != 1.0]
+    assert max(len(set(t)) for t in pen) > 1 and plain
 
 
 def test_cancel_frees_slot_and_pages(model_dir):
@@ -416,6 +435,29 @@ def test_packed_attention_equals_per_sequence_sdpa():
                 v[o:o + n].transpose(0, 1)[None], is_causal=causal, scale=0.3, enable_gqa=True)
             torch.testing.assert_close(out[o:o + n], ref[0].transpose(0, 1))
             o += n
+
+
+def test_cudnn_plans_gate_new_shapes():
+    """A shape without a cuDNN plan is queued (once) and runs elsewhere; a build that cuDNN
+    declines (here: CPU tensors) is not retried. On a GPU, a built shape takes cuDNN after."""
+    from serve_app.engine._private.attention import CudnnPlans
+
+    plans = CudnnPlans(limit=3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    mk = lambda n: [torch.randn(1, 4, n, 64, device=dev, dtype=dt) for _ in range(3)]  # noqa: E731
+    a = mk(128)
+    assert not plans.ready(*a, True, 0.125) and not plans.ready(*a, True, 0.125)
+    assert plans.pending_total == 1
+    for n in (64, 256, 512):            # the limit bounds queued + built shapes
+        plans.ready(*mk(n), True, 0.125)
+    assert plans.pending_total == 3
+    assert plans.build_pending(max_seconds=10) == 3 and plans.pending_total == 0
+    if dev == "cpu":
+        assert plans.built_total == 0
+        assert not plans.ready(*a, True, 0.125) and plans.pending_total == 0
+    else:
+        assert plans.built_total == 3 and plans.ready(*a, True, 0.125)
 
 
 @pytest.mark.parametrize("spread", [0.05, 1.0, 6.0])

@@ -166,6 +166,8 @@ class ContinuousEngine:
                         else:
                             sched.cancel(a)
                     if not sched.has_work():
+                        if sched.idle_work():
+                            continue
                         self._wake.wait(0.05)
                         self._wake.clear()
                         continue

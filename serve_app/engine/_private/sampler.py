@@ -187,14 +187,16 @@ class SlotSampling:
         self.penalty[slot] = floats[2]
         self.top_k[slot] = ints[0]
         self.seed[slot] = ints[1]
-        row = self.presence[slot]
-        row.zero_()
-        row[torch.tensor(prompt, dtype=torch.int64).to(dev, non_blocking=True)] = True
+        if sp.repetition_penalty != 1.0:   # only read for rows with a penalty (see sample)
+            row = self.presence[slot]
+            row.zero_()
+            row[torch.tensor(prompt, dtype=torch.int64).to(dev, non_blocking=True)] = True
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, params: list,
                banned: torch.Tensor | None) -> torch.Tensor:
         """Tokens for rows ``slots`` (device int64) at generation ``steps``; ``params``: the rows'
-        SamplingParams (host), for the batch-level flags only. Marks the tokens as present."""
+        SamplingParams (host), for the batch-level flags only. Marks the tokens as present (when a
+        row of the batch has a repetition penalty: only those rows' presence is ever read)."""
         all_greedy = all(sp.greedy for sp in params)
         any_pen = any(sp.repetition_penalty != 1.0 for sp in params)
         if all_greedy:
@@ -212,5 +214,6 @@ class SlotSampling:
                                   top_k_max=max((sp.top_k for sp in params), default=0))
         presence = self.presence.index_select(0, slots) if any_pen else None
         tokens = sample(logits, batch, presence)
-        self.presence[slots, tokens] = True
+        if any_pen:      # rows without a penalty never read their presence: penalised == logits
+            self.presence[slots, tokens] = True
         return tokens

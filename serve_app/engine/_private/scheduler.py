@@ -183,6 +183,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running or self._inflight)
 
+    def idle_work(self) -> bool:
+        """Work for a moment with no requests: build queued cuDNN attention plans (~30 ms each),
+        which would otherwise stall running streams. True if it did something."""
+        if not self.runner.is_cuda:
+            return False
+        from serve_app.engine._private.attention import cudnn_plans
+        return cudnn_plans.build_pending(0.05) > 0
+
     # ------------------------------------------------------------------------------- step
     def step(self) -> None:
         """Launch this iteration's GPU work, then take in the previous iteration's tokens."""
@@ -424,9 +432,16 @@ class Scheduler:
                 "kv_pages_free": self.kv.free_pages if self.kv else 0,
                 "kv_pages_total": self.kv.capacity_pages if self.kv else 0,
                 "vision_cache_bytes": self.vision_cache.bytes,
+                **self._plan_stats(),
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()}}
+
+    def _plan_stats(self) -> dict:
+        if not self.runner or not self.runner.is_cuda:
+            return {}
+        from serve_app.engine._private.attention import cudnn_plans
+        return {"attn_plans_built": cudnn_plans.built_total, "attn_plans_pending": cudnn_plans.pending_total}
 
     def describe(self) -> dict:
         return dict(self.info)

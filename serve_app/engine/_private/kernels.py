@@ -43,51 +43,62 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
 @triton.jit
 def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC, KO,
                          s_qkv, s_qo_b, s_qo_h, s_kp, s_kh, s_ks, s_cos, s_ko_b, s_ko_h, eps,
-                         HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, WRITE_K: tl.constexpr):
+                         HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HB: tl.constexpr,
+                         WRITE_K: tl.constexpr):
+    # One program: HB heads of one token (all q or all k: HB divides HQ and HK), so the token's
+    # cos/sin rows and the norm weight are loaded once and each load is HB rows wide.
     b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * HB
     half = tl.arange(0, D // 2)
+    hh = tl.arange(0, HB)
     pos = tl.load(POS + b)
-    c1 = tl.load(COS + pos * s_cos + half).to(tl.float32)
-    c2 = tl.load(COS + pos * s_cos + D // 2 + half).to(tl.float32)
-    s1 = tl.load(SIN + pos * s_cos + half).to(tl.float32)
-    s2 = tl.load(SIN + pos * s_cos + D // 2 + half).to(tl.float32)
-    is_q = h < HQ
-    base = QKV + b * s_qkv + h * D
-    x1 = tl.load(base + half)
-    x2 = tl.load(base + D // 2 + half)
+    c1 = tl.load(COS + pos * s_cos + half).to(tl.float32)[None, :]
+    c2 = tl.load(COS + pos * s_cos + D // 2 + half).to(tl.float32)[None, :]
+    s1 = tl.load(SIN + pos * s_cos + half).to(tl.float32)[None, :]
+    s2 = tl.load(SIN + pos * s_cos + D // 2 + half).to(tl.float32)[None, :]
+    is_q = h0 < HQ
+    base = QKV + b * s_qkv + (h0 + hh)[:, None] * D + half[None, :]
+    x1 = tl.load(base)
+    x2 = tl.load(base + D // 2)
     dt = x1.dtype
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    var = (tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / D
-    r = tl.rsqrt(var + eps)
+    var = (tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D
+    r = tl.rsqrt(var + eps)[:, None]
     if is_q:
-        w1 = tl.load(QN + half).to(tl.float32)
-        w2 = tl.load(QN + D // 2 + half).to(tl.float32)
+        w1 = tl.load(QN + half).to(tl.float32)[None, :]
+        w2 = tl.load(QN + D // 2 + half).to(tl.float32)[None, :]
     else:
-        w1 = tl.load(KN + half).to(tl.float32)
-        w2 = tl.load(KN + D // 2 + half).to(tl.float32)
+        w1 = tl.load(KN + half).to(tl.float32)[None, :]
+        w2 = tl.load(KN + D // 2 + half).to(tl.float32)[None, :]
     n1 = (w1 * (f1 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     n2 = (w2 * (f2 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     o1 = (n1 * c1 - n2 * s1).to(dt)
     o2 = (n2 * c2 + n1 * s2).to(dt)
     if is_q:
-        qo = QO + b * s_qo_b + h * s_qo_h
-        tl.store(qo + half, o1)
-        tl.store(qo + D // 2 + half, o2)
+        qo = QO + b * s_qo_b + (h0 + hh)[:, None] * s_qo_h + half[None, :]
+        tl.store(qo, o1)
+        tl.store(qo + D // 2, o2)
     else:
-        kh = h - HQ
+        kh = h0 - HQ + hh
         page = tl.load(PAGE + b)
         off = tl.load(OFF + b)
-        dst = page * s_kp + kh * s_kh + off * s_ks
-        tl.store(KC + dst + half, o1)
-        tl.store(KC + dst + D // 2 + half, o2)
+        dst = page * s_kp + kh[:, None] * s_kh + off * s_ks + half[None, :]
+        tl.store(KC + dst, o1)
+        tl.store(KC + dst + D // 2, o2)
         if WRITE_K:
-            ko = KO + b * s_ko_b + kh * s_ko_h
-            tl.store(ko + half, o1)
-            tl.store(ko + D // 2 + half, o2)
-        vsrc = QKV + b * s_qkv + (HQ + HK + kh) * D
-        tl.store(VC + dst + half, tl.load(vsrc + half))
-        tl.store(VC + dst + D // 2 + half, tl.load(vsrc + D // 2 + half))
+            ko = KO + b * s_ko_b + kh[:, None] * s_ko_h + half[None, :]
+            tl.store(ko, o1)
+            tl.store(ko + D // 2, o2)
+        vsrc = QKV + b * s_qkv + (HQ + HK + kh)[:, None] * D + half[None, :]
+        tl.store(VC + dst, tl.load(vsrc))
+        tl.store(VC + dst + D // 2, tl.load(vsrc + D // 2))
+
+
+def _heads_per_program(hq: int, hk: int) -> int:
+    hb = 8
+    while hq % hb or hk % hb:
+        hb //= 2
+    return hb
 
 
 def qk_norm_rope_store(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, cos: torch.Tensor,
@@ -101,11 +112,12 @@ def qk_norm_rope_store(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, co
     b = qkv.shape[0]
     q = torch.empty(b, hq, d, dtype=qkv.dtype, device=qkv.device)
     ko = k_out if k_out is not None else q
-    _qk_norm_rope_kernel[(b, hq + hk)](
+    hb = _heads_per_program(hq, hk)
+    _qk_norm_rope_kernel[(b, (hq + hk) // hb)](
         qkv, qn, kn, cos, sin, pos, page, off, q, cache_k, cache_v, ko,
         qkv.stride(0), q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        cos.stride(0), ko.stride(0), ko.stride(1), eps, HQ=hq, HK=hk, D=d, WRITE_K=k_out is not None,
-        num_warps=1)
+        cos.stride(0), ko.stride(0), ko.stride(1), eps, HQ=hq, HK=hk, D=d, HB=hb,
+        WRITE_K=k_out is not None, num_warps=max(1, min(4, hb // 2)))
     return q
 
 

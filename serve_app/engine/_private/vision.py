@@ -39,6 +39,9 @@ class VisionEncoder:
         self.attn_impl = attn_impl
         pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
         self.use_triton = device.type == "cuda" and pow2(2 * self.heads) and pow2(self.head_dim)
+        # HF's act is GELU with the tanh approximation, which is cuBLASLt's GELU epilogue.
+        self.gelu_epilogue = (device.type == "cuda" and getattr(cfg, "hidden_act", "") == "gelu_pytorch_tanh"
+                              and hasattr(torch, "_addmm_activation"))
         self._grids: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, ...]] = OrderedDict()
 
     @property
@@ -105,7 +108,11 @@ class VisionEncoder:
             x = x + F.linear(o.reshape(n, self.dim), a.proj.weight, a.proj.bias)
             hs = F.layer_norm(x, (self.dim,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
             m = blk.mlp
-            x = x + m.linear_fc2(m.act_fn(m.linear_fc1(hs)))
+            if self.gelu_epilogue:    # fc1 + bias + GELU(tanh) in one cuBLASLt GEMM
+                a1 = torch._addmm_activation(m.linear_fc1.bias, hs, m.linear_fc1.weight.t(), use_gelu=True)
+            else:
+                a1 = m.act_fn(m.linear_fc1(hs))
+            x = x + m.linear_fc2(a1)
             j = self.deep_index.get(i)
             if j is not None:
                 deep.append(v.deepstack_merger_list[j](x))

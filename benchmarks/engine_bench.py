@@ -37,9 +37,14 @@ GRID = (1, 46, 80)          # a 1280x720 image after Qwen's resize to multiples 
 HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet
 
 
+PIXELS = {"format": "uint8"}   # what Preprocess ships (compact uint8 patches); --pixels float32
+
+
 def make_request(i: int, rng: np.random.Generator, max_tokens: int, greedy: bool = True) -> EngineRequest:
     t, h, w = GRID
-    im = ImageInput(rng.standard_normal((t * h * w, 1536)).astype(np.float32), GRID, f"bench-{i}-{rng.integers(1 << 40)}")
+    px = (rng.integers(0, 256, size=(t * h * w, 3, 16, 16), dtype=np.uint8) if PIXELS["format"] == "uint8"
+          else rng.standard_normal((t * h * w, 1536)).astype(np.float32))
+    im = ImageInput(px, GRID, f"bench-{i}-{rng.integers(1 << 40)}")
     # chat-template shape: system/user header, the image, a question, the assistant header
     head = [151644, 872, 198]
     tail = [int(x) for x in rng.integers(1000, 30000, size=6)] + [151645, 198, 151644, 77091, 198]
@@ -63,7 +68,7 @@ def hf_baseline(path: str, n: int, out_tokens: int, check_tokens: int) -> dict:
     def inputs(req):
         ids = torch.tensor([req.prompt_token_ids], device="cuda")
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                    pixel_values=torch.from_numpy(req.images[0].pixel_values).to("cuda", torch.bfloat16),
+                    pixel_values=torch.from_numpy(req.images[0].float_pixels()).to("cuda", torch.bfloat16),
                     image_grid_thw=torch.tensor([req.images[0].grid_thw], device="cuda"),
                     mm_token_type_ids=(ids == IMG).int())
 
@@ -466,7 +471,10 @@ def main() -> None:
     ap.add_argument("--sampled", action="store_true",
                     help="also run the concurrent requests with temperature 0.7 sampling")
     ap.add_argument("--profile-prefill", action="store_true")
+    ap.add_argument("--pixels", choices=["uint8", "float32"], default="uint8",
+                    help="image payload: Preprocess's compact uint8 patches or float32 pixel_values")
     args = ap.parse_args()
+    PIXELS["format"] = args.pixels
     from serve_app.models import resolve_model
     args.model = resolve_model(args.model)
     res = {"meta": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,

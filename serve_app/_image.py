@@ -373,13 +373,16 @@ def patchify(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = ME
 
 
 def preprocess_rgb(im: Image.Image, min_pixels: int = DEFAULT_MIN_PIXELS,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """RGB PIL image -> ``(pixel_values, grid_thw)`` exactly as Qwen2VLImageProcessorPil."""
+                   max_pixels: int = DEFAULT_MAX_PIXELS, compact: bool = False
+                   ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """RGB PIL image -> ``(pixel_values, grid_thw)`` exactly as Qwen2VLImageProcessorPil; with
+    ``compact`` the uint8 patches of :func:`patch_order` instead (normalised later, on the GPU)."""
     if im.mode != "RGB":
         raise ValueError(f"expected an RGB image, got {im.mode}")
     w, h = im.size
     rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
     if (rh, rw) != (h, w):
         im = im.resize((rw, rh), Image.Resampling.BICUBIC)
-    pixel_values = patchify(np.asarray(im))
+    rgb = np.asarray(im)
+    pixel_values = patch_order(rgb) if compact else patchify(rgb)
     return pixel_values, (1, rh // PATCH_SIZE, rw // PATCH_SIZE)

@@ -198,7 +198,8 @@ class ImagePipeline:
         hit = self.cache.get((image_id, min_pixels, max_pixels))
         if hit is not None:
             return hit
-        pixel_values, grid_thw = preprocess_rgb(decode_image(data, self.limits), min_pixels, max_pixels)
+        pixel_values, grid_thw = preprocess_rgb(decode_image(data, self.limits), min_pixels, max_pixels,
+                                                compact=True)   # 8x fewer bytes to the VLM
         pixel_values.flags.writeable = False  # shared by cache hits
         result = ImageInput(pixel_values, grid_thw, image_id)
         self.cache.put((image_id, min_pixels, max_pixels), result, pixel_values.nbytes)

@@ -153,6 +153,35 @@ def test_repetition_penalty_matches_hf_generate(model_dir, hf_model):
     assert max(len(set(t)) for t in pen) > 1 and plain
 
 
+def test_compact_uint8_images_equal_float_images(model_dir, hf_model):
+    """Preprocess ships uint8 patches; the engine normalises them on its device bit-identically,
+    so greedy tokens equal those of the float32 input (and HF's), also mixed in one batch."""
+    from serve_app._image import normalise_patches
+
+    rng = np.random.default_rng(9)
+    reqs = []
+    for i in range(3):
+        h, w = (4, 6) if i != 1 else (6, 8)
+        u8 = rng.integers(0, 256, size=(h * w, 3, 16, 16), dtype=np.uint8)
+        ids = [int(x) for x in rng.integers(100, 5000, size=5)]
+        ids += [VS] + [IMG] * (h * w // 4) + [VE] + [int(x) for x in rng.integers(100, 5000, size=3)]
+        for kind, px in (("u8", u8), ("f32", normalise_patches(u8))):
+            reqs.append(EngineRequest(f"r{i}-{kind}", ids, [ImageInput(px, (1, h, w), f"{kind}-{i}")],
+                                      SamplingParams(max_tokens=8, temperature=0.0)))
+
+    async def scenario(engine):
+        runner = engine._sched.runner
+        u8 = reqs[0].images[0].pixel_values
+        dev = runner._device_pixels([u8, reqs[1].images[0].pixel_values, u8])
+        ref = torch.from_numpy(normalise_patches(u8))
+        assert torch.equal(dev[:len(u8)].cpu(), ref) and torch.equal(dev[-len(u8):].cpu(), ref)
+        return await asyncio.gather(*[_collect(engine, r) for r in reqs])
+
+    results = _run(_config(model_dir), scenario)
+    for j in range(0, len(reqs), 2):
+        assert results[j][0] == results[j + 1][0] == _hf_greedy(hf_model, reqs[j + 1])
+
+
 def test_cancel_frees_slot_and_pages(model_dir):
     rng = np.random.default_rng(2)
 

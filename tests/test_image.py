@@ -138,10 +138,10 @@ def test_parity_modes_through_decode(hf, mode):
     assert rgb.mode == "RGB" and rgb.size == (97, 61)
     ours = pipeline().process([data])[0]
     ref, grid = hf_run(hf, rgb)
-    assert ours.grid_thw == grid and np.array_equal(ours.pixel_values, ref)
+    assert ours.grid_thw == grid and ours.compact and np.array_equal(ours.float_pixels(), ref)
     if mode in ("RGB", "L", "P", "CMYK", "1"):
         raw_ref, _ = hf_run(hf, Image.open(io.BytesIO(data)))
-        assert np.array_equal(ours.pixel_values, raw_ref)
+        assert np.array_equal(ours.float_pixels(), raw_ref)
 
 
 def test_parity_jpeg_end_to_end(hf):
@@ -149,7 +149,7 @@ def test_parity_jpeg_end_to_end(hf):
     ours = pipeline().process([data])[0]
     ref, grid = hf_run(hf, Image.open(io.BytesIO(data)))
     assert ours.grid_thw == grid == (1, 44, 80)  # 720/32 = 22.5 rounds half-to-even: 704
-    assert np.array_equal(ours.pixel_values, ref)
+    assert np.array_equal(ours.float_pixels(), ref)
 
 
 # ---------------------------------------------------------------------------- smart_resize / tokens
@@ -373,13 +373,14 @@ def test_odd_but_valid(name):
     assert np.abs(got - np.array(want)).max() <= 3, (name, got)
     out = pipeline().process([data])[0]
     t, gh, gw = out.grid_thw
-    assert out.pixel_values.shape == (t * gh * gw, 1536) and np.isfinite(out.pixel_values).all()
+    assert out.pixel_values.shape == (t * gh * gw, 3, 16, 16) and out.pixel_values.dtype == np.uint8
+    assert out.float_pixels().shape == (t * gh * gw, 1536) and np.isfinite(out.float_pixels()).all()
 
 
 def test_one_pixel_grid():
     out = pipeline().process([encode(Image.new("RGB", (1, 1), (0, 255, 0)))])[0]
     assert out.grid_thw == (1, 16, 16) and out.num_tokens() == 64
-    px = out.pixel_values.reshape(-1, 3, 2, 16, 16)
+    px = out.float_pixels().reshape(-1, 3, 2, 16, 16)
     assert np.allclose(px[:, 0], -1) and np.allclose(px[:, 1], 1) and np.allclose(px[:, 2], -1)
 
 
@@ -400,15 +401,15 @@ def test_cache_hits_and_identity():
 
 
 def test_cache_is_bounded_in_bytes():
-    p = pipeline(cache_mb=4)  # each 512x512 image is 1024 patches * 1536 * 4 B = 6 MiB > half: not kept
+    p = pipeline(cache_mb=1)  # each 512x512 image is 1024 patches * 768 B (uint8) = 0.75 MiB > half: not kept
     big = encode(noise(512, 512))
     p.process([big]); p.process([big])
     assert p.stats()["cache"]["entries"] == 0 and p.stats()["images_processed"] == 2
-    small = [encode(noise(256, 256, seed=i)) for i in range(3)]  # 1.5 MiB each
+    small = [encode(noise(384, 384, seed=i)) for i in range(3)]  # 432 KiB each
     for d in small:
         p.process([d])
     s = p.stats()["cache"]
-    assert s["entries"] == 2 and s["evictions"] == 1 and s["bytes"] <= 4 * 2**20
+    assert s["entries"] == 2 and s["evictions"] == 1 and s["bytes"] <= 2**20
 
 
 def test_upload_then_reference():

@@ -261,7 +261,7 @@ def test_deployed_preprocess_orients_and_converts_pixels(serve_url):
     def rgb_image(im) -> np.ndarray:
         """Undo patchify: [gh*gw, 3*2*16*16] in (gh/2, gw/2, 2, 2) order -> (H, W, 3) in [0, 255]."""
         _, gh, gw = im.grid_thw
-        p = im.pixel_values.reshape(gh // 2, gw // 2, 2, 2, 3, 2, 16, 16)[:, :, :, :, :, 0]
+        p = im.float_pixels().reshape(gh // 2, gw // 2, 2, 2, 3, 2, 16, 16)[:, :, :, :, :, 0]
         p = p.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * 16, gw * 16, 3)
         return (p * 0.5 + 0.5) * 255
 

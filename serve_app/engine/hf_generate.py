@@ -204,7 +204,7 @@ class HFGenerateEngine:
             # M-RoPE needs to know which positions are image tokens (the processor's output)
             ids = inputs["input_ids"]
             inputs["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
-            pv = np.concatenate([im.pixel_values for im in req.images], axis=0)
+            pv = np.concatenate([im.float_pixels() for im in req.images], axis=0)
             inputs["pixel_values"] = torch.from_numpy(pv).to(dev, self.dtype, non_blocking=True)
             inputs["image_grid_thw"] = torch.tensor([im.grid_thw for im in req.images], device=dev)
         # ignore_eos: EOS may be sampled but does not stop (unlike min_new_tokens, which bans it);

@@ -19,7 +19,10 @@ import numpy as np
 class ImageInput:
     """One preprocessed image, as Qwen3-VL's vision tower wants it.
 
-    ``pixel_values`` is float32 ``[t*h*w, 3*temporal_patch*patch*patch]`` (patchified, normalised);
+    ``pixel_values`` is either float32 ``[t*h*w, 3*temporal_patch*patch*patch]`` (patchified,
+    normalised: what HF's processor returns) or, for a still image, the compact form Preprocess
+    ships: uint8 ``[h*w, 3, patch, patch]`` in the same patch order, before normalisation and
+    temporal repeat (8x fewer bytes; the engine normalises on the device, bit-identical).
     ``grid_thw`` is ``(t, h, w)`` in patches. The LM sees ``t*h*w // merge**2`` image tokens.
     ``image_id`` is a content hash of the source bytes, usable as a cache key.
     """
@@ -31,6 +34,17 @@ class ImageInput:
     def num_tokens(self, merge_size: int = 2) -> int:
         t, h, w = self.grid_thw
         return t * h * w // (merge_size * merge_size)
+
+    @property
+    def compact(self) -> bool:
+        return self.pixel_values.dtype == np.uint8
+
+    def float_pixels(self) -> np.ndarray:
+        """The float32 ``pixel_values`` (normalised on the host when compact)."""
+        if not self.compact:
+            return self.pixel_values
+        from serve_app._image import normalise_patches
+        return normalise_patches(self.pixel_values)
 
 
 @dataclass
@@ -123,7 +137,13 @@ def validate_images(images: Sequence[ImageInput], patch_dim: int) -> None:
     """Cheap shape checks shared by engines (a malformed tensor is a programming error upstream)."""
     for im in images:
         t, h, w = im.grid_thw
-        if im.pixel_values.ndim != 2 or im.pixel_values.shape != (t * h * w, patch_dim):
+        pv = im.pixel_values
+        if im.compact:
+            if pv.ndim != 4 or t != 1 or pv.shape[0] != h * w or pv.shape[2] != pv.shape[3] \
+                    or patch_dim % (pv.shape[1] * pv.shape[2] * pv.shape[3]):
+                raise ValueError(f"image {im.image_id!r}: compact pixel_values {tuple(pv.shape)} do "
+                                 f"not match grid_thw {im.grid_thw} with patch dim {patch_dim}")
+        elif pv.ndim != 2 or pv.shape != (t * h * w, patch_dim):
             raise ValueError(
                 f"image {im.image_id!r}: pixel_values {tuple(im.pixel_values.shape)} does not match "
                 f"grid_thw {im.grid_thw} with patch dim {patch_dim}")

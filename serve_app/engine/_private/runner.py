@@ -115,6 +115,8 @@ class ModelRunner:
             device, self.num_heads, self.num_kv_heads, self.head_dim, [1024, 1024], True, self.dtype)
         self.attn_timings = {"vision": vt, "prefill": pt}
         self.vision = VisionEncoder(self.visual, device, self.vision_attn_impl)
+        self.temporal_patch = vc.temporal_patch_size
+        self._lut: torch.Tensor | None = None     # compact (uint8) pixels: the normalisation LUT
         # Pinned staging for pixel values (grown on demand) and the event of its last upload.
         self._pix_host: torch.Tensor | None = None
         self._pix_event = torch.cuda.Event() if self.is_cuda else None
@@ -218,6 +220,27 @@ class ModelRunner:
         self._pix_event.record()
         return dev
 
+    def _device_pixels(self, pixel_values: list) -> torch.Tensor:
+        """Patch rows of several images on the device in the tower's input layout. Float rows go
+        up as they are; compact uint8 patches go up 4x smaller and are normalised here with
+        the processor's LUT and repeated in time (bit-identical to the host path)."""
+        u8 = [p.dtype == np.uint8 or p.dtype == torch.uint8 for p in pixel_values]
+        if not any(u8):
+            return self._upload_pixels(pixel_values)
+        if not all(u8):       # mixed: each kind on its own, back in order
+            parts = [self._device_pixels([p]) for p in pixel_values]
+            return torch.cat(parts)
+        c, p = pixel_values[0].shape[1], pixel_values[0].shape[2]
+        raw = self._upload_pixels([x.reshape(x.shape[0], -1) for x in pixel_values])   # [N, c*p*p]
+        n = raw.shape[0]
+        if self._lut is None:
+            from serve_app._image import _LUTS
+            self._lut = torch.from_numpy(_LUTS[:c].reshape(-1)).to(self.device)     # [c*256]
+            self._lut_offset = (torch.arange(c, device=self.device) * 256).repeat_interleave(p * p)
+        vals = self._lut[raw.long() + self._lut_offset]                              # [N, c*p*p] fp32
+        t = self.temporal_patch
+        return vals.view(n, c, 1, p * p).expand(n, c, t, p * p).reshape(n, c * t * p * p)
+
     @torch.inference_mode()
     def encode_images(self, pixel_values: list, grids: list[tuple[int, int, int]]):
         """Run the vision tower once over several images (numpy arrays or tensors of patch rows);
@@ -225,7 +248,7 @@ class ModelRunner:
         grids = [tuple(int(x) for x in g) for g in grids]
         # Equal grids side by side: one batched attention call per distinct size.
         order = sorted(range(len(grids)), key=lambda i: grids[i][1] * grids[i][2])
-        pv = self._upload_pixels([pixel_values[i] for i in order])
+        pv = self._device_pixels([pixel_values[i] for i in order])
         sorted_grids = [grids[i] for i in order]
         merged, deep = self.vision(pv, sorted_grids)
         sizes = [t * h * w // (self.merge ** 2) for t, h, w in sorted_grids]
@@ -239,7 +262,7 @@ class ModelRunner:
     @torch.inference_mode()
     def encode_images_hf(self, pixel_values: list, grids: list[tuple[int, int, int]]):
         """HF's own vision module (reference for tests and the benchmark)."""
-        pv = self._upload_pixels(pixel_values).to(self.visual.dtype)
+        pv = self._device_pixels(pixel_values).to(self.visual.dtype)
         grid = torch.tensor(grids, dtype=torch.long, device=self.device)
         out = self.visual(pv, grid_thw=grid, return_dict=True)
         sizes = [t * h * w // (self.merge ** 2) for t, h, w in grids]

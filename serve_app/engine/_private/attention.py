@@ -181,11 +181,11 @@ def _varlen(q, k, v, lens: list[int], causal: bool, scale: float) -> torch.Tenso
 
 def pick_packed_impl(device: torch.device, heads: int, kv_heads: int, head_dim: int, lens: list[int],
                      causal: bool, dtype: torch.dtype,
-                     candidates=("cudnn", "flash", "varlen", "sdpa")) -> tuple[str, dict]:
+                     candidates=("cudnn", "flash", "varlen")) -> tuple[str, dict]:
     """Fastest ``packed_attention`` implementation that works here and agrees with plain SDPA
     (timed once at start-up on a representative shape, plans built; within 3 % the earlier
-    candidate wins, so ``cudnn`` - gated by :class:`CudnnPlans` - beats an ``sdpa`` that
-    dispatches to cuDNN anyway); ``sdpa`` off CUDA."""
+    candidate wins). Plain ``sdpa`` is only the fallback: on Hopper it dispatches to cuDNN
+    without the :class:`CudnnPlans` gate, i.e. with a plan build for every new shape."""
     if device.type != "cuda":
         return "sdpa", {}
     g = torch.Generator(device=device).manual_seed(0)

@@ -94,8 +94,9 @@ def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC, KO,
         tl.store(VC + dst + D // 2, tl.load(vsrc + D // 2))
 
 
-def _heads_per_program(hq: int, hk: int) -> int:
-    hb = 8
+def _heads_per_program(hq: int, hk: int, rows: int) -> int:
+    """8 heads a program for prefill-sized inputs; one (more, smaller programs) for decode."""
+    hb = 8 if rows >= 128 else 1
     while hq % hb or hk % hb:
         hb //= 2
     return hb
@@ -112,7 +113,7 @@ def qk_norm_rope_store(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, co
     b = qkv.shape[0]
     q = torch.empty(b, hq, d, dtype=qkv.dtype, device=qkv.device)
     ko = k_out if k_out is not None else q
-    hb = _heads_per_program(hq, hk)
+    hb = _heads_per_program(hq, hk, b)
     _qk_norm_rope_kernel[(b, (hq + hk) // hb)](
         qkv, qn, kn, cos, sin, pos, page, off, q, cache_k, cache_v, ko,
         qkv.stride(0), q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),

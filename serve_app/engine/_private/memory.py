@@ -72,7 +72,8 @@ def _profile_peak(config: EngineConfig, runner: ModelRunner) -> int:
     # Vision tower over ~one prefill step's worth of patches (4 patches per LM token).
     vc = runner.model.config.vision_config
     side = 64                                           # 64x64 patches = 1024 LM tokens per image
-    n_img = max(1, n // (side * side // (vc.spatial_merge_size ** 2)))
+    # admission stops once the backlog reaches max_prefill_tokens: one more image can come in
+    n_img = max(1, n // (side * side // (vc.spatial_merge_size ** 2))) + 1
     patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
     pix = [torch.randn(side * side, patch_dim, generator=g) for _ in range(n_img)]
     runner.encode_images(pix, [(1, side, side)] * n_img)

@@ -234,12 +234,18 @@ class ModelRunner:
         raw = self._upload_pixels([x.reshape(x.shape[0], -1) for x in pixel_values])   # [N, c*p*p]
         n = raw.shape[0]
         if self._lut is None:
-            from serve_app._image import _LUTS
-            self._lut = torch.from_numpy(_LUTS[:c].reshape(-1)).to(self.device)     # [c*256]
-            self._lut_offset = (torch.arange(c, device=self.device) * 256).repeat_interleave(p * p)
-        vals = self._lut[raw.long() + self._lut_offset]                              # [N, c*p*p] fp32
+            from serve_app._image import _LUTS, _SAME_LUT
+            # In the tower's dtype: rounding the LUT then gathering == gathering then rounding.
+            lut = torch.from_numpy(_LUTS[:1] if _SAME_LUT else _LUTS[:c]).to(self.device, self.visual.dtype)
+            self._lut = lut.reshape(-1, 1)                                              # [c*256, 1]
+            self._lut_offset = None if _SAME_LUT else (
+                torch.arange(c, device=self.device, dtype=torch.int32) * 256).repeat_interleave(p * p)
+        idx = raw.to(torch.int32)
+        if self._lut_offset is not None:
+            idx += self._lut_offset
+        vals = F.embedding(idx, self._lut).view(n, c, 1, p * p)      # a gather with int32 indices
         t = self.temporal_patch
-        return vals.view(n, c, 1, p * p).expand(n, c, t, p * p).reshape(n, c * t * p * p)
+        return vals.expand(n, c, t, p * p).reshape(n, c * t * p * p)
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: list, grids: list[tuple[int, int, int]]):

@@ -148,7 +148,8 @@ class Scheduler:
                                 f"{self.config.max_model_len - 1} prompt tokens", 400,
                                 "context_length_exceeded")
         want = sum(im.num_tokens(self.runner.merge) for im in req.images)
-        have = sum(1 for t in req.prompt_token_ids if t == self.runner.image_token_id)
+        ids = req.prompt_token_ids
+        have = (ids.count if isinstance(ids, list) else list(ids).count)(self.runner.image_token_id)
         if want != have:
             raise ServeAppError(f"prompt has {have} image tokens but the images need {want}", 400,
                                 "image_token_mismatch")

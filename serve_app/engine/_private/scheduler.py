@@ -229,6 +229,7 @@ class Scheduler:
         # Admit only about one prefill step ahead: KV is reserved late and the vision features of
         # admitted requests (kept until their prefill ends) stay bounded.
         backlog = sum(len(s.prompt) - s.computed for s in self.prefilling)
+        admitted = []
         while self.waiting and self.free_slots and backlog < self.config.max_prefill_tokens:
             seq = self.waiting[0]
             need = self.kv.pages_for(len(seq.prompt) + seq.max_new)
@@ -238,15 +239,19 @@ class Scheduler:
             self.waiting.popleft()
             seq.pages = pages
             seq.slot = self.free_slots.pop()
-            dev = self.runner.device
-            seq.pages_dev = torch.tensor(pages, dtype=torch.int64).to(dev, non_blocking=True)
-            self.runner.set_block_table(seq.slot, pages)
-            self.slots.assign(seq.slot, seq.req.sampling, seq.seed, seq.prompt)
-            self._prepare_positions(seq)
             self.prefilling.append(seq)
+            admitted.append(seq)
             backlog += len(seq.prompt)
             self.counters["prompt_tokens_total"] += len(seq.prompt)
+        # The vision tower goes first: the host work below (M-RoPE positions, block tables,
+        # sampling rows) then runs while the GPU encodes, instead of before it.
         self._encode_new_images()
+        dev = self.runner.device
+        for seq in admitted:
+            seq.pages_dev = torch.tensor(seq.pages, dtype=torch.int64).to(dev, non_blocking=True)
+            self.runner.set_block_table(seq.slot, seq.pages)
+            self.slots.assign(seq.slot, seq.req.sampling, seq.seed, seq.prompt)
+            self._prepare_positions(seq)
 
     def _prepare_positions(self, seq: _Seq) -> None:
         ids = torch.tensor([seq.prompt], dtype=torch.long)

@@ -26,10 +26,6 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
     vision_cache_mb: int = Field(256, ge=0, description="LRU of vision embeddings by image id")
     cache_dir: str | None = Field(None, description="where built-in models are written")
-    gil_switch_interval_ms: float | None = Field(
-        1.0, ge=0.05, le=50, description="continuous engine on a GPU: Python's thread switch interval "
-                                          "(default 5 ms) while it runs, so the engine thread waits at "
-                                          "most this long for the GIL after a step; None: leave it")
     kv_cache_tokens: int | None = Field(
         None, ge=64, description="continuous engine: KV cache size in tokens (default: what the memory "
                                  "budget leaves after weights and activations; 65536 on CPU)")

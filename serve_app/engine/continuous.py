@@ -13,7 +13,6 @@ import asyncio
 import logging
 
 import queue
-import sys
 import threading
 import time
 from typing import Any, AsyncIterator
@@ -50,11 +49,6 @@ class ContinuousEngine:
         self._loop = asyncio.get_running_loop()
         self._sched = await asyncio.to_thread(Scheduler.load, self.config, self._emit)
         self.tokenizer = self._sched.tokenizer
-        if self._sched.runner.is_cuda and self.config.gil_switch_interval_ms is not None:
-            # The replica's event loop (streams, Ray transfers) holds the GIL in bursts; with
-            # Python's default 5 ms switch interval the engine thread can sit that long between
-            # a finished step and the next launch while the GPU idles.
-            sys.setswitchinterval(self.config.gil_switch_interval_ms / 1000)
         self._thread = threading.Thread(target=self._run, name="continuous-engine", daemon=True)
         self._thread.start()
         self._ready = True

@@ -38,42 +38,31 @@ def gpu_gaps(trace: dict, t0_us: float, t1_us: float, top: int = 12) -> dict:
     with the innermost Python frames of the engine thread that overlap it."""
     ev = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     dev = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in ev if e.get("cat") in GPU_CATS)
-    dev = [(max(a, t0_us), min(b, t1_us)) for a, b in dev if b > t0_us and a < t1_us]
-    busy, gaps, cur_a, cur_b = 0.0, [], None, None
-    last_end = t0_us
+    gaps, last_end = [], t0_us
     for a, b in dev:
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                busy += cur_b - cur_a
-            if a > last_end:
-                gaps.append((last_end, a))
-            cur_a, cur_b = a, b
-        else:
-            cur_b = max(cur_b, b)
+        a, b = max(a, t0_us), min(b, t1_us)
+        if b <= a:
+            continue
+        if a > last_end:
+            gaps.append((last_end, a))
         last_end = max(last_end, b)
-    if cur_b is not None:
-        busy += cur_b - cur_a
     if t1_us > last_end:
         gaps.append((last_end, t1_us))
     py = [e for e in ev if e.get("cat") == "python_function"]
     engine_tids = {e["tid"] for e in py if "scheduler.py" in e.get("name", "")}
-    py = [e for e in py if e["tid"] in engine_tids]
-    ours = [e for e in py if any(f in e["name"] for f in ("scheduler.py", "runner.py", "vision.py",
-                                                           "sampler.py", "continuous.py", "kernel"))]
-    out_gaps = []
-    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
-        frames = sorted((e for e in ours if e["ts"] < b and e["ts"] + e.get("dur", 0) > a),
-                        key=lambda e: e.get("dur", 0))
-        names = list(dict.fromkeys(e["name"] for e in frames))[:6]
-        out_gaps.append({"start_ms": round((a - t0_us) / 1000, 3), "ms": round((b - a) / 1000, 3),
-                         "engine_frames": names})
+    ours = [e for e in py if e["tid"] in engine_tids and any(
+        f in e["name"] for f in ("scheduler.py", "runner.py", "vision.py", "sampler.py", "continuous.py", "kernel"))]
+    # per gap: our engine-thread frames overlapping it, innermost (shortest) first
+    framed = [(a, b, sorted((e for e in ours if e["ts"] < b and e["ts"] + e.get("dur", 0) > a),
+                            key=lambda e: e.get("dur", 0))) for a, b in gaps]
     idle = Counter()
-    for a, b in gaps:
-        frames = [e for e in ours if e["ts"] < b and e["ts"] + e.get("dur", 0) > a]
-        if frames:
-            idle[min(frames, key=lambda e: e.get("dur", 0))["name"]] += (b - a) / 1000
-        else:
-            idle["(engine thread outside our code)"] += (b - a) / 1000
+    for a, b, frames in framed:
+        idle[frames[0]["name"] if frames else "(engine thread outside our code)"] += (b - a) / 1000
+    longest = sorted(framed, key=lambda g: g[0] - g[1])[:top]
+    out_gaps = [{"start_ms": round((a - t0_us) / 1000, 3), "ms": round((b - a) / 1000, 3),
+                 "engine_frames": list(dict.fromkeys(e["name"] for e in frames))[:6]}
+                for a, b, frames in longest]
+    busy = (t1_us - t0_us) - sum(b - a for a, b in gaps)
     return {"wall_ms": round((t1_us - t0_us) / 1000, 3), "gpu_busy_ms": round(busy / 1000, 3),
             "gpu_busy_pct": round(100 * busy / max(1.0, t1_us - t0_us), 1),
             "idle_ms_by_engine_frame": {k: round(v, 3) for k, v in idle.most_common(15)},
@@ -93,12 +82,10 @@ async def scenario(engine, name: str, reqs, out_dir: Path) -> dict:
             torch.cuda.synchronize()
         with torch.profiler.record_function("scenario_end"):
             pass
-    path = out_dir / f"{name}.json"
-    prof.export_chrome_trace(str(path))
-    trace = json.loads(path.read_text())
-    path.unlink()
-    with gzip.open(out_dir / f"{name}.json.gz", "wt") as f:
-        json.dump(trace, f)
+    path = out_dir / f"{name}.json.gz"
+    prof.export_chrome_trace(str(path))            # gzip-compressed by its suffix
+    with gzip.open(path, "rt") as f:
+        trace = json.load(f)
     marks = {e["name"]: e["ts"] for e in trace["traceEvents"] if e.get("name", "").startswith("scenario_")}
     res = {"wall_s_perf": round(time.perf_counter() - t0, 4), "requests": r,
            **gpu_gaps(trace, marks["scenario_start"], marks["scenario_end"])}

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private.memory import plan_kv_tokens
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine._private.sampler import SlotSampling
@@ -148,8 +149,7 @@ class Scheduler:
                                 f"{self.config.max_model_len - 1} prompt tokens", 400,
                                 "context_length_exceeded")
         want = sum(im.num_tokens(self.runner.merge) for im in req.images)
-        ids = req.prompt_token_ids
-        have = (ids.count if isinstance(ids, list) else list(ids).count)(self.runner.image_token_id)
+        have = list(req.prompt_token_ids).count(self.runner.image_token_id)
         if want != have:
             raise ServeAppError(f"prompt has {have} image tokens but the images need {want}", 400,
                                 "image_token_mismatch")
@@ -187,10 +187,7 @@ class Scheduler:
     def idle_work(self) -> bool:
         """Work for a moment with no requests: build queued cuDNN attention plans (~30 ms each),
         which would otherwise stall running streams. True if it did something."""
-        if not self.runner.is_cuda:
-            return False
-        from serve_app.engine._private.attention import cudnn_plans
-        return cudnn_plans.build_pending(0.05) > 0
+        return self.runner.is_cuda and cudnn_plans.build_pending(0.05) > 0
 
     # ------------------------------------------------------------------------------- step
     def step(self) -> None:
@@ -446,7 +443,6 @@ class Scheduler:
     def _plan_stats(self) -> dict:
         if not self.runner or not self.runner.is_cuda:
             return {}
-        from serve_app.engine._private.attention import cudnn_plans
         return {"attn_plans_built": cudnn_plans.built_total, "attn_plans_pending": cudnn_plans.pending_total}
 
     def describe(self) -> dict:

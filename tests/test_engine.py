@@ -328,6 +328,32 @@ def test_stop_strings_and_stop_tokens_cut_exactly(model_dir):
     assert stop_toks == toks[:toks.index(toks[4]) + 1] and last_id.finish_reason == "stop"
 
 
+def test_min_tokens_bans_stop_tokens_like_hf(model_dir, hf_model):
+    """min_tokens forbids the request's stop tokens until it is reached (HF's min_new_tokens), in a
+    batch where other rows have no minimum; with ignore_eos the EOS ids are not stop tokens."""
+    rng = np.random.default_rng(11)
+    base = _request(0, rng, 1, 16, ignore_eos=True)
+    others = [_request(i, rng, i % 2, 12) for i in range(1, 4)]
+
+    async def free_run(engine):
+        return (await _collect(engine, base))[0]
+
+    toks = _run(_config(model_dir), free_run)
+    stop = toks[1]
+    base.request_id = "min-tokens"
+    base.sampling.stop_token_ids, base.sampling.min_tokens = [stop], 5
+
+    async def scenario(engine):
+        outs = await asyncio.gather(_collect(engine, base), *[_collect(engine, o, 0.01) for o in others])
+        return outs[0]
+
+    got, _, last = _run(_config(model_dir), scenario)
+    want = _hf_greedy(hf_model, base, eos_token_id=[stop], min_new_tokens=5)
+    assert stop not in got[:5]
+    assert got == want
+    assert last.finish_reason == ("stop" if got[-1] == stop else "length")
+
+
 def test_vision_cache_reuses_repeated_image(model_dir):
     rng = np.random.default_rng(6)
     req = _request(0, rng, 1, 6)

@@ -16,6 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from serve_app.engine._private.transfer import upload
+
 
 def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
     """One request's ``[kv_heads, length, head_dim]`` from a layer's ``[pages, kv, P, D]`` pool."""
@@ -174,7 +176,7 @@ def _varlen(q, k, v, lens: list[int], causal: bool, scale: float) -> torch.Tenso
         kw["scale"] = scale
     elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
         raise NotImplementedError("varlen_attn without a scale argument")
-    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32).to(q.device, non_blocking=True)
+    cu = upload([0, *itertools.accumulate(lens)], q.device, torch.int32)
     m = max(lens)
     return varlen_attn(q, k, v, cu, cu, m, m, **kw)
 

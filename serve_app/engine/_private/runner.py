@@ -22,6 +22,7 @@ from serve_app.engine._private.attention import (decode_attention_torch, decode_
                                                  prefill_attention, write_kv)
 from serve_app.engine._private.kv_cache import PagedKVCache
 from serve_app.engine._private.vision import VisionEncoder
+from serve_app.engine._private.transfer import upload
 
 
 @dataclass
@@ -161,7 +162,7 @@ class ModelRunner:
     def set_block_table(self, slot: int, pages: list[int]) -> None:
         row = torch.zeros(self.max_pages, dtype=torch.int32)
         row[:len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.block_tables[slot].copy_(row.to(self.device, non_blocking=self.is_cuda))
+        self.block_tables[slot].copy_(upload(row, self.device))
 
     # ------------------------------------------------------------------------------ layer math
     def _qkv(self, w: dict, x: torch.Tensor):
@@ -284,15 +285,15 @@ class ModelRunner:
         Returns float32 logits for the chunks with ``want_logits`` (their last token), in order.
         """
         dev, p = self.device, self.page_size
-        ids = torch.cat([c.ids for c in chunks]).to(dev, non_blocking=True)
-        pos = torch.cat([c.positions for c in chunks], dim=1).to(dev, non_blocking=True)
+        ids = upload(torch.cat([c.ids for c in chunks]), dev)
+        pos = upload(torch.cat([c.positions for c in chunks], dim=1), dev)
         h = self.lm.embed_tokens(ids)
         offsets, vis_idx, vis_emb, deep = [], [], [], []
         o = 0
         for c in chunks:
             offsets.append(o)
             if c.vis_local is not None and len(c.vis_local):
-                vis_idx.append(c.vis_local.to(dev, non_blocking=True) + o)
+                vis_idx.append(upload(c.vis_local, dev) + o)
                 vis_emb.append(c.vis_embeds)
                 deep.append(c.deepstack)
             o += len(c.ids)
@@ -320,7 +321,7 @@ class ModelRunner:
         last = [off + len(c.ids) - 1 for c, off in zip(chunks, offsets) if c.want_logits]
         if not last:
             return None
-        hl = _rms(h[torch.tensor(last, device=dev)], self.final_norm, self.eps)
+        hl = _rms(h[upload(last, dev, torch.int64)], self.final_norm, self.eps)
         return self.lm_head(hl).float()
 
     def _attend(self, q, k, v, i: int, chunks, offsets) -> torch.Tensor:

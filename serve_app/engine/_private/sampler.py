@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from serve_app.engine._private.transfer import upload
+
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -181,7 +183,7 @@ class SlotSampling:
         dev = self.device
         floats = torch.tensor([sp.temperature if not sp.greedy else 0.0, sp.top_p, sp.repetition_penalty])
         ints = torch.tensor([sp.top_k, seed], dtype=torch.int64)
-        floats, ints = floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True)
+        floats, ints = upload(floats, dev), upload(ints, dev)
         self.temperature[slot] = floats[0]
         self.top_p[slot] = floats[1]
         self.penalty[slot] = floats[2]
@@ -190,7 +192,7 @@ class SlotSampling:
         if sp.repetition_penalty != 1.0:   # only read for rows with a penalty (see sample)
             row = self.presence[slot]
             row.zero_()
-            row[torch.tensor(prompt, dtype=torch.int64).to(dev, non_blocking=True)] = True
+            row[upload(prompt, dev, torch.int64)] = True
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, params: list,
                banned: torch.Tensor | None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private.memory import plan_kv_tokens
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine._private.sampler import SlotSampling
+from serve_app.engine._private.transfer import upload
 from serve_app.engine._private.vision_cache import VisionCache
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
@@ -166,7 +167,7 @@ class Scheduler:
         stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.eos_ids))
         seed = sp.seed if sp.seed is not None else random.getrandbits(62)
         seq = _Seq(req=req, arrival=arrival, prompt=list(req.prompt_token_ids), max_new=self._max_new(req),
-                   stop_ids=stop_ids, ban_ids=sorted(set(self.eos_ids) | set(sp.stop_token_ids)),
+                   stop_ids=stop_ids, ban_ids=sorted(stop_ids),
                    seed=seed, detok=IncrementalDetokenizer(self.tokenizer, sp.stop))
         self.by_id[req.request_id] = seq
         self.waiting.append(seq)
@@ -245,7 +246,7 @@ class Scheduler:
         self._encode_new_images()
         dev = self.runner.device
         for seq in admitted:
-            seq.pages_dev = torch.tensor(seq.pages, dtype=torch.int64).to(dev, non_blocking=True)
+            seq.pages_dev = upload(seq.pages, dev, torch.int64)
             self.runner.set_block_table(seq.slot, seq.pages)
             self.slots.assign(seq.slot, seq.req.sampling, seq.seed, seq.prompt)
             self._prepare_positions(seq)
@@ -331,7 +332,7 @@ class Scheduler:
             s.vis_embeds, s.deepstack = None, []   # only needed during prefill
             self.running.append(s)
         dev = self.runner.device
-        slots = torch.tensor([s.slot for s in done], dtype=torch.int64).to(dev, non_blocking=True)
+        slots = upload([s.slot for s in done], dev, torch.int64)
         steps = torch.zeros(len(done), dtype=torch.int64, device=dev)
         return self._launch_sample("prefill", timer, logits, done, slots, steps)
 
@@ -361,7 +362,7 @@ class Scheduler:
             width = max(len(s.ban_ids) for s in seqs)
             ban = [(s.ban_ids + [-1] * width)[:width] if s.launched < s.req.sampling.min_tokens
                    else [-1] * width for s in seqs]
-            banned = torch.tensor(ban, dtype=torch.int64).to(logits.device)
+            banned = upload(ban, logits.device, torch.int64)
         tokens = self.slots.sample(logits, slots, steps, [s.req.sampling for s in seqs], banned)
         self.runner.last_tok.index_copy_(0, slots, tokens)
         for s in seqs:

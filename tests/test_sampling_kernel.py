@@ -76,3 +76,22 @@ def test_split_rows_equal_single_program_kernel(b, spread):
     # equal but for tokens within float rounding of the nucleus edge (the single-program kernel's
     # threshold is on a 5e-7 grid, the split one's is exact)
     assert (got == single).float().mean().item() >= 0.99
+
+
+def test_warm_up_and_shared_scratch_give_the_same_draws():
+    """After ``warm_up`` (every batch size compiled, work buffers grown to the largest batch per
+    split count), smaller batches use row prefixes of those buffers: the draws are unchanged."""
+    from serve_app.engine._private import sampling_kernel as K
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    v = 151936
+    logits = torch.randn(3, v, device="cuda", generator=g) * 3.0
+    args = lambda b: (logits[:b], torch.full((b,), 0.8, device="cuda"), torch.full((b,), 0.9, device="cuda"),  # noqa: E731
+                      torch.full((b,), float("-inf"), device="cuda"), torch.arange(b, device="cuda") + 1,
+                      torch.arange(b, device="cuda"))
+    before = [K.sample_rows(*args(b)) for b in (1, 2, 3)]
+    assert K.warm_up(16, v, torch.device("cuda")) >= 0
+    after = [K.sample_rows(*args(b)) for b in (1, 2, 3)]
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)
+    assert torch.equal(after[2][:2], after[1]) and torch.equal(after[1][:1], after[0])

@@ -30,6 +30,8 @@ it (exact ties such as 0.5 + 0.3 = 0.8 fall on the rounding); nothing else is ap
 
 from __future__ import annotations
 
+import time
+
 import torch
 import triton
 import triton.language as tl
@@ -336,6 +338,38 @@ def _splits(b: int, v: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(nblocks, per), per * _BLOCK
 
 
+def _scratch(b: int, s: int, dev: torch.device):
+    """Work buffers for ``b`` rows of ``s`` splits: one set per split count, grown to the largest
+    batch seen and sliced (row-major, so a prefix of rows is contiguous). Every call writes
+    before it reads."""
+    have = _SCRATCH.get((s, dev))
+    if have is None or have[0] < b:
+        f, i, q = (dict(dtype=d, device=dev) for d in (torch.float32, torch.int32, torch.int64))
+        have = (b, [torch.empty(b, s, **f) for _ in range(4)], [torch.empty(b, s, **i) for _ in range(2)],
+                torch.empty(b, _NC, **i), torch.empty(b, 3, _NB, **q), torch.empty(b, **q),
+                torch.empty(b, 3, 5, **q))
+        _SCRATCH[(s, dev)] = have
+    _, fl, it, cnt, hist, above, state = have
+    return [x[:b] for x in fl], [x[:b] for x in it], cnt[:b], hist[:b], above[:b], state[:b]
+
+
+def warm_up(max_batch: int, vocab: int, device: torch.device) -> float:
+    """Compile every kernel variant that batches of 1..``max_batch`` rows need, at start-up.
+
+    The split count S, and with it compile-time constants and Triton's integer specialisations,
+    changes with the batch size: without this, the first batch of each new size waits for ~6
+    kernel compiles (seconds, measured as a stalled first GPU sweep step). Returns seconds."""
+    t0 = time.perf_counter()
+    g = torch.Generator(device=device).manual_seed(0)
+    for b in range(1, max_batch + 1):
+        ones = torch.ones(b, device=device)
+        sample_rows(torch.randn(b, vocab, device=device, generator=g), 0.7 * ones, 0.9 * ones,
+                    torch.full((b,), float("-inf"), device=device), torch.arange(b, device=device),
+                    torch.zeros(b, dtype=torch.int64, device=device))
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def _args(logits, temperature, top_p, kth, seeds, steps):
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     return (logits, logits.stride(0), logits.shape[1], *(x.float().contiguous() for x in (temperature, top_p, kth)),
@@ -358,12 +392,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     logits, s_l, v, temperature, top_p, kth, seeds, steps = _args(logits, temperature, top_p, kth, seeds, steps)
     b, dev = logits.shape[0], logits.device
     s, split = _splits(b, v, dev)
-    if (b, s, dev) not in _SCRATCH:                 # every call writes before it reads
-        f, i, q = (dict(dtype=d, device=dev) for d in (torch.float32, torch.int32, torch.int64))
-        _SCRATCH[(b, s, dev)] = ([torch.empty(b, s, **f) for _ in range(4)], [torch.empty(b, s, **i) for _ in range(2)],
-                                 torch.empty(b, _NC, **i), torch.empty(b, 3, _NB, **q), torch.empty(b, **q),
-                                 torch.empty(b, 3, 5, **q))
-    (pm, pn, ps, pv), (pi, pj), cnt, hist, above, state = _SCRATCH[(b, s, dev)]
+    (pm, pn, ps, pv), (pi, pj), cnt, hist, above, state = _scratch(b, s, dev)
     out = torch.empty(b, dtype=torch.int64, device=dev)
     row = (logits, s_l, v, temperature, top_p, kth)
     sp2, w = triton.next_power_of_2(s), dict(BLOCK=_BLOCK, num_warps=_WARPS)

@@ -126,6 +126,9 @@ class Scheduler:
             t1 = time.perf_counter()
             runner.capture_graphs()
             info["graph_capture_s"] = round(time.perf_counter() - t1, 2)
+        if device.type == "cuda":
+            from serve_app.engine._private.sampling_kernel import warm_up
+            info["sampler_warmup_s"] = round(warm_up(config.max_num_seqs, runner.vocab, device), 2)
         info.update(kv_tokens=kv_tokens, dtype=str(runner.dtype).replace("torch.", ""),
                     device=str(device), page_size=runner.page_size,
                     startup_s=round(time.perf_counter() - t0, 2))

@@ -475,21 +475,30 @@ def test_vision_encoder_matches_hf_module(model_dir, hf_model):
 
 
 def test_packed_attention_equals_per_sequence_sdpa():
-    from serve_app.engine._private.attention import packed_attention
+    """Every implementation (on CUDA: flash and cuDNN called directly, varlen; bf16) against plain
+    SDPA per sequence, GQA and MHA, causal and not; no direct-call fallback was needed."""
+    from serve_app.engine._private import attention as A
 
+    cuda = DEVICE == "cuda"
+    dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    impls = ["sdpa", "flash", "cudnn", "varlen"] if cuda else ["sdpa"]
     g = torch.Generator().manual_seed(0)
-    lens = [5, 5, 9, 3, 3, 3]
+    lens = [5, 5, 9, 3, 3, 3] if not cuda else [77, 77, 130, 33, 33, 33]
     t = sum(lens)
-    q, k, v = torch.randn(t, 4, 8, generator=g), torch.randn(t, 2, 8, generator=g), torch.randn(t, 2, 8, generator=g)
-    for causal in (True, False):
-        out = packed_attention(q, k, v, lens, causal, 0.3)
-        o = 0
-        for n in lens:
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                q[o:o + n].transpose(0, 1)[None], k[o:o + n].transpose(0, 1)[None],
-                v[o:o + n].transpose(0, 1)[None], is_causal=causal, scale=0.3, enable_gqa=True)
-            torch.testing.assert_close(out[o:o + n], ref[0].transpose(0, 1))
-            o += n
+    for heads, kv_heads, d in ((4, 2, 8), (4, 4, 8)) if not cuda else ((32, 8, 128), (16, 16, 64)):
+        q, k, v = (torch.randn(t, h, d, generator=g).to(dev, dt) for h in (heads, kv_heads, kv_heads))
+        for causal in (True, False):
+            for impl in impls:
+                out = A.packed_attention(q, k, v, lens, causal, 0.3, impl, gate=False)
+                o = 0
+                for n in lens:
+                    ref = torch.nn.functional.scaled_dot_product_attention(
+                        *(x[o:o + n].transpose(0, 1)[None].float() for x in (q, k, v)),
+                        is_causal=causal, scale=0.3, enable_gqa=True)[0].transpose(0, 1)
+                    err = ((out[o:o + n].float() - ref).norm() / ref.norm()).item()
+                    assert err < (1e-2 if cuda else 1e-5), (impl, heads, kv_heads, causal, err)
+                    o += n
+    assert not A._DIRECT_FAILED
 
 
 def test_cudnn_plans_gate_new_shapes():

@@ -7,7 +7,6 @@ fixed grid so that it can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import threading
@@ -95,13 +94,13 @@ class CudnnPlans:
             self.pending_total = len(st.pending)
         return False
 
-    def build_pending(self, max_seconds: float = 0.05) -> int:
+    def build_pending(self, max_seconds: float = 0.05, max_plans: int | None = None) -> int:
         """Build queued plans (on throw-away tensors of the same shapes and strides) for up to
-        about ``max_seconds``; returns how many were built."""
+        about ``max_seconds`` and at most ``max_plans``; returns how many were built."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
         st = self._state()
         t0, n = time.perf_counter(), 0
-        while st.pending and time.perf_counter() - t0 < max_seconds:
+        while st.pending and time.perf_counter() - t0 < max_seconds and (max_plans is None or n < max_plans):
             key = next(iter(st.pending))
             del st.pending[key]
             qs, qst, ks, kst, vs, vst, causal, dtype, dev, scale = key
@@ -134,10 +133,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: li
     """
     if impl == "varlen":
         return _varlen(q, k, v, lens, causal, scale)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     gqa = k.shape[1] != q.shape[1]
     kw = {"enable_gqa": True} if gqa else {}
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     outs, off, i = [], 0, 0
     while i < len(lens):
         n, j = lens[i], i
@@ -148,12 +145,43 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: li
         use = impl
         if impl == "cudnn" and gate and not cudnn_plans.ready(qb, kb, vb, causal, scale):
             use = "flash"
-        ctx = sdpa_kernel(backends[use]) if use in backends else contextlib.nullcontext()
-        with ctx:
-            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale, **kw)
+        o = _sdpa(use, qb, kb, vb, causal, scale, kw)
         outs.append(o.transpose(1, 2).reshape(b * n, *q.shape[1:]))
         off, i = off + b * n, j
     return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _flash(q, k, v, causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
+
+
+def _cudnn(q, k, v, causal, scale):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, causal, False,
+                                                              scale=scale)[0]
+
+
+_DIRECT = {"flash": _flash, "cudnn": _cudnn}
+_DIRECT_FAILED: set[str] = set()
+
+
+def _sdpa(use: str, q, k, v, causal: bool, scale: float, kw: dict) -> torch.Tensor:
+    """SDPA [B, H, L, D] on a pinned backend. The backend's op is called directly (both take
+    GQA K/V as they are, as SDPA itself passes them): ``sdpa_kernel``'s context manager costs
+    more host time per call than the attention of a short prefill takes on the GPU. If the
+    direct op is missing or has another signature in this torch, that backend goes through
+    ``sdpa_kernel`` from then on. Inputs the backend cannot take (fp32) raise, as through SDPA."""
+    fn = _DIRECT.get(use)
+    if fn is not None and use not in _DIRECT_FAILED:
+        try:
+            return fn(q, k, v, causal, scale)
+        except (TypeError, AttributeError, NotImplementedError):
+            _DIRECT_FAILED.add(use)
+    if fn is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kw)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[use]
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **kw)
 
 
 _VARLEN_PARAMS: frozenset | None = None

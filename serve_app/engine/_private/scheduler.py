@@ -189,9 +189,10 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.running or self._inflight)
 
     def idle_work(self) -> bool:
-        """Work for a moment with no requests: build queued cuDNN attention plans (~30 ms each),
-        which would otherwise stall running streams. True if it did something."""
-        return self.runner.is_cuda and cudnn_plans.build_pending(0.05) > 0
+        """Work for a moment with no requests: build one queued cuDNN attention plan (~30 ms),
+        which would otherwise stall running streams; one at a time, so that a request arriving
+        meanwhile waits for one build at most. True if it did something."""
+        return self.runner.is_cuda and cudnn_plans.build_pending(max_plans=1) > 0
 
     # ------------------------------------------------------------------------------- step
     def step(self) -> None:

@@ -11,8 +11,8 @@ the app's URL, avoids it. The app is the shipped GPU profile, ``deployments.gpu.
 capped at 24 GB, an A10's budget), minus the TableExtractor (the workload asks no table questions).
 
 Runs: the continuous engine up the QPS ladder until the first SLO miss (one bisection step), then
-the naive ``hf-generate`` engine at low loads, then (``--uncapped``) the continuous engine with 90 %
-of the card. Each writes OUT_DIR/<name>/sweep.{json,md,png}, also after every step.
+the naive ``hf-generate`` engine at low loads, then (``--uncapped``) the continuous engine and the
+naive one with 90 % of the card. Each writes OUT_DIR/<name>/sweep.{json,md,png}, also after every step.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> int:
                         "card; 1 on a two-GPU machine puts one replica on each GPU)")
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated runs to do (capped-continuous, capped-hf-generate, "
-                        "uncapped-continuous, two-replicas-one-gpu or -two-gpus); default: all asked for")
+                        "uncapped-continuous, uncapped-hf-generate, two-replicas-one-gpu or -two-gpus); default: all asked for")
     p.add_argument("--seconds", type=float, default=440, help="time budget for all sweeps")
     p.add_argument("--qps", default="8,12,16,20,24,28,32,40")
     p.add_argument("--hf-qps", default="0.1,0.25")
@@ -59,14 +59,16 @@ def main() -> int:
     runs = [("capped-continuous", "continuous", a.cap_gb, a.qps, 1),
             ("capped-hf-generate", "hf-generate", a.cap_gb, a.hf_qps, 1)]
     if a.uncapped:
-        runs.append(("uncapped-continuous", "continuous", None, a.qps, 1))
+        runs += [("uncapped-continuous", "continuous", None, a.qps, 1),
+                 ("uncapped-hf-generate", "hf-generate", None, a.hf_qps, 1)]
     if a.two_replicas:
         name = "two-replicas-two-gpus" if (a.replica_gpus or 0.5) > 0.5 else "two-replicas-one-gpu"
         runs.append((name, "continuous", a.cap_gb, a.two_replicas, 2))
     if a.only:
         runs = [r for r in runs if r[0] in a.only.split(",")]
     # seconds kept for each later run: app (re)start + warm-up + two or three short steps
-    reserve = {"capped-hf-generate": a.hf_seconds, "uncapped-continuous": 150, "two-replicas-one-gpu": 130,
+    reserve = {"capped-hf-generate": a.hf_seconds, "uncapped-continuous": 150, "uncapped-hf-generate": a.hf_seconds,
+               "two-replicas-one-gpu": 130,
                "two-replicas-two-gpus": 130}
     cpu = a.device == "cpu"
     try:

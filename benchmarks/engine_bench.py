@@ -292,8 +292,13 @@ def profile_prefill(runner, rng, n: int = 4) -> dict:
 def lm_weight_bytes(runner) -> int:
     """Bytes a decode step must read: every LM weight once (the embedding only for B rows)."""
     n = 0
+    def size(t) -> int:       # FP8 weights: e4m3 values plus their per-channel scales
+        if hasattr(t, "scale"):
+            return size(t.q) + size(t.scale)
+        return t.numel() * t.element_size()
+
     for w in runner.w:
-        n += sum(t.numel() * t.element_size() for t in w.values())
+        n += sum(size(t) for t in w.values())
     n += runner.lm_head.weight.numel() * runner.lm_head.weight.element_size()
     n += runner.final_norm.numel() * runner.final_norm.element_size()
     return n
@@ -332,7 +337,8 @@ async def run_requests(engine, reqs: list[EngineRequest]) -> dict:
 async def bench_engine(args, hf: dict | None) -> dict:
     cfg = EngineConfig(model=args.model, engine="continuous", device="cuda", dtype="bfloat16",
                        max_gpu_memory_gb=args.max_gpu_memory_gb, max_num_seqs=args.max_num_seqs,
-                       max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens)
+                       max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+                       quantization=args.quantization)
     engine = ContinuousEngine(cfg)
     t0 = time.perf_counter()
     await engine.start()
@@ -364,6 +370,8 @@ async def bench_engine(args, hf: dict | None) -> dict:
         r["floor_weights_ms"] = 1000 * wbytes / HBM_BYTES_PER_S
         r["floor_weights_kv_ms"] = 1000 * (wbytes + r["kv_bytes"]) / HBM_BYTES_PER_S
     out["lm_weight_gb"] = wbytes / 1e9
+    if runner.fp8_timings:    # the decode kernel picks and their timings (us), per projection@rows
+        out["fp8_decode_timings"] = runner.fp8_timings
     rng = np.random.default_rng(7)
     # warm-up the full path (vision, prefill shapes, sampling)
     await run_requests(engine, [make_request(1000 + i, rng, 8) for i in range(4)])
@@ -485,6 +493,8 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
     ap.add_argument("--prefill-counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="the engine's quantization (the HF baseline stays in bf16)")
     ap.add_argument("--sampled", action="store_true",
                     help="also run the concurrent requests with temperature 0.7 sampling")
     ap.add_argument("--profile-prefill", action="store_true")

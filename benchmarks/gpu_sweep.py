@@ -51,6 +51,8 @@ def main() -> int:
     p.add_argument("--hf-seconds", type=float, default=100, help="time kept back for hf-generate")
     p.add_argument("--step", type=float, default=20, help="seconds of load per step")
     p.add_argument("--cpus", type=float, default=12, help="Ray logical CPUs")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="engine.quantization of the continuous runs (hf-generate stays in bf16)")
     a = p.parse_args()
     t_end = time.time() + a.seconds
     srv = LocalServe(num_cpus=a.cpus)  # first: before NVML, images, or anything else
@@ -78,6 +80,8 @@ def main() -> int:
                 print(f"skip {name}: {left:.0f} s left", flush=True)
                 continue
             eng = {"model": a.model, "engine": engine, **memory_overrides(cap)}
+            if a.quantization and engine == "continuous":
+                eng["quantization"] = a.quantization
             if a.device:
                 eng["device"] = a.device
             if a.device == "cpu":

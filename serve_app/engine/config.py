@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EngineConfig(BaseModel):
@@ -23,9 +23,19 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="most requests decoding at once")
     max_model_len: int = Field(8192, ge=64, description="prompt + output tokens per request")
     max_prefill_tokens: int = Field(8192, ge=64, description="tokens per prefill chunk")
+    quantization: Literal["fp8"] | None = Field(
+        None, description="continuous engine: 'fp8' runs the decoder layers' linears as FP8 GEMMs "
+                          "(per-channel weight and per-token activation scales, quantised at load; "
+                          "GPUs with FP8 tensor cores, or the CPU); None keeps the model's dtype")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
     vision_cache_mb: int = Field(256, ge=0, description="LRU of vision embeddings by image id")
     cache_dir: str | None = Field(None, description="where built-in models are written")
     kv_cache_tokens: int | None = Field(
         None, ge=64, description="continuous engine: KV cache size in tokens (default: what the memory "
                                  "budget leaves after weights and activations; 65536 on CPU)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.quantization and self.engine != "continuous":
+            raise ValueError(f"quantization={self.quantization!r} needs engine='continuous'")
+        return self

@@ -13,12 +13,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, n, eps,
-                HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_kernel(X, R, W, Y, RO, S, stride_x, stride_r, stride_y, stride_ro, stride_part, n, eps,
+                HAS_RES: tl.constexpr, QUANT: tl.constexpr, NPART: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n
-    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
+    if NPART > 0:      # fp32 split-K partials of a GEMM: their sum, rounded as the GEMM's output
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in tl.static_range(NPART):
+            acc += tl.load(X + p * stride_part + row * stride_x + cols, mask=m, other=0.0)
+        x = acc.to(W.dtype.element_ty)
+    else:
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
         tl.store(RO + row * stride_ro + cols, x, mask=m)
@@ -26,18 +32,66 @@ def _rms_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, n, eps,
     var = tl.sum(xf * xf, axis=0) / n
     h = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(W + cols, mask=m, other=0.0)
-    tl.store(Y + row * stride_y + cols, (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype), mask=m)
+    y = (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype)
+    if QUANT:
+        _store_fp8_row(Y + row * stride_y, S + row, cols, m, y.to(tl.float32))
+    else:
+        tl.store(Y + row * stride_y + cols, y, mask=m)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """``rms(x)``, or with ``residual``: ``(rms(x + residual), x + residual)`` (HF numerics)."""
+@triton.jit
+def _store_fp8_row(Q, S, cols, m, y):
+    """One row (fp32, masked lanes 0) as e4m3 with its per-row scale amax/448 (FP8 GEMM input)."""
+    scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+    q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
+    tl.store(Q + cols, q.to(Q.dtype.element_ty), mask=m)
+    tl.store(S, scale)
+
+
+def _fp8_out(rows: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(rows, n, dtype=torch.float8_e4m3fn, device=device),
+            torch.empty(rows, 1, dtype=torch.float32, device=device))
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             quant: bool = False):
+    """``rms(x)``, or with ``residual``: ``(rms(x + residual), x + residual)`` (HF numerics).
+    ``x`` may be fp32 split-K partials ``[S, rows, n]`` of a GEMM (``fp8_gemv``): they are summed
+    and rounded to ``w``'s dtype first. ``quant``: the normed rows come back as an FP8 GEMM input
+    ``(e4m3 [rows, n], scale [rows, 1])``."""
+    nparts = x.shape[0] if x.dim() == 3 else 0
+    rows, n = x.shape[-2:]
+    dt = w.dtype if nparts else x.dtype
+    if quant:
+        y, s = _fp8_out(rows, n, x.device)
+    else:
+        y = torch.empty(rows, n, dtype=dt, device=x.device)
+        s = y
+    ro = torch.empty(rows, n, dtype=dt, device=x.device) if residual is not None else y
+    r = residual if residual is not None else y
+    _rms_kernel[(rows,)](x, r, w, y, ro, s, x.stride(-2), r.stride(0), y.stride(0), ro.stride(0),
+                         x.stride(0) if nparts else 0, n, eps, HAS_RES=residual is not None,
+                         QUANT=quant, NPART=nparts, BLOCK=triton.next_power_of_2(n), num_warps=4)
+    out = (y, s) if quant else y
+    return (out, ro) if residual is not None else out
+
+
+@triton.jit
+def _quant_rows_kernel(X, Q, S, stride_x, stride_q, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < n
+    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    _store_fp8_row(Q + row * stride_q, S + row, cols, m, x)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantisation: ``(q [rows, n], scale [rows, 1] float32)``, q = x / scale."""
     rows, n = x.shape
-    y = torch.empty_like(x)
-    ro = torch.empty_like(x) if residual is not None else y
-    r = residual if residual is not None else x
-    _rms_kernel[(rows,)](x, r, w, y, ro, x.stride(0), r.stride(0), y.stride(0), ro.stride(0), n, eps,
-                         HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=4)
-    return (y, ro) if residual is not None else y
+    q, s = _fp8_out(rows, n, x.device)
+    _quant_rows_kernel[(rows,)](x, q, s, x.stride(0), q.stride(0), n,
+                                BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 4096 else 4)
+    return q, s
 
 
 @triton.jit
@@ -161,12 +215,46 @@ def _silu_mul_kernel(GU, Y, s_gu, s_y, n, BLOCK: tl.constexpr):
     tl.store(Y + row * s_y + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for fused [rows, 2n] gate/up rows."""
+@triton.jit
+def _silu_mul_quant_kernel(GU, Q, S, s_gu, s_q, n, BLOCK: tl.constexpr):
+    """One row per program: the row's absolute maximum first, then the e4m3 values (SiLU is
+    recomputed in the second pass: the gate/up row is in L2, a scratch row would not be)."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(0, n, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        m = cols < n
+        g = tl.load(GU + row * s_gu + cols, mask=m, other=0.0)
+        u = tl.load(GU + row * s_gu + n + cols, mask=m, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        y = (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    for c0 in range(0, n, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        m = cols < n
+        g = tl.load(GU + row * s_gu + cols, mask=m, other=0.0)
+        u = tl.load(GU + row * s_gu + n + cols, mask=m, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        y = (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype).to(tl.float32)
+        q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
+        tl.store(Q + row * s_q + cols, q.to(Q.dtype.element_ty), mask=m)
+    tl.store(S + row, scale)
+
+
+def silu_mul(gu: torch.Tensor, quant: bool = False):
+    """``silu(gate) * up`` for fused [rows, 2n] gate/up rows; ``quant``: as an FP8 GEMM input
+    ``(e4m3 [rows, n], scale [rows, 1])``."""
     rows, two_n = gu.shape
     n = two_n // 2
-    y = torch.empty(rows, n, dtype=gu.dtype, device=gu.device)
     block = 1024
+    if quant:
+        q, s = _fp8_out(rows, n, gu.device)
+        _silu_mul_quant_kernel[(rows,)](gu, q, s, gu.stride(0), q.stride(0), n, BLOCK=block, num_warps=4)
+        return q, s
+    y = torch.empty(rows, n, dtype=gu.dtype, device=gu.device)
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block,
                                                     num_warps=4)
     return y

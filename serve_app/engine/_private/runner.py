@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from serve_app.engine._private.attention import (decode_attention_torch, decode_attention_triton,
                                                  num_splits_for, packed_attention, pick_packed_impl,
                                                  prefill_attention, write_kv)
+from serve_app.engine._private import fp8
 from serve_app.engine._private.kv_cache import PagedKVCache
 from serve_app.engine._private.vision import VisionEncoder
 from serve_app.engine._private.transfer import upload
@@ -55,7 +56,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int,
-                 page_size: int = 16, fuse: bool | None = None):
+                 page_size: int = 16, fuse: bool | None = None, quantization: str | None = None):
         self.model = model
         self.device = device
         cfg = model.config
@@ -83,6 +84,15 @@ class ModelRunner:
         # separate ones so fp32 results stay identical to HF.
         self.fuse = self.is_cuda if fuse is None else fuse
         self.fused_prefill = True      # GPU: fused prefill layers (False: the plain torch layers)
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"unknown quantization {quantization!r} (supported: 'fp8')")
+        if quantization == "fp8" and (why := fp8.supported(device)):
+            raise ValueError(why)
+        self.fp8 = quantization == "fp8"   # the decoder layers' linears as FP8 GEMMs
+        # FP8 decode: per (projection, row tile) the Triton W8A16 config, or None for W8A8
+        # (cuBLASLt); timed at graph capture. Empty: W8A8 everywhere (prefill, CPU).
+        self.fp8_plan: dict[tuple[str, int], tuple | None] = {}
+        self.fp8_timings: dict = {}
         self._prepare_weights()
         # 1-D RoPE table for decode: all three M-RoPE components equal (t + rope_delta) there.
         pos = torch.arange(max_model_len, device=device)
@@ -148,6 +158,12 @@ class ModelRunner:
             else:
                 d.update(q=a.q_proj.weight, k=a.k_proj.weight, v=a.v_proj.weight,
                          gate=m.gate_proj.weight, up=m.up_proj.weight)
+            if self.fp8:      # one weight at a time: the bf16 copy is freed before the next
+                for key in ("qkv", "gu", "q", "k", "v", "gate", "up", "o", "down"):
+                    if key in d:
+                        d[key] = fp8.quantize_weight(d[key], key)
+                for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                    mod.weight.data = torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device)
             self.w.append(d)
         self.final_norm = self.lm.norm.weight
 
@@ -165,14 +181,41 @@ class ModelRunner:
         self.block_tables[slot].copy_(upload(row, self.device))
 
     # ------------------------------------------------------------------------------ layer math
+    def _lin(self, x, w) -> torch.Tensor:
+        """``x @ w.T``: a bf16/fp32 weight, or an FP8 one (``x`` may then be pre-quantised)."""
+        if isinstance(w, fp8.Fp8Weight):
+            return fp8.linear(x, w, self.dtype)
+        return F.linear(x, w)
+
+    def _dec_lin(self, x, w, plan: dict | None, partial: bool = False) -> torch.Tensor:
+        """A decode-step linear: the planned Triton W8A16 kernel (``x`` in bf16; with ``partial``
+        maybe fp32 split-K partials for the next RMSNorm), else :meth:`_lin`."""
+        cfg = plan.get(w.name) if plan else None
+        if cfg is None:
+            return self._lin(x, w)
+        from serve_app.engine._private import fp8_gemv
+        return fp8_gemv.linear(x, w.q, w.scale, cfg, partial)
+
+    def _decode_plan(self, batch: int) -> dict | None:
+        if not self.fp8_plan:
+            return None
+        bm = max(16, 1 << (batch - 1).bit_length())
+        return {name: self.fp8_plan.get((name, bm)) for name in ("qkv", "o", "gu", "down")}
+
+    def tune_fp8_decode(self) -> None:
+        """Time the decode projections' FP8 kernels on this GPU (``fp8_gemv.plan_decode``)."""
+        from serve_app.engine._private import fp8_gemv
+        tiles = sorted({max(16, 1 << (b - 1).bit_length()) for b in self.buckets if b <= 64})
+        self.fp8_plan, self.fp8_timings = fp8_gemv.plan_decode(self.w, tiles, self.dtype)
+
     def _qkv(self, w: dict, x: torch.Tensor):
         t = x.shape[0]
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.fuse:
-            qkv = F.linear(x, w["qkv"])
+            qkv = self._lin(x, w["qkv"])
             q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
         else:
-            q, k, v = F.linear(x, w["q"]), F.linear(x, w["k"]), F.linear(x, w["v"])
+            q, k, v = self._lin(x, w["q"]), self._lin(x, w["k"]), self._lin(x, w["v"])
         q = _rms(q.reshape(t, hq, d), w["qn"], self.eps)
         k = _rms(k.reshape(t, hk, d), w["kn"], self.eps)
         return q, k, v.reshape(t, hk, d)
@@ -186,12 +229,12 @@ class ModelRunner:
     def _mlp(self, w: dict, x: torch.Tensor) -> torch.Tensor:
         if self.is_cuda and self.fuse:
             from serve_app.engine._private.kernels import silu_mul
-            return F.linear(silu_mul(F.linear(x, w["gu"])), w["down"])
+            return self._lin(silu_mul(self._lin(x, w["gu"]), quant=self.fp8), w["down"])
         if self.fuse:
-            g, u = F.linear(x, w["gu"]).chunk(2, dim=-1)
+            g, u = self._lin(x, w["gu"]).chunk(2, dim=-1)
         else:
-            g, u = F.linear(x, w["gate"]), F.linear(x, w["up"])
-        return F.linear(F.silu(g) * u, w["down"])
+            g, u = self._lin(x, w["gate"]), self._lin(x, w["up"])
+        return self._lin(F.silu(g) * u, w["down"])
 
     # --------------------------------------------------------------------------------- vision
     def _upload_pixels(self, pixel_values: list) -> torch.Tensor:
@@ -358,7 +401,7 @@ class ModelRunner:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             write_kv(kv.k[i], kv.v[i], k, v, page_idx, page_off)
             attn = self._attend(q, k, v, i, chunks, offsets)
-            h = res + F.linear(attn.reshape(h.shape[0], -1), w["o"])
+            h = res + self._lin(attn.reshape(h.shape[0], -1), w["o"])
             h = h + self._mlp(w, self._norm(h, w["ln2"]))
             if vidx is not None and i < len(deep_cat):
                 h[vidx] = h[vidx] + deep_cat[i].to(h.dtype)
@@ -373,20 +416,20 @@ class ModelRunner:
         hq, hk, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         rows = torch.arange(t, device=h.device)
         k_buf = torch.empty(t, hk, d, dtype=h.dtype, device=h.device)
-        res = None
+        res, q8 = None, self.fp8
         for i, w in enumerate(self.w):
             if res is None:
-                x, res = K.rms_norm(h, w["ln1"], eps), h
+                x, res = K.rms_norm(h, w["ln1"], eps, quant=q8), h
             else:
-                x, res = K.rms_norm(h, w["ln1"], eps, residual=res)
-            qkv = F.linear(x, w["qkv"])
+                x, res = K.rms_norm(h, w["ln1"], eps, residual=res, quant=q8)
+            qkv = self._lin(x, w["qkv"])
             q = K.qk_norm_rope_store(qkv, w["qn"], w["kn"], cos, sin, rows, page_idx, page_off,
                                      kv.k[i], kv.v[i], hq, hk, d, eps, k_out=k_buf)
             v = qkv.view(t, hq + 2 * hk, d)[:, hq + hk:]
             attn = self._attend(q, k_buf, v, i, chunks, offsets)
-            h = F.linear(attn.reshape(t, -1), w["o"])
-            x, res = K.rms_norm(h, w["ln2"], eps, residual=res)
-            h = F.linear(K.silu_mul(F.linear(x, w["gu"])), w["down"])
+            h = self._lin(attn.reshape(t, -1), w["o"])
+            x, res = K.rms_norm(h, w["ln2"], eps, residual=res, quant=q8)
+            h = self._lin(K.silu_mul(self._lin(x, w["gu"]), quant=q8), w["down"])
             if vidx is not None and i < len(deep_cat):
                 h = res + h                       # HF adds deepstack to the layer's output
                 h[vidx] = h[vidx] + deep_cat[i].to(h.dtype)
@@ -413,12 +456,14 @@ class ModelRunner:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             write_kv(kv.k[i], kv.v[i], k, v, page, off)
             attn = decode_attention_torch(q, kv.k[i], kv.v[i], bt_rows, lens_l, self.scale)
-            h = res + F.linear(attn.reshape(batch, -1), w["o"])
+            h = res + self._lin(attn.reshape(batch, -1), w["o"])
             h = h + self._mlp(w, _rms(h, w["ln2"], self.eps))
         return self.lm_head(_rms(h, self.final_norm, self.eps)).float()
 
     def _decode_forward_fused(self, ids, pos, page, off, lens, slot, batch: int) -> torch.Tensor:
-        """GPU decode: about ten kernels per layer (fused norms, q/k-norm+RoPE+KV store, SiLU)."""
+        """GPU decode: about ten kernels per layer (fused norms, q/k-norm+RoPE+KV store, SiLU).
+        FP8: each projection as planned (W8A16 Triton kernel: bf16 input, o/down may hand split-K
+        partials to the next norm; W8A8: the norm or SiLU kernel quantises its output)."""
         from serve_app.engine._private import kernels as K
 
         kv = self.kv
@@ -426,21 +471,24 @@ class ModelRunner:
         lens32 = lens.to(torch.int32)
         splits = num_splits_for(batch, self.num_kv_heads, self.num_sms)
         hq, hk, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        plan = self._decode_plan(batch)
+        qz = {n: self.fp8 and (plan is None or plan[n] is None) for n in ("qkv", "gu", "down")}
         h = self.lm.embed_tokens(ids)
         res = None
         for i, w in enumerate(self.w):
             if res is None:
-                x, res = K.rms_norm(h, w["ln1"], eps), h
+                x, res = K.rms_norm(h, w["ln1"], eps, quant=qz["qkv"]), h
             else:
-                x, res = K.rms_norm(h, w["ln1"], eps, residual=res)
-            qkv = F.linear(x, w["qkv"])
+                x, res = K.rms_norm(h, w["ln1"], eps, residual=res, quant=qz["qkv"])
+            qkv = self._dec_lin(x, w["qkv"], plan)
             q = K.qk_norm_rope_store(qkv, w["qn"], w["kn"], self.cos_table, self.sin_table, pos, page,
                                      off, kv.k[i], kv.v[i], hq, hk, d, eps)
             attn = decode_attention_triton(q, kv.k[i], kv.v[i], bt, lens32, self.scale, splits,
                                            self.page_size)
-            h = F.linear(attn.reshape(batch, -1), w["o"])
-            x, res = K.rms_norm(h, w["ln2"], eps, residual=res)
-            h = F.linear(K.silu_mul(F.linear(x, w["gu"])), w["down"])
+            h = self._dec_lin(attn.reshape(batch, -1), w["o"], plan, partial=True)
+            x, res = K.rms_norm(h, w["ln2"], eps, residual=res, quant=qz["gu"])
+            gu = self._dec_lin(x, w["gu"], plan)
+            h = self._dec_lin(K.silu_mul(gu, quant=qz["down"]), w["down"], plan, partial=True)
         x, _ = K.rms_norm(h, self.final_norm, eps, residual=res)
         return self.lm_head(x).float()
 
@@ -462,6 +510,8 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """Capture the decode step for each batch bucket (largest first, one shared memory pool)."""
+        if self.fp8 and not self.fp8_plan:
+            self.tune_fp8_decode()
         self._staging.zero_()
         self._staging[5].fill_(self.max_num_seqs)        # padding slot: all-zero block table
         pool = torch.cuda.graph_pool_handle()

@@ -119,17 +119,23 @@ class Scheduler:
     def from_model(cls, config: EngineConfig, model, tokenizer, emit: Emit, device: torch.device,
                    eos_ids: list[int], budget: int | None = None) -> "Scheduler":
         t0 = time.perf_counter()
-        runner = ModelRunner(model, device, config.max_num_seqs, config.max_model_len)
+        runner = ModelRunner(model, device, config.max_num_seqs, config.max_model_len,
+                             quantization=config.quantization)
+        if runner.fp8 and device.type == "cuda" and config.cuda_graphs:
+            runner.tune_fp8_decode()     # before KV is sized: its scratch is freed first
         kv_tokens, info = plan_kv_tokens(config, runner, budget)
         runner.allocate_kv(kv_tokens)
         if device.type == "cuda" and config.cuda_graphs:
             t1 = time.perf_counter()
             runner.capture_graphs()
             info["graph_capture_s"] = round(time.perf_counter() - t1, 2)
+            if runner.fp8_timings:
+                info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}
         if device.type == "cuda":
             from serve_app.engine._private.sampling_kernel import warm_up
             info["sampler_warmup_s"] = round(warm_up(config.max_num_seqs, runner.vocab, device), 2)
         info.update(kv_tokens=kv_tokens, dtype=str(runner.dtype).replace("torch.", ""),
+                    quantization=config.quantization,
                     device=str(device), page_size=runner.page_size,
                     startup_s=round(time.perf_counter() - t0, 2))
         logger.info("continuous engine ready: %s", info)

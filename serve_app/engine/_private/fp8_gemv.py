@@ -1,0 +1,131 @@
+"""Decode-sized FP8-weight GEMMs (Triton; imported only on CUDA).
+
+A decode step multiplies a few rows by every weight, so it is bound by reading the weights.
+cuBLASLt's row-wise scaled FP8 GEMM is tuned for large M: at M <= 64 it reads FP8 weights at
+~0.8-2 TB/s on an H200 (slower than bf16 cuBLAS on the same shapes). This kernel keeps the
+activations in bf16, converts each FP8 weight tile to bf16 in registers, and splits K over
+several programs when N alone gives too few programs to keep the memory system busy; the split
+partials are fp32 rows ``[S, M, N]`` that the next RMSNorm sums (``kernels.rms_norm`` accepts
+them), so the split costs no extra kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    nmask = rn < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k0 = pid_k * k_per_split
+    k1 = tl.minimum(k0 + k_per_split, K)
+    for kk in range(k0, k1, BK):
+        rk = kk + tl.arange(0, BK)
+        kmask = rk < k1
+        x = tl.load(X + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
+        w = tl.load(W + rn[:, None] * s_wn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    acc = acc * tl.load(WS + rn, mask=nmask, other=0.0)[None, :]
+    ptr = Y + pid_k * s_ys + rm[:, None] * s_ym + rn[None, :]
+    mask = (rm[:, None] < M) & nmask[None, :]
+    if PARTIAL:
+        tl.store(ptr, acc, mask=mask)
+    else:
+        tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: tuple,
+           partial: bool = False) -> torch.Tensor:
+    """``x [M, K] bf16 @ (q [N, K] e4m3 * scale [1, N]).T`` for M <= 64. Returns ``[M, N]`` in
+    x's dtype, or with more than one K split and ``partial``, fp32 ``[S, M, N]`` partials (their
+    sum is the product; without ``partial`` they are summed here). ``config``: (BN, BK, splits,
+    num_warps, num_stages), from :func:`tune`."""
+    m, k = x.shape
+    n = q.shape[0]
+    bm = max(16, triton.next_power_of_2(m))
+    bn, bk, splits, warps, stages = config
+    k_per = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+    splits = triton.cdiv(k, k_per)
+    if splits > 1:
+        y = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(1, m, n, dtype=x.dtype, device=x.device)
+    _w8a16_kernel[(triton.cdiv(n, bn), splits)](
+        x, q, scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0), y.stride(1), k_per,
+        BM=bm, BN=bn, BK=bk, PARTIAL=splits > 1, num_warps=warps, num_stages=stages)
+    if splits == 1:
+        return y[0]
+    return y if partial else y.sum(0).to(x.dtype)
+
+
+def _graph_time_us(fns: list) -> float:
+    """GPU time per call of ``fns`` run in turn, from a CUDA graph (launch costs excluded, as in
+    the captured decode step). Each should read a different layer's weight: a decode step reads
+    every weight once from HBM, while one weight called in a loop would sit in L2 (an FP8 qkv is
+    16 MB, an H200's L2 50 MB)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()                                       # compile / warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    g.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) * 1000 / len(fns))
+    del g
+    return best
+
+
+def candidates(k: int) -> list[tuple]:
+    out = [(bn, 128, s, 4, 3) for bn in (32, 64) for s in (1, 2, 4, 8)]
+    if k >= 8192:
+        out += [(32, 256, s, 4, 3) for s in (4, 8)]
+    return out
+
+
+@torch.inference_mode()
+def plan_decode(layers: list[dict], row_tiles: list[int], dtype: torch.dtype) -> tuple[dict, dict]:
+    """For each decode projection and row tile (16/32/64 rows): this kernel's fastest config, or
+    None where cuBLASLt's W8A8 GEMM (its activation quantisation included where no norm kernel
+    fuses it: the o projection) is faster on this GPU. Returns (plan, timings in us)."""
+    from serve_app.engine._private import fp8
+    from serve_app.engine._private.kernels import quantize_rows
+
+    layers = layers[:12]
+    plan, timings = {}, {}
+    for bm in row_tiles:
+        for name in ("qkv", "o", "gu", "down"):
+            ws = [lw[name] for lw in layers]
+            k = ws[0].q.shape[1]
+            x = torch.randn(bm, k, dtype=dtype, device=ws[0].q.device)
+            xq = quantize_rows(x)
+            src = x if name == "o" else xq
+            times = {"w8a8": _graph_time_us([lambda w=w: fp8.linear(src, w, dtype) for w in ws])}
+            partial = name in ("o", "down")      # their partials go to a norm that sums them
+            for cfg in candidates(k):
+                if -(-k // cfg[1]) >= cfg[2]:
+                    times[cfg] = _graph_time_us(
+                        [lambda w=w: linear(x, w.q, w.scale, cfg, partial) for w in ws])
+            best = min(times, key=times.get)
+            plan[(name, bm)] = None if best == "w8a8" else best
+            timings[f"{name}@{bm}"] = {"pick": str(best), **{str(c): round(t, 2) for c, t in times.items()}}
+    torch.cuda.empty_cache()         # the timing graphs' pools: back before KV is sized
+    return plan, timings

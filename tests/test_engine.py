@@ -172,7 +172,7 @@ def test_compact_uint8_images_equal_float_images(model_dir, hf_model):
     async def scenario(engine):
         runner = engine._sched.runner
         u8 = reqs[0].images[0].pixel_values
-        dev = runner._device_pixels([u8, reqs[1].images[0].pixel_values, u8])
+        dev = runner.pixels.to_device([u8, reqs[1].images[0].pixel_values, u8])
         ref = torch.from_numpy(normalise_patches(u8))
         assert torch.equal(dev[:len(u8)].cpu(), ref) and torch.equal(dev[-len(u8):].cpu(), ref)
         return await asyncio.gather(*[_collect(engine, r) for r in reqs])

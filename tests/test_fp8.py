@@ -13,7 +13,6 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from serve_app.engine._private import fp8
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk

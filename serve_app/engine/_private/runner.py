@@ -10,10 +10,8 @@ On CPU everything runs eagerly through the same code with torch attention (fp32 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +20,7 @@ from serve_app.engine._private.attention import (decode_attention_torch, decode_
                                                  prefill_attention, write_kv)
 from serve_app.engine._private import fp8
 from serve_app.engine._private.kv_cache import PagedKVCache
+from serve_app.engine._private.pixels import PixelUpload
 from serve_app.engine._private.vision import VisionEncoder
 from serve_app.engine._private.transfer import upload
 
@@ -126,11 +125,7 @@ class ModelRunner:
             device, self.num_heads, self.num_kv_heads, self.head_dim, [1024, 1024], True, self.dtype)
         self.attn_timings = {"vision": vt, "prefill": pt}
         self.vision = VisionEncoder(self.visual, device, self.vision_attn_impl)
-        self.temporal_patch = vc.temporal_patch_size
-        self._lut: torch.Tensor | None = None     # compact (uint8) pixels: the normalisation LUT
-        # Pinned staging for pixel values (grown on demand) and the event of its last upload.
-        self._pix_host: torch.Tensor | None = None
-        self._pix_event = torch.cuda.Event() if self.is_cuda else None
+        self.pixels = PixelUpload(device, self.visual.dtype, vc.temporal_patch_size)
 
     # ----------------------------------------------------------------------------------- setup
     def _prepare_weights(self) -> None:
@@ -237,60 +232,6 @@ class ModelRunner:
         return self._lin(F.silu(g) * u, w["down"])
 
     # --------------------------------------------------------------------------------- vision
-    def _upload_pixels(self, pixel_values: list) -> torch.Tensor:
-        """Pixel rows of several images -> one device tensor. On CUDA through a pinned staging
-        buffer and a non-blocking copy (inputs may be read-only numpy arrays: never written)."""
-        n = sum(p.shape[0] for p in pixel_values)
-        width = pixel_values[0].shape[1]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")      # torch.from_numpy on read-only arrays
-            srcs = [torch.from_numpy(p) if isinstance(p, np.ndarray) else p for p in pixel_values]
-        if not self.is_cuda:
-            return torch.cat(srcs) if len(srcs) > 1 else srcs[0]
-        dtype = srcs[0].dtype
-        if (self._pix_host is None or self._pix_host.numel() < n * width
-                or self._pix_host.dtype != dtype):
-            self._pix_host = torch.empty(max(n * width, 1 << 22), dtype=dtype, pin_memory=True)
-        else:
-            self._pix_event.synchronize()        # the previous upload has left the buffer
-        host = self._pix_host[:n * width].view(n, width)
-        dev = torch.empty(n, width, dtype=dtype, device=self.device)
-        o = 0
-        for s in srcs:   # image i's upload overlaps the host copy of image i+1
-            e = o + s.shape[0]
-            host[o:e].copy_(s)                   # multi-threaded host copy into pinned memory
-            dev[o:e].copy_(host[o:e], non_blocking=True)
-            o = e
-        self._pix_event.record()
-        return dev
-
-    def _device_pixels(self, pixel_values: list) -> torch.Tensor:
-        """Patch rows of several images on the device in the tower's input layout. Float rows go
-        up as they are; compact uint8 patches go up 4x smaller and are normalised here with
-        the processor's LUT and repeated in time (bit-identical to the host path)."""
-        u8 = [p.dtype == np.uint8 or p.dtype == torch.uint8 for p in pixel_values]
-        if not any(u8):
-            return self._upload_pixels(pixel_values)
-        if not all(u8):       # mixed: each kind on its own, back in order
-            parts = [self._device_pixels([p]) for p in pixel_values]
-            return torch.cat(parts)
-        c, p = pixel_values[0].shape[1], pixel_values[0].shape[2]
-        raw = self._upload_pixels([x.reshape(x.shape[0], -1) for x in pixel_values])   # [N, c*p*p]
-        n = raw.shape[0]
-        if self._lut is None:
-            from serve_app._image import _LUTS, _SAME_LUT
-            # In the tower's dtype: rounding the LUT then gathering == gathering then rounding.
-            lut = torch.from_numpy(_LUTS[:1] if _SAME_LUT else _LUTS[:c]).to(self.device, self.visual.dtype)
-            self._lut = lut.reshape(-1, 1)                                              # [c*256, 1]
-            self._lut_offset = None if _SAME_LUT else (
-                torch.arange(c, device=self.device, dtype=torch.int32) * 256).repeat_interleave(p * p)
-        idx = raw.to(torch.int32)
-        if self._lut_offset is not None:
-            idx += self._lut_offset
-        vals = F.embedding(idx, self._lut).view(n, c, 1, p * p)      # a gather with int32 indices
-        t = self.temporal_patch
-        return vals.expand(n, c, t, p * p).reshape(n, c * t * p * p)
-
     @torch.inference_mode()
     def encode_images(self, pixel_values: list, grids: list[tuple[int, int, int]]):
         """Run the vision tower once over several images (numpy arrays or tensors of patch rows);
@@ -298,7 +239,7 @@ class ModelRunner:
         grids = [tuple(int(x) for x in g) for g in grids]
         # Equal grids side by side: one batched attention call per distinct size.
         order = sorted(range(len(grids)), key=lambda i: grids[i][1] * grids[i][2])
-        pv = self._device_pixels([pixel_values[i] for i in order])
+        pv = self.pixels.to_device([pixel_values[i] for i in order])
         sorted_grids = [grids[i] for i in order]
         merged, deep = self.vision(pv, sorted_grids)
         sizes = [t * h * w // (self.merge ** 2) for t, h, w in sorted_grids]
@@ -312,7 +253,7 @@ class ModelRunner:
     @torch.inference_mode()
     def encode_images_hf(self, pixel_values: list, grids: list[tuple[int, int, int]]):
         """HF's own vision module (reference for tests and the benchmark)."""
-        pv = self._device_pixels(pixel_values).to(self.visual.dtype)
+        pv = self.pixels.to_device(pixel_values).to(self.visual.dtype)
         grid = torch.tensor(grids, dtype=torch.long, device=self.device)
         out = self.visual(pv, grid_thw=grid, return_dict=True)
         sizes = [t * h * w // (self.merge ** 2) for t, h, w in grids]

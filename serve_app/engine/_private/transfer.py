@@ -7,7 +7,7 @@ kernels. Measured on the H200 behind 40 ms of queued GPU work (`benchmarks/copy_
 16-element blocking copy held the host 40.1 ms; ``non_blocking`` from pageable memory 0.22 ms
 (the driver stages small copies without waiting); through ``pin_memory()`` 0.29-0.33 ms. So
 small inputs go up as pageable ``non_blocking`` copies, and large ones (pixels) through a
-reused pinned buffer (``ModelRunner._upload_pixels``).
+reused pinned buffer (``PixelUpload._upload_pixels``).
 """
 
 from __future__ import annotations

@@ -93,10 +93,22 @@ def test_runner_quantises_every_decoder_linear(tiny_model_path):
 
 
 def test_config_rejects_quantization_without_continuous_engine():
+    from serve_app.config import AppConfig
+
+    assert AppConfig(engine={"quantization": "fp8"}).engine.quantization == "fp8"   # app args
     with pytest.raises(ValueError, match="continuous"):
         EngineConfig(engine="hf-generate", quantization="fp8")
-    with pytest.raises(ValueError):
-        EngineConfig(quantization="int4")
+    with pytest.raises(ValueError, match="fp8"):
+        AppConfig(engine={"quantization": "int4"})
+
+
+def test_fp8_needs_fp8_tensor_cores(monkeypatch):
+    """An older GPU fails the start-up with a message naming its compute capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A10")
+    why = fp8.supported(torch.device("cuda", 0))
+    assert "8.6" in why and "A10" in why
+    assert fp8.supported(torch.device("cpu")) is None
 
 
 def test_engine_fp8_equals_fake_quantised_engine(model_dir, monkeypatch):  # noqa: F811

@@ -30,29 +30,9 @@ VISION = {"v_qkv": (3072, 1024), "v_fc1": (4096, 1024), "v_fc2": (1024, 4096)}
 
 
 def gtime(fn, reps: int = 20) -> float:
-    """us per call of ``fn`` from a CUDA graph of ``reps`` calls (best of 5 replays)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-    best = float("inf")
-    for _ in range(5):
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) / reps * 1000)
-    return best
+    """us per call of ``fn`` from a CUDA graph of ``reps`` calls (the engine's own timer)."""
+    from serve_app.engine._private.fp8_gemv import _graph_time_us
+    return _graph_time_us([fn] * reps)
 
 
 def gemm(out: str) -> None:

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serve_app.engine._private.fp8 import Fp8Weight  # noqa: E402
 from serve_app.engine.config import EngineConfig  # noqa: E402
 from serve_app.engine.continuous import ContinuousEngine  # noqa: E402
 from serve_app.engine.protocol import EngineRequest, ImageInput, SamplingParams  # noqa: E402
@@ -293,7 +294,7 @@ def lm_weight_bytes(runner) -> int:
     """Bytes a decode step must read: every LM weight once (the embedding only for B rows)."""
     n = 0
     def size(t) -> int:       # FP8 weights: e4m3 values plus their per-channel scales
-        if hasattr(t, "scale"):
+        if isinstance(t, Fp8Weight):
             return size(t.q) + size(t.scale)
         return t.numel() * t.element_size()
 

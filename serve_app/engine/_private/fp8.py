@@ -31,10 +31,6 @@ class Fp8Weight:
     scale: torch.Tensor
     name: str = ""          # which projection ("qkv", "o", ...): decode kernel plans are per name
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
 
 def supported(device: torch.device) -> str | None:
     """None if FP8 GEMMs run on ``device``, else why not (a clear start-up error)."""

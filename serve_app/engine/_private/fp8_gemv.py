@@ -42,15 +42,23 @@ def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
         tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
 
 
+MAX_ROWS = 64       # the kernel holds all rows in one tile: decode batches only
+
+
+def row_tile(m: int) -> int:
+    """Rows the kernel's tile holds for ``m`` rows (tl.dot needs >= 16): configs are per tile."""
+    return max(16, triton.next_power_of_2(m))
+
+
 def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: tuple,
            partial: bool = False) -> torch.Tensor:
     """``x [M, K] bf16 @ (q [N, K] e4m3 * scale [1, N]).T`` for M <= 64. Returns ``[M, N]`` in
     x's dtype, or with more than one K split and ``partial``, fp32 ``[S, M, N]`` partials (their
     sum is the product; without ``partial`` they are summed here). ``config``: (BN, BK, splits,
-    num_warps, num_stages), from :func:`tune`."""
+    num_warps, num_stages), from :func:`plan_decode`."""
     m, k = x.shape
     n = q.shape[0]
-    bm = max(16, triton.next_power_of_2(m))
+    bm = row_tile(m)
     bn, bk, splits, warps, stages = config
     k_per = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_per)

@@ -89,7 +89,7 @@ class ModelRunner:
             raise ValueError(why)
         self.fp8 = quantization == "fp8"   # the decoder layers' linears as FP8 GEMMs
         # FP8 decode: per (projection, row tile) the Triton W8A16 config, or None for W8A8
-        # (cuBLASLt); timed at graph capture. Empty: W8A8 everywhere (prefill, CPU).
+        # (cuBLASLt); timed at start-up, before KV is sized. Empty: W8A8 everywhere (prefill, CPU).
         self.fp8_plan: dict[tuple[str, int], tuple | None] = {}
         self.fp8_timings: dict = {}
         self._prepare_weights()
@@ -194,13 +194,14 @@ class ModelRunner:
     def _decode_plan(self, batch: int) -> dict | None:
         if not self.fp8_plan:
             return None
-        bm = max(16, 1 << (batch - 1).bit_length())
+        from serve_app.engine._private.fp8_gemv import row_tile
+        bm = row_tile(batch)
         return {name: self.fp8_plan.get((name, bm)) for name in ("qkv", "o", "gu", "down")}
 
     def tune_fp8_decode(self) -> None:
         """Time the decode projections' FP8 kernels on this GPU (``fp8_gemv.plan_decode``)."""
         from serve_app.engine._private import fp8_gemv
-        tiles = sorted({max(16, 1 << (b - 1).bit_length()) for b in self.buckets if b <= 64})
+        tiles = sorted({fp8_gemv.row_tile(b) for b in self.buckets if b <= fp8_gemv.MAX_ROWS})
         self.fp8_plan, self.fp8_timings = fp8_gemv.plan_decode(self.w, tiles, self.dtype)
 
     def _qkv(self, w: dict, x: torch.Tensor):
@@ -451,8 +452,6 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """Capture the decode step for each batch bucket (largest first, one shared memory pool)."""
-        if self.fp8 and not self.fp8_plan:
-            self.tune_fp8_decode()
         self._staging.zero_()
         self._staging[5].fill_(self.max_num_seqs)        # padding slot: all-zero block table
         pool = torch.cuda.graph_pool_handle()

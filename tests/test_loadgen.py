@@ -185,8 +185,10 @@ def test_summarize_window_rates_latencies_and_errors():
     rs += [_res(9.0, None, 0.01, error="http_429", status=429),
            _res(9.5, None, 0.2, error="stream_engine_error"),
            _res(9.6, 0.1, 0.3, tokens=5, expected=11)]           # ok, output length mismatch
+    rs[-2].error_message = "generation failed: boom"
     run = RunResult(LoadSpec(mode="open", qps=1.5, duration_s=11), rs, wall_s=11.0)
     s = summarize(run, warmup_s=1.0)
+    assert s["error_examples"] == {"http_429": None, "stream_engine_error": "generation failed: boom"}
     assert s["requests"] == 12 and s["ok"] == 10 and s["window_s"] == 10.0
     # throughput: ok requests that finished in [1, 11): the warm-up one (ends 1.5), the 8, the short
     # one at 9.6; not the one ending at 13.5
@@ -272,7 +274,7 @@ def test_apply_event_content_usage_and_errors():
     bad = StreamOutcome()
     apply_event(bad, json.dumps({"error": {"message": "x", "code": "engine_error"}}), 1.0)
     apply_event(bad, "not json", 1.0)
-    assert bad.error == "stream_engine_error"
+    assert (bad.error, bad.error_message) == ("stream_engine_error", "x")
 
 
 def test_check_local_only_allows_loopback():
@@ -408,6 +410,8 @@ def test_errors_are_classified(pool, model, error):
 
     run = asyncio.run(go())
     assert run.results and all(r.error == error for r in run.results)
+    message = {"busy": "queue full", "midstream": "boom", "hang": None}[model]
+    assert all(r.error_message == message for r in run.results)
     if model == "busy":
         assert all(r.status == 429 for r in run.results)
 

@@ -120,6 +120,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-tokens", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--quantization", choices=["fp8"], default=None, help="engine.quantization")
     g.add_argument("--cache-dir", default=None, help="where built-in models are built")
     g.add_argument("--deployments", default=None,
                    help="JSON: per-deployment overrides, e.g. '{\"VLM\": {\"max_ongoing_requests\": 128}}'")
@@ -132,7 +133,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def engine_overrides(a: argparse.Namespace) -> dict[str, Any]:
     keys = ("model", "device", "dtype", "max_gpu_memory_gb", "kv_cache_tokens", "max_num_seqs",
-            "max_model_len", "cache_dir")
+            "max_model_len", "cache_dir", "quantization")
     out = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     if out.get("max_gpu_memory_gb", 1) <= 0:  # 0 = uncapped, whatever the config says
         out.update(memory_overrides(None))

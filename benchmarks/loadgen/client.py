@@ -34,6 +34,7 @@ class RequestResult:
     prompt_tokens: int | None = None
     output_tokens: int = 0
     expected_tokens: int | None = None
+    error_message: str | None = None  # the server's words, when it sent any
 
     @property
     def ok(self) -> bool:
@@ -86,6 +87,7 @@ class StreamOutcome:
     text: str = ""
     done: bool = False
     error: str | None = None
+    error_message: str | None = None
     first_content_at: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -104,7 +106,9 @@ def apply_event(out: StreamOutcome, data: str, now: float) -> None:
         return
     if "error" in obj:
         err = obj["error"] or {}
-        out.error = out.error or f"stream_{err.get('code') or err.get('type') or 'error'}"
+        if out.error is None:
+            out.error = f"stream_{err.get('code') or err.get('type') or 'error'}"
+            out.error_message = str(err.get("message") or "")[:500] or None
         return
     for choice in obj.get("choices") or []:
         content = (choice.get("delta") or {}).get("content")
@@ -152,7 +156,9 @@ async def send(client: httpx.AsyncClient, url: str, turn: Turn, t0: float,
                     body = (await r.aread())[:2000]
                     code = ""
                     try:
-                        code = json.loads(body)["error"].get("code") or ""
+                        err = json.loads(body)["error"]
+                        code = err.get("code") or ""
+                        res.error_message = str(err.get("message") or "")[:500] or None
                     except (ValueError, KeyError, TypeError, AttributeError):
                         pass
                     res.error = f"http_{r.status_code}" + (f"_{code}" if code else "")
@@ -166,6 +172,7 @@ async def send(client: httpx.AsyncClient, url: str, turn: Turn, t0: float,
                     if tail is not None:
                         apply_event(out, tail, time.perf_counter() - t0)
                     res.error = out.error or (None if out.done else "incomplete_stream")
+                    res.error_message = out.error_message
     except TimeoutError:
         res.error = "timeout"
     except httpx.ConnectError:

@@ -72,7 +72,11 @@ def summarize(run: RunResult, warmup_s: float = 0.0) -> dict[str, Any]:
         "ttft_s": _dist([r.ttft for r in ok if r.ttft is not None]),
         "tpot_s": _dist([r.tpot for r in ok if r.tpot is not None]),
         "e2e_s": _dist([r.e2e for r in ok]),
-        "errors": dict(errors), "error_rate": round(len(rs) and sum(errors.values()) / len(rs), 4),
+        "errors": dict(errors),
+        # first message per error kind: a load run's errors say why without the server's logs
+        "error_examples": {e: next((r.error_message for r in rs if r.error == e and r.error_message), None)
+                           for e in errors},
+        "error_rate": round(len(rs) and sum(errors.values()) / len(rs), 4),
         "status_counts": dict(statuses),
         "mean_prompt_tokens": round(sum(prompts) / len(prompts), 1) if prompts else None,
         "mean_output_tokens": round(out_tokens / len(ok), 1) if ok else None,

@@ -9,6 +9,7 @@ benchmark's own driver so one process can measure several engine configs in a ro
 from __future__ import annotations
 
 import copy
+import math
 import logging
 import os
 import socket
@@ -115,7 +116,9 @@ class LocalServe:
         # controller and replicas: set them here so the processes Ray starts inherit them.
         env = {"SERVE_APP_CACHE": self.cache_dir, **(env or {})}
         os.environ.update(env)
-        ray.init(address="local", num_cpus=num_cpus, namespace="serve", include_dashboard=False,
+        # A whole number: on the two-GPU H200 machine ray.init(num_cpus=24.0) timed out at every
+        # start (the raylet never registered) while num_cpus=24 started in 9 s.
+        ray.init(address="local", num_cpus=math.ceil(num_cpus), namespace="serve", include_dashboard=False,
                  log_to_driver=bool(os.environ.get("LOADGEN_RAY_LOGS")),
                  runtime_env={"env_vars": env})
         self._client = None

@@ -138,6 +138,9 @@ class VLM:
                     first = False
                 finish, n_gen = delta.finish_reason, delta.num_generated_tokens
                 yield delta
+        except ServeAppError:
+            finish = "error"   # e.g. gpu_out_of_memory: counted apart from client cancels
+            raise
         finally:
             if deltas is not stream:
                 await deltas.aclose()

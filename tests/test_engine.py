@@ -389,6 +389,84 @@ def test_rejects_what_can_never_run(model_dir):
     assert errors[0].code == "context_length_exceeded"
 
 
+def _image_request(i: int, rng, sizes: list[int], max_tokens: int) -> EngineRequest:
+    """A request whose images have the given square sides (in patches)."""
+    ids = [int(x) for x in rng.integers(100, 5000, size=5)]
+    images = [_image(rng, n, n) for n in sizes]
+    for im in images:
+        ids += [VS] + [IMG] * im.num_tokens() + [VE] + [int(x) for x in rng.integers(100, 5000, size=3)]
+    return EngineRequest(f"req-{i}", ids, images, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+def test_vision_calls_stay_within_the_profiled_budget(model_dir, hf_model):
+    """max_prefill_tokens 64 -> at most 64 x 4 = 256 patches per vision-tower call (the size the
+    start-up memory profile measures): two 16x16 images go in two calls; a bigger image is a 400."""
+    rng = np.random.default_rng(11)
+    reqs = [_image_request(0, rng, [16, 16], 5), _image_request(1, rng, [8, 12], 5)]
+    calls = []
+
+    async def scenario(engine):
+        runner = engine._sched.runner
+        encode = runner.encode_images
+
+        def spy(pixel, grids):
+            calls.append(sum(t * h * w for t, h, w in grids))
+            return encode(pixel, grids)
+
+        runner.encode_images = spy
+        res = await asyncio.gather(*[_collect(engine, r) for r in reqs])
+        with pytest.raises(ServeAppError) as e:
+            await _collect(engine, _image_request(2, rng, [18], 4))
+        return res, e.value, engine.stats()
+
+    results, err, stats = _run(_config(model_dir), scenario)
+    assert calls and max(calls) <= 256 and sum(calls) == 2 * 256 + 64 + 144
+    assert stats["vision_calls"] == len(calls) >= 3 and stats["images_encoded"] == 4
+    for req, (toks, _, _) in zip(reqs, results):
+        assert toks == _hf_greedy(hf_model, req), req.request_id
+    assert (err.status, err.code) == (400, "image_too_large") and "324 patches" in str(err)
+
+
+def test_gpu_out_of_memory_fails_only_the_requests_it_hits(model_dir, hf_model):
+    """An OOM in the vision tower or in a prefill gives those requests a retryable 503 and frees
+    their slots and pages; the engine stays healthy and serves the next requests exactly (under a
+    burst, one unbounded vision batch used to kill the whole replica)."""
+    rng = np.random.default_rng(12)
+    a, b = _request(0, rng, 1, 5), _request(1, rng, 0, 5)
+    c, d = _request(2, rng, 2, 6), _request(3, rng, 0, 6)
+    arm = {"encode_images": False, "prefill": False}
+
+    async def scenario(engine):
+        runner = engine._sched.runner
+        for name in arm:
+            real = getattr(runner, name)
+
+            def fake(*args, _real=real, _name=name):
+                if arm[_name]:
+                    arm[_name] = False
+                    raise torch.OutOfMemoryError("CUDA out of memory (test)")
+                return _real(*args)
+
+            setattr(runner, name, fake)
+        errors = []
+        for req, name in ((a, "encode_images"), (b, "prefill")):
+            arm[name] = True
+            with pytest.raises(ServeAppError) as e:
+                await _collect(engine, req)
+            errors.append(e.value)
+        res = await asyncio.gather(_collect(engine, c), _collect(engine, d))
+        return errors, res, engine.stats(), engine.health()
+
+    errors, res, stats, health = _run(_config(model_dir), scenario)
+    assert [(e.status, e.code) for e in errors] == [(503, "gpu_out_of_memory")] * 2
+    assert "encoding its images" in str(errors[0]) and "prefill" in str(errors[1])
+    assert stats["failed_oom_total"] == 2 and stats["finished_total"] == 2
+    assert stats["running"] == 0 and stats["kv_pages_free"] == stats["kv_pages_total"]
+    assert health["ready"] is True
+    for req, (toks, _, _) in zip((c, d), res):
+        assert toks == _hf_greedy(hf_model, req), req.request_id
+
+
 def test_gumbel_noise_depends_only_on_seed_and_step():
     seeds = torch.tensor([1, 2, 1])
     steps = torch.tensor([0, 0, 0])

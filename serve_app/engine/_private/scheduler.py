@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from serve_app.engine._private.attention import cudnn_plans
-from serve_app.engine._private.memory import plan_kv_tokens
+from serve_app.engine._private.memory import plan_kv_tokens, split_by_budget, vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine._private.sampler import SlotSampling
 from serve_app.engine._private.transfer import upload
@@ -78,6 +78,7 @@ class Scheduler:
         self.info = info
         vc = runner.model.config.vision_config
         self.patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+        self.vision_budget = vision_patch_budget(config.max_prefill_tokens, runner.merge)
         self.kv = runner.kv
         self.waiting: deque[_Seq] = deque()
         self.prefilling: list[_Seq] = []
@@ -90,7 +91,8 @@ class Scheduler:
         self._inflight_timers: list[tuple[str, _Timer]] = []
         self.counters = dict(requests_total=0, finished_total=0, cancelled_total=0,
                              prompt_tokens_total=0, generation_tokens_total=0, prefill_steps=0,
-                             decode_steps=0, images_encoded=0, vision_cache_hits=0)
+                             decode_steps=0, images_encoded=0, vision_cache_hits=0,
+                             vision_calls=0, failed_oom_total=0)
         self._time = {"prefill": 0.0, "decode": 0.0, "vision": 0.0}   # GPU seconds on CUDA
         self._pending: list[tuple[str, Any]] = []
 
@@ -163,6 +165,13 @@ class Scheduler:
         if want != have:
             raise ServeAppError(f"prompt has {have} image tokens but the images need {want}", 400,
                                 "image_token_mismatch")
+        for im in req.images:
+            t, h, w = im.grid_thw
+            if t * h * w > self.vision_budget:
+                raise ServeAppError(
+                    f"an image has {t * h * w} patches ({h}x{w}); this engine encodes at most "
+                    f"{self.vision_budget} per vision pass (max_prefill_tokens x "
+                    f"{self.runner.merge ** 2}): send a smaller image", 400, "image_too_large")
         if req.sampling.max_tokens < 1:
             raise ServeAppError("max_tokens must be at least 1", 400, "invalid_max_tokens", "max_tokens")
         pages = self.kv.pages_for(n + self._max_new(req))
@@ -256,6 +265,8 @@ class Scheduler:
         self._encode_new_images()
         dev = self.runner.device
         for seq in admitted:
+            if seq.done:
+                continue                        # its images ran out of memory: failed
             seq.pages_dev = upload(seq.pages, dev, torch.int64)
             self.runner.set_block_table(seq.slot, seq.pages)
             self.slots.assign(seq.slot, seq.req.sampling, seq.seed, seq.prompt)
@@ -294,17 +305,28 @@ class Scheduler:
                 pixel.append(im.pixel_values)
                 grids.append(tuple(int(x) for x in im.grid_thw))
                 owners.append(im.image_id or (id(s), j))
-        if pixel:
+        # Calls of at most vision_budget patches: the size the start-up memory profile measured.
+        for group in split_by_budget([t * h * w for t, h, w in grids], self.vision_budget):
             timer = _Timer(self.runner.is_cuda)
-            encoded = self.runner.encode_images(pixel, grids)
+            try:
+                encoded = self.runner.encode_images([pixel[i] for i in group], [grids[i] for i in group])
+            except torch.OutOfMemoryError as e:   # fail these requests, not the whole replica
+                logger.warning("vision tower out of memory on %d images: %s", len(group), e)
+                self._free_after_oom()
+                continue
             self._inflight_timers.append(("vision", timer.stop()))
-            for key, feats in zip(owners, encoded):
-                known[key] = feats
-                if isinstance(key, str):
-                    self.vision_cache.put(key, feats)
-            self.counters["images_encoded"] += len(pixel)
+            for i, feats in zip(group, encoded):
+                known[owners[i]] = feats
+                if isinstance(owners[i], str):
+                    self.vision_cache.put(owners[i], feats)
+            self.counters["images_encoded"] += len(group)
+            self.counters["vision_calls"] += 1
         for s in todo:
-            parts = [known[im.image_id or (id(s), j)] for j, im in enumerate(s.req.images)]
+            keys = [im.image_id or (id(s), j) for j, im in enumerate(s.req.images)]
+            if any(k not in known for k in keys):
+                self._fail_oom(s, "encoding its images")
+                continue
+            parts = [known[k] for k in keys]
             s.vis_embeds = torch.cat([p[0] for p in parts])
             s.deepstack = [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))]
 
@@ -329,7 +351,14 @@ class Scheduler:
             chunks.append(c)
             seqs.append(s)
             budget -= n
-        logits = self.runner.prefill(chunks)
+        try:
+            logits = self.runner.prefill(chunks)
+        except torch.OutOfMemoryError as e:     # fail these requests, not the whole replica
+            logger.warning("prefill of %d tokens out of memory: %s", sum(len(c.ids) for c in chunks), e)
+            self._free_after_oom()
+            for s in seqs:
+                self._fail_oom(s, "its prefill")
+            return None
         done = [s for s, c in zip(seqs, chunks) if c.want_logits]
         for s, c in zip(seqs, chunks):
             s.computed += len(c.ids)
@@ -422,6 +451,22 @@ class Scheduler:
     def _finish(self, s: _Seq, reason: str, toks: list[int], texts: list[str]) -> None:
         text = "".join(texts) + ("" if reason == "cancelled" else s.detok.flush())
         self._out(s.rid, TokenDelta(s.rid, text, toks, len(s.prompt), len(s.out), reason))
+        self._release(s)
+        self.counters["cancelled_total" if reason == "cancelled" else "finished_total"] += 1
+        self.counters["generation_tokens_total"] += len(s.out)
+
+    def _fail_oom(self, s: _Seq, during: str) -> None:
+        """A request the GPU had no memory for: a retryable 503 for it, the engine goes on."""
+        self._out(s.rid, ServeAppError(f"the GPU ran out of memory {during}; retry the request",
+                                       503, "gpu_out_of_memory"))
+        self._release(s)
+        self.counters["failed_oom_total"] += 1
+
+    def _free_after_oom(self) -> None:
+        if self.runner.is_cuda:
+            torch.cuda.empty_cache()
+
+    def _release(self, s: _Seq) -> None:
         s.done = True
         if s in self.running:
             self.running.remove(s)
@@ -434,8 +479,6 @@ class Scheduler:
             self.kv.release(s.pages)
             s.pages = []
         self.by_id.pop(s.rid, None)
-        self.counters["cancelled_total" if reason == "cancelled" else "finished_total"] += 1
-        self.counters["generation_tokens_total"] += len(s.out)
 
     # ------------------------------------------------------------------------------ stats
     def stats(self) -> dict:

@@ -123,13 +123,30 @@ def scale_events(samples: list[dict[str, Any]], name: str) -> list[dict[str, Any
     return events
 
 
+def _target(sample: dict[str, Any], name: str) -> int:
+    """Replicas ``name`` is meant to have: every state but STOPPING."""
+    return sum(v for k, v in sample["replicas"].get(name, {}).items() if k != "STOPPING")
+
+
+def replacements(samples: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Replicas Serve stopped and replaced (failed health checks), which are not scale events: a
+    replica went STOPPING while the target count did not fall."""
+    out, prev = [], None
+    for s in samples:
+        stopping = s["replicas"].get(name, {}).get("STOPPING", 0)
+        if prev is not None and stopping > prev[0] and _target(s, name) >= prev[1]:
+            out.append({"t": s["t"], "running": running(s, name)})
+        prev = (stopping, _target(s, name))
+    return out
+
+
 def scale_up_latencies(samples: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    """For each scale-up of ``name``: when the controller decided it (the replica count in any
-    state grew: a STARTING replica appeared) and when the new replicas served (RUNNING reached the
-    new count); resolution = the sampling interval."""
+    """For each scale-up of ``name``: when the controller decided it (the target count - replicas
+    in any state but STOPPING - grew: a STARTING replica appeared that replaces none) and when the
+    new replicas served (RUNNING reached the new count); resolution = the sampling interval."""
     out, prev_total, pending = [], None, None
     for s in samples:
-        total = sum(s["replicas"].get(name, {}).values())
+        total = _target(s, name)
         if prev_total is not None and total > prev_total and pending is None:
             pending = {"decided_t": s["t"], "from": prev_total, "to": total}
         if pending is not None:
@@ -209,24 +226,27 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(run)
     events = {name: scale_events(sampler.samples, name) for name in ("VLM", "Preprocess")}
     scale_ups = {name: scale_up_latencies(sampler.samples, name) for name in ("VLM", "Preprocess")}
+    replaced = {name: replacements(sampler.samples, name) for name in ("VLM", "Preprocess")}
     peak = {name: max((running(s, name) for s in sampler.samples), default=0)
             for name in ("VLM", "Preprocess")}
     result = {"meta": {**meta(a, w), "profile": profile, "overrides": overrides, "num_cpus": num_cpus,
                        "metric_push_interval_s": a.metrics_push_s},
               "summary": summary, "resources": res.summary(), "scale_events": events,
-              "scale_up_latency": scale_ups,
+              "scale_up_latency": scale_ups, "replacements": replaced,
               "peak_running": peak, "timeline": tl, "workload": workload_info(w)}
     write_json(out / "autoscale.json", result)
     lines = [f"# Autoscaling run {result['meta']['date']}", "", f"`{result['meta']['command']}`", "",
              f"profile (s:qps): {a.profile}; requests {summary['requests']}, ok {summary['ok']}, "
              f"errors {summary['errors'] or 0}", ""]
     for name, ev in events.items():
-        lines.append(f"- {name}: peak {peak[name]} RUNNING; changes: "
+        lines.append(f"- {name}: peak {peak[name]} RUNNING; RUNNING count changes: "
                      + (", ".join(f"t={e['t']:.0f}s {e['from']}->{e['to']}" for e in ev) or "none")
                      + "; scale-up decision -> serving: "
                      + (", ".join(f"{u['from']}->{u['to']} at t={u['decided_t']:.1f}s: "
                                   + (f"{u['seconds']:.1f} s" if u["seconds"] is not None else "never served")
-                                  for u in scale_ups[name]) or "none"))
+                                  for u in scale_ups[name]) or "none")
+                     + ("; replaced (failed health checks) at " + ", ".join(f"t={r['t']:.0f}s" for r in replaced[name])
+                        if replaced[name] else ""))
     gpu = result["resources"].get("gpu_mem_peak_gb_per_device")
     if gpu:
         lines.append(f"- GPU memory peak per device (GB): {gpu}")

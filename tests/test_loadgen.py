@@ -505,6 +505,18 @@ def test_scale_up_latency_from_replica_states():
     assert scale_up_latencies(samples, "Preprocess") == []
 
 
+def test_replacements_are_not_scale_ups():
+    """A replica that failed its health checks is stopped and replaced in one controller update:
+    RUNNING drops and comes back, but the target count never grows (seen on two H200s)."""
+    from benchmarks.autoscale_run import replacements, scale_up_latencies
+
+    states = [{"RUNNING": 2}, {"RUNNING": 1, "STOPPING": 1, "STARTING": 1}, {"RUNNING": 1, "STARTING": 1},
+              {"RUNNING": 2}, {"RUNNING": 1, "STOPPING": 1}, {"RUNNING": 1}]   # then a scale-down
+    samples = [{"t": 1.0 * i, "replicas": {"VLM": st}} for i, st in enumerate(states)]
+    assert scale_up_latencies(samples, "VLM") == []
+    assert replacements(samples, "VLM") == [{"t": 1.0, "running": 1}]
+
+
 # -------------------------------------------------------------------------------- sweep
 def _fake_step(capacity: float, lucky: float | None = None):
     """run_step stand-in: an engine that meets the SLO below ``capacity`` (and at ``lucky``)."""

@@ -125,8 +125,10 @@ def client_error(exc: BaseException) -> ServeAppError:
         if type(e) is ServeAppError:
             return e
         name = type(e).__name__
-        if name == "BackPressureError":
-            return ServeAppError("the service is overloaded; retry later", 429, "overloaded")
+        if name == "BackPressureError":   # the VLM's queue is full: its backpressure_config says how
+            return ServeAppError("the service is overloaded; retry later",
+                                 getattr(e, "status_code", None) or 429, "overloaded",
+                                 retry_after_s=getattr(e, "retry_after_s", None))
         if name in ("DeploymentUnavailableError", "ActorDiedError", "ActorUnavailableError"):
             return ServeAppError("the model service is unavailable; retry later", 503, "unavailable")
         if name == "RequestCancelledError" or isinstance(e, asyncio.CancelledError):

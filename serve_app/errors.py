@@ -30,16 +30,19 @@ class ServeAppError(Exception):
     """A failure with an HTTP status and an OpenAI-style error body."""
 
     def __init__(self, message: str, status: int = 400, code: str | None = None,
-                 param: str | None = None, type: str | None = None):
+                 param: str | None = None, type: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.status = int(status)
         self.code = code
         self.param = param
         self.type = type or _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        self.retry_after_s = retry_after_s   # sent as a Retry-After header when set
 
     def __reduce__(self):  # keep all fields across pickling (Ray task errors)
-        return (ServeAppError, (self.message, self.status, self.code, self.param, self.type))
+        return (ServeAppError, (self.message, self.status, self.code, self.param, self.type,
+                                self.retry_after_s))
 
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}

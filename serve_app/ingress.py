@@ -8,6 +8,7 @@ cancelled, which cancels the VLM's generator, which cancels the engine request).
 
 import asyncio
 import logging
+import math
 import uuid
 from pathlib import Path
 
@@ -34,7 +35,18 @@ api = FastAPI(title="serve_app", description="Qwen3-VL over an OpenAI-compatible
 
 
 def _error_response(err: ServeAppError, headers: dict | None = None) -> JSONResponse:
+    if err.retry_after_s is not None:
+        headers = {**(headers or {}), "Retry-After": str(max(0, math.ceil(err.retry_after_s)))}
     return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
+
+
+def _cancel(gen) -> None:
+    """Cancel a VLM call. A call that failed (backpressure, a dead replica) raises its error again
+    from ``cancel()``; it is already being answered, so that second raise is dropped here."""
+    try:
+        gen.cancel()
+    except Exception:
+        pass
 
 
 @api.exception_handler(ServeAppError)
@@ -188,7 +200,7 @@ class Ingress:
         try:
             accepted = await gen.__anext__()  # prompt built and admitted, or a 4xx
         except BaseException as e:
-            gen.cancel()
+            _cancel(gen)
             raise client_error(e) from e
         n_prompt = accepted.num_prompt_tokens
         if body.stream:
@@ -203,7 +215,7 @@ class Ingress:
                 text.append(d.text)
                 finish, n_gen = d.finish_reason, d.num_generated_tokens
         except BaseException as e:
-            gen.cancel()  # includes client disconnect (CancelledError)
+            _cancel(gen)  # includes client disconnect (CancelledError)
             raise client_error(e) if isinstance(e, Exception) else e
         response.headers.update(route_header)
         return _chat.full_response(request_id, self.served_name, "".join(text), finish, n_prompt, n_gen)
@@ -223,4 +235,4 @@ class Ingress:
             yield sse.error(client_error(e))
         finally:
             if not done:
-                gen.cancel()  # client went away: stop generating
+                _cancel(gen)  # client went away: stop generating

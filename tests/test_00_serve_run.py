@@ -5,6 +5,7 @@ Named test_00_* so it runs before the session's shared Ray cluster exists: `serv
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -47,9 +48,23 @@ def test_serve_build_round_trips(tmp_path):
     assert built["applications"][0]["import_path"] == "serve_app.app:app"
 
 
+async def _burst(url: str, n: int) -> list:
+    """n requests at once, each forced to 200 tokens so that they overlap; half of them streamed."""
+    async with httpx.AsyncClient(timeout=120) as c:
+        return await asyncio.gather(*[c.post(f"{url}/v1/chat/completions", json={
+            "model": "tiny-qwen3-vl", "max_tokens": 200, "min_tokens": 200, "stream": i % 2 == 0,
+            "messages": [{"role": "user", "content": f"burst {i}"}]}) for i in range(n)])
+
+
 @pytest.mark.slow
 def test_serve_run_deployments_yaml(tmp_path, tiny_model_path):
+    """`serve run` of deployments.yaml serves; with the VLM's admission shrunk (2 running, 1
+    queued, the yaml's backpressure_config kept), a burst gets 429 + Retry-After in OpenAI's
+    error shape and the service keeps serving."""
     cfg = yaml.safe_load((ROOT / "deployments.yaml").read_text())
+    vlm = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "VLM")
+    assert vlm["backpressure_config"]["status_code"] == 429
+    vlm.update(max_ongoing_requests=2, max_queued_requests=1)
     port = free_port()
     cfg["http_options"]["port"] = port
     cfg["applications"][0]["args"]["engine"]["cache_dir"] = CACHE_DIR
@@ -76,6 +91,17 @@ def test_serve_run_deployments_yaml(tmp_path, tiny_model_path):
             "messages": [{"role": "user", "content": "hello"}]})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] >= 1
+        burst = asyncio.run(_burst(url, 8))
+        codes = sorted(r.status_code for r in burst)
+        assert set(codes) == {200, 429} and codes.count(429) >= 3, codes
+        for r in burst:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] == str(vlm["backpressure_config"]["retry_after_s"])
+                err = r.json()["error"]
+                assert (err["code"], err["type"]) == ("overloaded", "rate_limit_error"), err
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny-qwen3-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "again"}]})
+        assert r.status_code == 200, r.text
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve run tears the app and Ray down
         try:

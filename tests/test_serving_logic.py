@@ -4,6 +4,7 @@ stream merging."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import numpy as np
 import pydantic
@@ -116,6 +117,14 @@ def test_client_error_unwraps_and_maps():
     assert client_error(Wrapped()).status == 415
     assert client_error(RuntimeError("boom")).status == 500
     assert client_error(TimeoutError()).status == 504
+    from ray.serve.exceptions import BackPressureError
+
+    bp = client_error(BackPressureError(num_queued_requests=1, max_queued_requests=1, status_code=429,
+                                        retry_after_s=1.5))
+    assert (bp.status, bp.code, bp.type, bp.retry_after_s) == (429, "overloaded", "rate_limit_error", 1.5)
+    assert client_error(BackPressureError(num_queued_requests=1, max_queued_requests=1)).status == 503
+    back = pickle.loads(pickle.dumps(ServeAppError("x", 503, "gpu_out_of_memory", retry_after_s=1)))
+    assert (back.status, back.code, back.retry_after_s) == (503, "gpu_out_of_memory", 1)
     assert validation_message([{"loc": ("body", "messages"), "msg": "too short", "type": "x"}]) == (
         "invalid request: messages: too short", "messages")
 

@@ -458,7 +458,7 @@ class Scheduler:
     def _fail_oom(self, s: _Seq, during: str) -> None:
         """A request the GPU had no memory for: a retryable 503 for it, the engine goes on."""
         self._out(s.rid, ServeAppError(f"the GPU ran out of memory {during}; retry the request",
-                                       503, "gpu_out_of_memory"))
+                                       503, "gpu_out_of_memory", retry_after_s=1))
         self._release(s)
         self.counters["failed_oom_total"] += 1
 

@@ -26,6 +26,7 @@ from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private.memory import plan_kv_tokens, split_by_budget, vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine._private.sampler import SlotSampling
+from serve_app.engine._private.timing import StepTimer
 from serve_app.engine._private.transfer import upload
 from serve_app.engine._private.vision_cache import VisionCache
 from serve_app.engine.config import EngineConfig
@@ -88,7 +89,7 @@ class Scheduler:
         self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
         self.slots = SlotSampling(config.max_num_seqs, runner.vocab, runner.device)
         self._inflight: list[_Launch] = []
-        self._inflight_timers: list[tuple[str, _Timer]] = []
+        self._inflight_timers: list[tuple[str, StepTimer]] = []
         self.counters = dict(requests_total=0, finished_total=0, cancelled_total=0,
                              prompt_tokens_total=0, generation_tokens_total=0, prefill_steps=0,
                              decode_steps=0, images_encoded=0, vision_cache_hits=0,
@@ -307,7 +308,7 @@ class Scheduler:
                 owners.append(im.image_id or (id(s), j))
         # Calls of at most vision_budget patches: the size the start-up memory profile measured.
         for group in split_by_budget([t * h * w for t, h, w in grids], self.vision_budget):
-            timer = _Timer(self.runner.is_cuda)
+            timer = StepTimer(self.runner.is_cuda)
             try:
                 encoded = self.runner.encode_images([pixel[i] for i in group], [grids[i] for i in group])
             except torch.OutOfMemoryError as e:   # fail these requests, not the whole replica
@@ -331,7 +332,7 @@ class Scheduler:
             s.deepstack = [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))]
 
     def _prefill_step(self) -> "_Launch | None":
-        timer = _Timer(self.runner.is_cuda)
+        timer = StepTimer(self.runner.is_cuda)
         budget = self.config.max_prefill_tokens
         chunks, seqs = [], []
         for s in self.prefilling:
@@ -376,7 +377,7 @@ class Scheduler:
         return self._launch_sample("prefill", timer, logits, done, slots, steps)
 
     def _decode_step(self, rows: list[_Seq]) -> "_Launch":
-        timer = _Timer(self.runner.is_cuda)
+        timer = StepTimer(self.runner.is_cuda)
         p = self.runner.page_size
         pos, pages, offs, lens, slots, steps = [], [], [], [], [], []
         for s in rows:
@@ -392,7 +393,7 @@ class Scheduler:
         self.counters["decode_steps"] += 1
         return self._launch_sample("decode", timer, logits, rows, slot_dev, step_dev)
 
-    def _launch_sample(self, kind: str, timer: "_Timer", logits: torch.Tensor, seqs: list[_Seq],
+    def _launch_sample(self, kind: str, timer: "StepTimer", logits: torch.Tensor, seqs: list[_Seq],
                        slots: torch.Tensor, steps: torch.Tensor) -> "_Launch":
         """Sample on the device, feed the tokens back as the slots' next inputs, start the copy
         to the host; the host reads them in :meth:`_collect`, after launching the next step."""
@@ -503,38 +504,6 @@ class Scheduler:
         return dict(self.info)
 
 
-class _Timer:
-    """Time of work launched on the GPU (CUDA events, read once it is done); host time on CPU."""
-
-    def __init__(self, cuda: bool):
-        self._cuda = cuda
-        if cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._t0, self._t1 = time.perf_counter(), 0.0
-
-    def stop(self) -> "_Timer":
-        if self._cuda:
-            self._end.record()
-        else:
-            self._t1 = time.perf_counter()
-        return self
-
-    def synchronize(self) -> None:
-        if self._cuda:
-            self._end.synchronize()
-
-    def done(self) -> bool:
-        return not self._cuda or self._end.query()
-
-    def seconds(self) -> float:
-        if self._cuda:
-            return self._start.elapsed_time(self._end) / 1000
-        return self._t1 - self._t0
-
-
 @dataclass
 class _Launch:
     """Tokens sampled on the device for ``seqs``, on their way to the host."""
@@ -542,4 +511,4 @@ class _Launch:
     kind: str
     seqs: list[_Seq]
     tokens: torch.Tensor
-    timer: _Timer
+    timer: StepTimer

@@ -543,6 +543,19 @@ def test_sweep_stops_at_first_miss_and_bisects(monkeypatch):
     assert len(seen) == 6 and all(s["engine"] == "x" for s in seen)
 
 
+def test_sweep_steps_down_when_the_first_step_misses(monkeypatch):
+    """A ladder that starts above the knee: refine steps go down by 15 % until one passes, then
+    bisect (the two-GPU run's first ladder, 22/24/26/28, ended with no load at the SLO)."""
+    from benchmarks.loadgen import sweep as sw
+
+    fake, calls = _fake_step(capacity=17.0)
+    monkeypatch.setattr(sw, "run_step", fake)
+    plan = sw.SweepPlan([22, 24], LoadSpec(duration_s=1, drain_s=0), refine=3)
+    res = sw.run_sweep("http://127.0.0.1:1", None, plan)
+    assert calls == [22, 18.7, 15.895, 17.297]       # miss, miss, ok, then bisect 15.895..18.7
+    assert res["max_at_slo"]["offered"] == 15.895 and res["first_miss"] == 17.297
+
+
 def test_sweep_no_stop_ignores_lucky_pass_and_honours_deadline(monkeypatch):
     import time as _time
 

@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="offered QPS (open) or sessions (closed) per step, ascending")
     s.add_argument("--loads-for", default=None,
                    help="per-engine step lists: 'hf-generate=0.1,0.2;continuous=1,2,4'")
-    s.add_argument("--refine", type=int, default=1, help="bisection steps after the first miss")
+    s.add_argument("--refine", type=int, default=1, help="steps after the first miss: bisection, or "
+                   "15 %% lower while the very first step misses")
     s.add_argument("--no-stop", action="store_true", help="run every step even after a miss")
     s.add_argument("--slo-ttft", type=float, default=0.412, help="P95 TTFT SLO (s)")
     s.add_argument("--slo-e2e", type=float, default=1.86, help="P95 end-to-end SLO (s)")

@@ -110,7 +110,20 @@ def run_sweep(url: str, workload: Workload, plan: SweepPlan, slo: SLO = SLO(), l
                 break
     hi = first_miss
     lo = max((x for x in passed if hi is None or x < hi), default=None)
-    for _ in range(plan.refine):
+    left = plan.refine
+    # The first step already missed: the refine steps go down (x0.85) until one passes, then bisect
+    # (a ladder started just above the knee otherwise ends with no load at the SLO at all).
+    going_down = lo is None and hi is not None and hi == plan.loads[0]
+    while going_down and lo is None and left > 0 and not stopped:
+        down = round(hi * 0.85, 3) if plan.base.mode == "open" else int(hi * 0.85)
+        if down <= 0 or down == hi:
+            break
+        left -= 1
+        if do(down):
+            lo = down
+        elif not stopped:
+            hi = first_miss = down
+    for _ in range(left):
         if lo is None or hi is None or stopped:
             break
         mid = (lo + hi) / 2 if plan.base.mode == "open" else (lo + hi) // 2

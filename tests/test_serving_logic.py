@@ -206,3 +206,34 @@ def test_stream_interval_must_not_be_negative():
 
     with pytest.raises(ValueError, match="stream_interval_ms must be a finite number >= 0"):
         asyncio.run(Bare.__new__(Bare).__init__({}, 32, -1))
+
+
+# ---- engine plug-in (engine: "package.module:Class") -------------------------------------------
+def test_engine_import_path_builds_a_custom_engine(tiny_model_path):
+    """`engine: module:Class` builds the user's engine (here the serving-overhead benchmark's paced
+    stand-in); a bad path or a class that is no engine fails with a clear message."""
+    from serve_app.engine import EngineConfig, EngineRequest, SamplingParams, create_engine
+
+    engine = create_engine(EngineConfig(model=tiny_model_path, device="cpu",
+                                        engine="benchmarks.serving_overhead:PacedEngine"))
+
+    async def run():
+        await engine.start()
+        try:
+            req = EngineRequest("r1", [1, 2, 3], [], SamplingParams(max_tokens=5))
+            return [d async for d in engine.generate(req)], engine.health(), engine.stats()
+        finally:
+            await engine.shutdown()
+
+    deltas, health, stats = asyncio.run(run())
+    assert [d.num_generated_tokens for d in deltas] == [1, 2, 3, 4, 5]
+    assert deltas[-1].finish_reason == "length" and all(d.num_prompt_tokens == 3 for d in deltas)
+    assert health["ready"] and stats["finished_total"] == 1
+    with pytest.raises(ValueError, match="cannot be imported"):
+        create_engine(EngineConfig(engine="serve_app.engine:NoSuchEngine"))
+    with pytest.raises(TypeError, match="lacks start, generate"):
+        create_engine(EngineConfig(engine="collections:OrderedDict"))
+    with pytest.raises(TypeError, match=r"cannot be built as EngineConfig\(engine_config\)"):
+        create_engine(EngineConfig(engine="serve_app.engine.config:EngineConfig"))
+    with pytest.raises(pydantic.ValidationError):
+        EngineConfig(engine="not an engine")

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.protocol import (Engine, EngineRequest, ImageInput, SamplingParams,
                                        TokenDelta)
@@ -20,6 +22,22 @@ def create_engine(config: EngineConfig) -> Engine:
     if config.engine == "continuous":
         from serve_app.engine.continuous import ContinuousEngine
         return ContinuousEngine(config)
+    if ":" in config.engine:  # module:Class, like Serve's import_path
+        module, _, name = config.engine.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"engine {config.engine!r} cannot be imported: {e}") from e
+        try:
+            engine = cls(config)
+        except TypeError as e:
+            raise TypeError(f"engine {config.engine!r} cannot be built as {name}(engine_config): {e}") from e
+        missing = [m for m in ("start", "generate", "cancel", "health", "stats", "shutdown")
+                   if not callable(getattr(engine, m, None))]
+        if missing:
+            raise TypeError(f"engine {config.engine!r} lacks {', '.join(missing)} (see "
+                            f"serve_app.engine.protocol.Engine)")
+        return engine
     raise ValueError(f"unknown engine {config.engine!r}; choose one of {ENGINES}")
 
 

@@ -13,7 +13,10 @@ class EngineConfig(BaseModel):
     model: str = Field("builtin:tiny-qwen3-vl",
                        description="builtin:NAME, a Hugging Face id, or a local folder")
     served_model_name: str | None = Field(None, description="name shown in /v1/models (default: model)")
-    engine: Literal["hf-generate", "continuous"] = "continuous"
+    engine: str = Field(
+        "continuous", pattern=r"^(hf-generate|continuous|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="'continuous', 'hf-generate', or 'package.module:Class' - your own engine, built "
+                    "as Class(engine_config), implementing serve_app.engine.protocol.Engine")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 where the GPU supports it, else fp16; fp32 on CPU")

@@ -29,8 +29,9 @@ def app_config(**overrides) -> dict:
         "engine": {"model": TINY, "engine": "continuous", "device": "cpu", "dtype": "float32",
                    "max_model_len": 4096, "cache_dir": CACHE_DIR},
         "images": {"max_images_per_request": 4, "max_image_bytes": 8 * 1024 * 1024},
-        # as deployments.gpu.yaml: the HTTP tests (stream == non-stream, usage, disconnect) run
-        # through the VLM's stream merging; the unmerged path is the CPU demo's (test_00_serve_run)
+        # stream merging on, as in deployments.gpu.yaml (which uses 50 ms; 20 merges less and so
+        # exercises more items): the HTTP tests (stream == non-stream, usage, disconnect) run through
+        # the VLM's merging; the unmerged path is the CPU demo's (test_00_serve_run)
         "api": {"default_max_tokens": 32, "max_request_bytes": 16 * 1024 * 1024,
                 "stream_interval_ms": 20},
     }

@@ -40,6 +40,15 @@ def _error_response(err: ServeAppError, headers: dict | None = None) -> JSONResp
     return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
 
 
+def _vlm_error(e: BaseException) -> ServeAppError:
+    """The client's error for a failed VLM call. An unexpected 5xx is logged with its cause (the
+    client sees one line); 503s (overload, restarts, out of memory) are expected and not logged."""
+    err = client_error(e)
+    if err.status >= 500 and err.status != 503:
+        logger.warning("VLM call failed: %r", err, exc_info=e)
+    return err
+
+
 def _cancel(gen) -> None:
     """Cancel a VLM call. A call that failed (backpressure, a dead replica) raises its error again
     from ``cancel()``; it is already being answered, so that second raise is dropped here."""
@@ -201,7 +210,7 @@ class Ingress:
             accepted = await gen.__anext__()  # prompt built and admitted, or a 4xx
         except BaseException as e:
             _cancel(gen)
-            raise client_error(e) from e
+            raise _vlm_error(e) from e
         n_prompt = accepted.num_prompt_tokens
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -216,7 +225,7 @@ class Ingress:
                 finish, n_gen = d.finish_reason, d.num_generated_tokens
         except BaseException as e:
             _cancel(gen)  # includes client disconnect (CancelledError)
-            raise client_error(e) if isinstance(e, Exception) else e
+            raise _vlm_error(e) if isinstance(e, Exception) else e
         response.headers.update(route_header)
         return _chat.full_response(request_id, self.served_name, "".join(text), finish, n_prompt, n_gen)
 
@@ -232,7 +241,7 @@ class Ingress:
             yield sse.finish(finish, n_prompt, n_gen)
         except Exception as e:  # mid-stream failure: tell the client in-band, as OpenAI does
             done = True
-            yield sse.error(client_error(e))
+            yield sse.error(_vlm_error(e))
         finally:
             if not done:
                 _cancel(gen)  # client went away: stop generating

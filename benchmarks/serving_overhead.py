@@ -57,6 +57,7 @@ class PacedEngine:
 
         self.tokenizer = load_tokenizer(resolve_model(self.config.model, self.config.cache_dir))
         self._ids = self.tokenizer.encode(" the serving layer streams these words", add_special_tokens=False)
+        self._texts = [self.tokenizer.decode([t]) for t in self._ids]
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
@@ -69,9 +70,9 @@ class PacedEngine:
                 if now < first_at:
                     continue
                 i = st[4] = sent + 1
-                tok = self._ids[(i - 1) % len(self._ids)]
+                j = (i - 1) % len(self._ids)
                 done = i >= want
-                q.put_nowait(TokenDelta(rid, self.tokenizer.decode([tok]), [tok], n_prompt, i,
+                q.put_nowait(TokenDelta(rid, self._texts[j], [self._ids[j]], n_prompt, i,
                                         "length" if done else None))
                 if done:
                     self._streams.pop(rid, None)
@@ -97,7 +98,10 @@ class PacedEngine:
                 self.counters["cancelled_total"] += 1
 
     async def cancel(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+        st = self._streams.pop(request_id, None)
+        if st is not None:   # the stream ends with 'cancelled', as the protocol says
+            st[0].put_nowait(TokenDelta(request_id, "", [], st[1], st[4], "cancelled"))
+            self.counters["cancelled_total"] += 1
 
     def health(self) -> dict:
         return {"ready": self.tokenizer is not None, "engine": "paced"}

@@ -221,14 +221,20 @@ def test_engine_import_path_builds_a_custom_engine(tiny_model_path):
         await engine.start()
         try:
             req = EngineRequest("r1", [1, 2, 3], [], SamplingParams(max_tokens=5))
-            return [d async for d in engine.generate(req)], engine.health(), engine.stats()
+            deltas = [d async for d in engine.generate(req)]
+            long = engine.generate(EngineRequest("r2", [1], [], SamplingParams(max_tokens=10_000)))
+            first = await long.__anext__()
+            await engine.cancel("r2")
+            rest = [d async for d in long]   # ends, with 'cancelled'
+            assert first.finish_reason is None and rest[-1].finish_reason == "cancelled"
+            return deltas, engine.health(), engine.stats()
         finally:
             await engine.shutdown()
 
     deltas, health, stats = asyncio.run(run())
     assert [d.num_generated_tokens for d in deltas] == [1, 2, 3, 4, 5]
     assert deltas[-1].finish_reason == "length" and all(d.num_prompt_tokens == 3 for d in deltas)
-    assert health["ready"] and stats["finished_total"] == 1
+    assert health["ready"] and stats["finished_total"] == 1 and stats["cancelled_total"] == 1
     with pytest.raises(ValueError, match="cannot be imported"):
         create_engine(EngineConfig(engine="serve_app.engine:NoSuchEngine"))
     with pytest.raises(TypeError, match="lacks start, generate"):

@@ -47,10 +47,9 @@ def supported(device: torch.device) -> str | None:
 
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, name: str = "") -> Fp8Weight:
-    """Per-output-channel scales from each row's absolute maximum."""
-    wf = w.detach().float()
-    scale = wf.abs().amax(dim=1, keepdim=True).clamp_min(_MIN_SCALE) / FP8_MAX
-    q = (wf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    """Per-output-channel scales from each row's absolute maximum (a weight row is quantised as
+    an activation row is)."""
+    q, scale = quantize_rows_torch(w.detach())
     return Fp8Weight(q.contiguous(), scale.reshape(1, -1).contiguous(), name)
 
 

@@ -70,9 +70,9 @@ def split_by_budget(sizes: list[int], budget: int) -> list[list[int]]:
     """Indices of ``sizes``, in order, grouped so that each group sums to at most ``budget`` (an
     item over the budget forms a group of its own)."""
     groups: list[list[int]] = []
-    total = budget + 1
+    total = 0
     for i, n in enumerate(sizes):
-        if total + n > budget:
+        if not groups or total + n > budget:
             groups.append([])
             total = 0
         groups[-1].append(i)

@@ -313,7 +313,6 @@ class Scheduler:
                 encoded = self.runner.encode_images([pixel[i] for i in group], [grids[i] for i in group])
             except torch.OutOfMemoryError as e:   # fail these requests, not the whole replica
                 logger.warning("vision tower out of memory on %d images: %s", len(group), e)
-                self._free_after_oom()
                 continue
             self._inflight_timers.append(("vision", timer.stop()))
             for i, feats in zip(group, encoded):
@@ -356,7 +355,6 @@ class Scheduler:
             logits = self.runner.prefill(chunks)
         except torch.OutOfMemoryError as e:     # fail these requests, not the whole replica
             logger.warning("prefill of %d tokens out of memory: %s", sum(len(c.ids) for c in chunks), e)
-            self._free_after_oom()
             for s in seqs:
                 self._fail_oom(s, "its prefill")
             return None
@@ -462,10 +460,6 @@ class Scheduler:
                                        503, "gpu_out_of_memory", retry_after_s=1))
         self._release(s)
         self.counters["failed_oom_total"] += 1
-
-    def _free_after_oom(self) -> None:
-        if self.runner.is_cuda:
-            torch.cuda.empty_cache()
 
     def _release(self, s: _Seq) -> None:
         s.done = True

@@ -2,11 +2,22 @@
 
 A decode step multiplies a few rows by every weight, so it is bound by reading the weights.
 cuBLASLt's row-wise scaled FP8 GEMM is tuned for large M: at M <= 64 it reads FP8 weights at
-~0.8-2 TB/s on an H200 (slower than bf16 cuBLAS on the same shapes). This kernel keeps the
-activations in bf16, converts each FP8 weight tile to bf16 in registers, and splits K over
-several programs when N alone gives too few programs to keep the memory system busy; the split
-partials are fp32 rows ``[S, M, N]`` that the next RMSNorm sums (``kernels.rms_norm`` accepts
-them), so the split costs no extra kernel.
+~0.8-2 TB/s on an H200 (slower than bf16 cuBLAS on the same shapes). Two Triton kernels:
+
+* "swap8" (``_w8a8_swap_kernel``): FP8 activations (per-row scales, quantised by the norm or
+  SiLU kernel that produces them) times FP8 weights, with the roles swapped (``y.T = w @ x.T``)
+  so that 64 weight rows fill the MMA's M side and the few activation rows its N side: no
+  conversion of the weight tile, and a small activation tile per large weight tile. 2.1-3.3 TB/s
+  on an H200 with weights cycled as a step reads them (RESULTS.md, "GPU: FP8 decode kernels
+  with swapped roles").
+* "a16" (``_w8a16_kernel``): bf16 activations; each FP8 weight tile is converted to bf16 in
+  registers. Kept for inputs no kernel quantises (the o projection), where it can beat
+  quantising first.
+
+Both split K over several programs when N alone gives too few programs to keep the memory
+system busy; the split partials are fp32 rows ``[S, M, N]`` that the next RMSNorm sums
+(``kernels.rms_norm`` accepts them), so the split costs no extra kernel. Which kernel and config
+each projection uses per row tile is timed at start-up (:func:`plan_decode`).
 """
 
 from __future__ import annotations
@@ -27,8 +38,8 @@ def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k0 = pid_k * k_per_split
     k1 = tl.minimum(k0 + k_per_split, K)
-    for kk in range(k0, k1, BK):
-        rk = kk + tl.arange(0, BK)
+    for kk in range(0, k_per_split, BK):      # (not range(k0, k1): the interpreter wants scalars)
+        rk = k0 + kk + tl.arange(0, BK)
         kmask = rk < k1
         x = tl.load(X + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
         w = tl.load(W + rn[:, None] * s_wn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
@@ -36,6 +47,35 @@ def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
     acc = acc * tl.load(WS + rn, mask=nmask, other=0.0)[None, :]
     ptr = Y + pid_k * s_ys + rm[:, None] * s_ym + rn[None, :]
     mask = (rm[:, None] < M) & nmask[None, :]
+    if PARTIAL:
+        tl.store(ptr, acc, mask=mask)
+    else:
+        tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _w8a8_swap_kernel(X, XS, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr):
+    """``y.T = (w @ xq.T) * ws * xs.T`` with e4m3 ``w`` and ``xq``: weight rows on the MMA's M side."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    nmask = rn < N
+    mmask = rm < M
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    k0 = pid_k * k_per_split
+    k1 = tl.minimum(k0 + k_per_split, K)
+    for kk in range(0, k_per_split, BK):
+        rk = k0 + kk + tl.arange(0, BK)
+        kmask = rk < k1
+        w = tl.load(W + rn[:, None] * s_wn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        xt = tl.load(X + rm[None, :] * s_xm + rk[:, None], mask=mmask[None, :] & kmask[:, None], other=0.0)
+        acc += tl.dot(w, xt)
+    acc = acc * tl.load(WS + rn, mask=nmask, other=0.0)[:, None]
+    acc = acc * tl.load(XS + rm, mask=mmask, other=0.0)[None, :]
+    ptr = Y + pid_k * s_ys + rm[None, :] * s_ym + rn[:, None]
+    mask = mmask[None, :] & nmask[:, None]
     if PARTIAL:
         tl.store(ptr, acc, mask=mask)
     else:
@@ -50,28 +90,52 @@ def row_tile(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, config: tuple,
-           partial: bool = False) -> torch.Tensor:
-    """``x [M, K] bf16 @ (q [N, K] e4m3 * scale [1, N]).T`` for M <= 64. Returns ``[M, N]`` in
-    x's dtype, or with more than one K split and ``partial``, fp32 ``[S, M, N]`` partials (their
-    sum is the product; without ``partial`` they are summed here). ``config``: (BN, BK, splits,
-    num_warps, num_stages), from :func:`plan_decode`."""
+def takes_fp8(config: tuple | None) -> bool:
+    """Whether a planned decode kernel wants e4m3 activations: cuBLASLt's W8A8 (``None``) and
+    "swap8" do, "a16" takes bf16."""
+    return config is None or kind_of(config) == "swap8"
+
+
+def kind_of(config: tuple) -> str:
+    return config[5] if len(config) > 5 else "a16"
+
+
+def linear(x, q: torch.Tensor, scale: torch.Tensor, config: tuple, partial: bool = False,
+           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``x [M, K] @ (q [N, K] e4m3 * scale [1, N]).T`` for M <= 64; ``x`` is bf16 rows ("a16")
+    or an e4m3 ``(xq, xs [M, 1])`` pair ("swap8"). Returns ``[M, N]`` in ``out_dtype``, or with
+    more than one K split and ``partial``, fp32 ``[S, M, N]`` partials (their sum is the
+    product; without ``partial`` they are summed here). ``config``: (BN, BK, splits, num_warps,
+    num_stages[, kind]) from :func:`plan_decode`; kind "a16" when left out."""
+    kind = kind_of(config)
+    if kind not in ("a16", "swap8"):
+        raise ValueError(f"unknown decode kernel {kind!r} (a16, swap8)")
+    xs = None
+    if isinstance(x, tuple):
+        x, xs = x
+    if (kind == "swap8") != (xs is not None):
+        raise ValueError(f"kernel {kind!r} takes " + ("an e4m3 (xq, xs) pair" if xs is None else "bf16 rows"))
     m, k = x.shape
     n = q.shape[0]
     bm = row_tile(m)
-    bn, bk, splits, warps, stages = config
+    bn, bk, splits, warps, stages = config[:5]
     k_per = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_per)
     if splits > 1:
         y = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     else:
-        y = torch.empty(1, m, n, dtype=x.dtype, device=x.device)
-    _w8a16_kernel[(triton.cdiv(n, bn), splits)](
-        x, q, scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0), y.stride(1), k_per,
-        BM=bm, BN=bn, BK=bk, PARTIAL=splits > 1, num_warps=warps, num_stages=stages)
+        y = torch.empty(1, m, n, dtype=out_dtype, device=x.device)
+    grid = (triton.cdiv(n, bn), splits)
+    common = dict(BM=bm, BN=bn, BK=bk, PARTIAL=splits > 1, num_warps=warps, num_stages=stages)
+    if kind == "swap8":
+        _w8a8_swap_kernel[grid](x, xs, q, scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0),
+                                y.stride(1), k_per, **common)
+    else:
+        _w8a16_kernel[grid](x, q, scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0),
+                            y.stride(1), k_per, **common)
     if splits == 1:
         return y[0]
-    return y if partial else y.sum(0).to(x.dtype)
+    return y if partial else y.sum(0).to(out_dtype)
 
 
 def _graph_time_us(fns: list) -> float:
@@ -103,10 +167,13 @@ def _graph_time_us(fns: list) -> float:
 
 
 def candidates(k: int) -> list[tuple]:
+    """Configs timed at start-up: "a16" (the kernel's first configs) and "swap8" (the winners
+    of ``benchmarks/fp8_probe.py decode`` on an H200, and their neighbours)."""
     out = [(bn, 128, s, 4, 3) for bn in (32, 64) for s in (1, 2, 4, 8)]
     if k >= 8192:
         out += [(32, 256, s, 4, 3) for s in (4, 8)]
-    return out
+    out += [(64, bk, s, 4, st, "swap8") for bk in (128, 256) for s in (1, 2, 4, 8) for st in (3, 4)]
+    return [c for c in out if -(-k // c[1]) >= c[2]]
 
 
 @torch.inference_mode()
@@ -125,13 +192,15 @@ def plan_decode(layers: list[dict], row_tiles: list[int], dtype: torch.dtype) ->
             k = ws[0].q.shape[1]
             x = torch.randn(bm, k, dtype=dtype, device=ws[0].q.device)
             xq = quantize_rows(x)
-            src = x if name == "o" else xq
-            times = {"w8a8": _graph_time_us([lambda w=w: fp8.linear(src, w, dtype) for w in ws])}
+            # The o projection's input comes from attention in bf16: a kernel that takes e4m3
+            # pays for quantising it here (the other inputs come quantised from a norm or SiLU).
+            fp8_in = (lambda: quantize_rows(x)) if name == "o" else (lambda: xq)
+            times = {"w8a8": _graph_time_us([lambda w=w: fp8.linear(fp8_in(), w, dtype) for w in ws])}
             partial = name in ("o", "down")      # their partials go to a norm that sums them
             for cfg in candidates(k):
-                if -(-k // cfg[1]) >= cfg[2]:
-                    times[cfg] = _graph_time_us(
-                        [lambda w=w: linear(x, w.q, w.scale, cfg, partial) for w in ws])
+                src = fp8_in if takes_fp8(cfg) else (lambda: x)
+                times[cfg] = _graph_time_us(
+                    [lambda w=w: linear(src(), w.q, w.scale, cfg, partial, dtype) for w in ws])
             best = min(times, key=times.get)
             plan[(name, bm)] = None if best == "w8a8" else best
             timings[f"{name}@{bm}"] = {"pick": str(best), **{str(c): round(t, 2) for c, t in times.items()}}

@@ -183,13 +183,16 @@ class ModelRunner:
         return F.linear(x, w)
 
     def _dec_lin(self, x, w, plan: dict | None, partial: bool = False) -> torch.Tensor:
-        """A decode-step linear: the planned Triton W8A16 kernel (``x`` in bf16; with ``partial``
-        maybe fp32 split-K partials for the next RMSNorm), else :meth:`_lin`."""
+        """A decode-step linear: the planned Triton kernel (``x`` in bf16 for "a16", e4m3 rows for
+        "swap8"; with ``partial`` maybe fp32 split-K partials for the next RMSNorm), else
+        :meth:`_lin` (cuBLASLt W8A8)."""
         cfg = plan.get(w.name) if plan else None
         if cfg is None:
             return self._lin(x, w)
         from serve_app.engine._private import fp8_gemv
-        return fp8_gemv.linear(x, w.q, w.scale, cfg, partial)
+        if fp8_gemv.takes_fp8(cfg) and not isinstance(x, tuple):
+            x = fp8.quantize_rows(x)             # the o projection's input (attention's output)
+        return fp8_gemv.linear(x, w.q, w.scale, cfg, partial, self.dtype)
 
     def _decode_plan(self, batch: int) -> dict | None:
         if not self.fp8_plan:
@@ -404,8 +407,9 @@ class ModelRunner:
 
     def _decode_forward_fused(self, ids, pos, page, off, lens, slot, batch: int) -> torch.Tensor:
         """GPU decode: about ten kernels per layer (fused norms, q/k-norm+RoPE+KV store, SiLU).
-        FP8: each projection as planned (W8A16 Triton kernel: bf16 input, o/down may hand split-K
-        partials to the next norm; W8A8: the norm or SiLU kernel quantises its output)."""
+        FP8: each projection as planned (``fp8_gemv``: "a16" takes bf16 input; "swap8" and
+        cuBLASLt's W8A8 take e4m3 rows, which the norm or SiLU kernel before them writes; o/down
+        may hand split-K partials to the next norm)."""
         from serve_app.engine._private import kernels as K
 
         kv = self.kv
@@ -414,7 +418,8 @@ class ModelRunner:
         splits = num_splits_for(batch, self.num_kv_heads, self.num_sms)
         hq, hk, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         plan = self._decode_plan(batch)
-        qz = {n: self.fp8 and (plan is None or plan[n] is None) for n in ("qkv", "gu", "down")}
+        from serve_app.engine._private.fp8_gemv import takes_fp8
+        qz = {n: self.fp8 and (plan is None or takes_fp8(plan[n])) for n in ("qkv", "gu", "down")}
         h = self.lm.embed_tokens(ids)
         res = None
         for i, w in enumerate(self.w):

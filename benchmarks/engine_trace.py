@@ -97,7 +97,7 @@ async def main_async(args) -> dict:
     cfg = EngineConfig(model=args.model, engine="continuous", device=args.device,
                        dtype="bfloat16" if args.device == "cuda" else "float32",
                        max_gpu_memory_gb=args.max_gpu_memory_gb, max_num_seqs=64, max_model_len=4096,
-                       max_prefill_tokens=8192)
+                       max_prefill_tokens=8192, quantization=args.quantization)
     engine = ContinuousEngine(cfg)
     await engine.start()
     rng = np.random.default_rng(11)
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/trace")
     ap.add_argument("--max-gpu-memory-gb", type=float, default=24.0)
     ap.add_argument("--decode-tokens", type=int, default=48)
+    ap.add_argument("--quantization", choices=["fp8"], default=None)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (tiny model)")
     args = ap.parse_args()
     from serve_app.models import resolve_model

@@ -1,18 +1,19 @@
 """FP8 GEMMs at Qwen3-VL-4B's shapes on the GPU, and where a bf16 decode step's time goes.
 
     python benchmarks/fp8_probe.py gemm OUT.json             # bf16 cuBLAS vs cuBLASLt row-wise FP8, M 1..4096
-    python benchmarks/fp8_probe.py decode OUT.json           # + the Triton W8A16 kernel's configs, M <= 64
-    python benchmarks/fp8_probe.py profile OUT.json MODEL    # kernel times of one eager bf16 decode step
+    python benchmarks/fp8_probe.py decode OUT.json [8,16,32] # decode sizes: every FP8 kernel kind's best config
+    python benchmarks/fp8_probe.py rows OUT.json             # the row kernels (norm, SiLU, quant) per num_warps
+    python benchmarks/fp8_probe.py profile OUT.json MODEL [fp8]  # kernel times of one eager decode step
 
 Times come from CUDA graphs of repeated calls (launch costs excluded, as in the captured decode
-step). They loop over ONE weight, so weights that fit the GPU's L2 (an H200 has 50 MB) read
-faster here than in a step: the engine's own start-up timing (``fp8_gemv.plan_decode``) cycles
-through 12 layers' weights instead. RESULTS.md, section "GPU: FP8 decoder linears", quotes a run.
+step). ``gemm`` loops over ONE weight, so weights that fit the GPU's L2 (an H200 has 50 MB) read
+faster there than in a step; ``decode`` cycles through 12 layers' weights, as a step and the
+engine's own start-up timing (``fp8_gemv.plan_decode``) read them. RESULTS.md quotes runs in
+"GPU: FP8 decoder linears" and "GPU: FP8 decode kernels with swapped roles".
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -63,38 +64,112 @@ def gemm(out: str) -> None:
               open(out, "w"), indent=1)
 
 
-def decode(out: str) -> None:
+def swap_candidates(k: int) -> list[tuple]:
+    """Configs tried for the swapped-role kernels (weight rows as the MMA's M side)."""
+    out = [(bn, bk, sp, 4, st, "swap8") for bn in (64, 128) for bk in (128, 256) for sp in (1, 2, 4, 8)
+           for st in (3, 4)]
+    out += [(256, 128, sp, 8, 3, "swap8") for sp in (1, 2, 4)]
+    return [c for c in out if -(-k // c[1]) >= c[2]]
+
+
+def decode(out: str, ms: str = "8,16,32", layers: int = 12) -> None:
+    """Decode-sized FP8 GEMMs: each kernel kind's best config, timed as a decode step reads the
+    weights (cycling through ``layers`` different weights, so nothing is served from L2), and
+    checked against the dequantised product. Kinds: cuBLAS bf16 (bf16 weights), cuBLASLt W8A8,
+    the Triton kernels "a16" and "swap8" (fp8_gemv). (A third, "swap16": swapped roles with bf16
+    activations, measured slower than both on an H200 and was dropped.)"""
     from serve_app.engine._private import fp8_gemv as G
     from serve_app.engine._private import kernels as K
 
-    rows = []
+    dt, rows = torch.bfloat16, []
     for name, (n, k) in LM.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        wq = fp8.quantize_weight(w)
-        for m in [1, 8, 32, 64]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        if name == "lm_head":
+            continue
+        wb = [torch.randn(n, k, device="cuda", dtype=dt) * 0.02 for _ in range(layers)]
+        ws = [fp8.quantize_weight(w, name) for w in wb]
+        deq = ws[0].q.float() * ws[0].scale.reshape(-1, 1)
+        partial = name in ("o", "down")          # the engine hands these partials to a norm
+        for m in (int(v) for v in ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dt)
             xq = K.quantize_rows(x)
-            r = {"name": name, "M": m, "bf16_us": gtime(lambda: F.linear(x, w)),
-                 "scaled_mm_us": gtime(lambda: fp8.linear(xq, wq, torch.bfloat16))}
-            best = None
-            for bn, bk, sp, st in itertools.product([32, 64, 128], [128, 256], [1, 2, 4, 8], [3, 4]):
-                if (name == "lm_head" and sp > 1) or -(-k // bk) < sp:
+            refs = {"a16": x.float() @ deq.t(), "swap8": (xq[0].float() * xq[1]) @ deq.t()}
+            r = {"name": name, "M": m, "N": n, "K": k, "fp8_MB": round(n * k / 1e6, 1),
+                 "bf16_us": G._graph_time_us([lambda w=w: F.linear(x, w) for w in wb]),
+                 "w8a8_us": G._graph_time_us([lambda w=w: fp8.linear(xq, w, dt) for w in ws])}
+            best, bad = {}, []
+            for cfg in G.candidates(k) + swap_candidates(k):
+                kind = cfg[5] if len(cfg) > 5 else "a16"
+                xin = xq if kind == "swap8" else x
+                try:
+                    y = G.linear(xin, ws[0].q, ws[0].scale, cfg, partial)
+                    y = (y.sum(0) if y.dim() == 3 else y).float()
+                except Exception as e:   # a config this Triton cannot build: skip it, say so
+                    bad.append(f"{cfg}: {type(e).__name__}: {str(e)[:120]}")
                     continue
-                cfg = (bn, bk, sp, 4, st)
-                t = gtime(lambda: G.linear(x, wq.q, wq.scale, cfg, partial=True))
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            deq = x.float() @ (wq.q.float() * wq.scale.reshape(-1, 1)).t()
-            y = G.linear(x, wq.q, wq.scale, best[1]).float()
-            r.update(triton_us=best[0], triton_cfg=best[1],
-                     rel_err_vs_dequantised=((y - deq).norm() / deq.norm()).item(),
-                     GBps_bf16=n * k * 2 / r["bf16_us"] / 1e3, GBps_triton_fp8=n * k / best[0] / 1e3)
+                ref = refs[kind]
+                err = ((y - ref).norm() / ref.norm()).item()
+                if not err < 2e-2:
+                    bad.append(f"{cfg}: rel err {err:.3g}")
+                    continue
+                t = G._graph_time_us([lambda w=w: G.linear(xin, w.q, w.scale, cfg, partial) for w in ws])
+                if kind not in best or t < best[kind][0]:
+                    best[kind] = (round(t, 2), str(cfg), round(err, 5))
+            r.update({f"{kd}_us": v[0] for kd, v in best.items()})
+            r.update({f"{kd}_cfg": v[1] for kd, v in best.items()}, errors=bad[:6], n_bad=len(bad))
+            r["GBps"] = {kd: round(n * k * (2 if kd == "bf16" else 1) / r[f"{kd}_us"] / 1e3)
+                         for kd in ("bf16", "w8a8", "a16", "swap8") if f"{kd}_us" in r}
             print(json.dumps(r), flush=True)
             rows.append(r)
+    for m in sorted({r["M"] for r in rows}):     # per layer: the engine's kinds vs with the swaps
+        sel = [r for r in rows if r["M"] == m]
+        now = sum(min(r["w8a8_us"], r.get("a16_us", 1e9)) for r in sel)
+        new = sum(min(r["w8a8_us"], r.get("a16_us", 1e9), r.get("swap8_us", 1e9))
+                  for r in sel)
+        print(f"M={m}: per layer {now:.1f} us (w8a8/a16) -> {new:.1f} us with swap kernels; "
+              f"x36 layers: {36 * now / 1e3:.2f} -> {36 * new / 1e3:.2f} ms", flush=True)
     json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, open(out, "w"), indent=1)
 
 
-def profile(out: str, model_path: str, context: int = 1100) -> None:
+def rows(out: str) -> None:
+    """The row kernels (one row per program: RMSNorm, SiLU x up, per-row quantisation) at decode
+    and prefill row counts, per ``num_warps`` ("auto": ``kernels.row_warps``, the engine's)."""
+    from serve_app.engine._private import kernels as K
+    from serve_app.engine._private.fp8_gemv import _graph_time_us
+
+    auto, res = K.row_warps, []
+    for n_rows in (8, 32, 2048):
+        x = torch.randn(n_rows, 2560, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn_like(x)
+        parts = torch.randn(8, n_rows, 2560, device="cuda")
+        w = torch.rand(2560, device="cuda", dtype=torch.bfloat16) + 0.5
+        gu = torch.randn(n_rows, 19456, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(n_rows, 4096, device="cuda", dtype=torch.bfloat16)
+        cases = {"rms_res": lambda: K.rms_norm(x, w, 1e-6, residual=r),
+                 "rms_res_quant": lambda: K.rms_norm(x, w, 1e-6, residual=r, quant=True),
+                 "rms_parts8_res_quant": lambda: K.rms_norm(parts, w, 1e-6, residual=r, quant=True),
+                 "silu_quant": lambda: K.silu_mul(gu, quant=True),
+                 "silu": lambda: K.silu_mul(gu),
+                 "quant_rows_4096": lambda: K.quantize_rows(a)}
+        for name, fn in cases.items():
+            row = {"rows": n_rows, "case": name}
+            for wp in ("auto", 4, 8, 16, 32):
+                K.row_warps = auto if wp == "auto" else (lambda e, wp=wp: wp)
+                try:
+                    row[str(wp)] = round(_graph_time_us([fn] * 20), 2)
+                finally:
+                    K.row_warps = auto
+            print(json.dumps(row), flush=True)
+            res.append(row)
+    gu = torch.randn(33, 19456, device="cuda", dtype=torch.bfloat16)
+    q, s = K.silu_mul(gu, quant=True)
+    ref = F.silu(gu[:, :9728]).float() * gu[:, 9728:].float()
+    err = (((q.float() * s) - ref).norm() / ref.norm()).item()
+    print("silu_quant rel err vs fp32", err, flush=True)
+    json.dump({"gpu": torch.cuda.get_device_name(), "rows": res, "silu_quant_rel_err": err},
+              open(out, "w"), indent=1)
+
+
+def profile(out: str, model_path: str, quantization: str = "", context: int = 1100) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -102,7 +177,10 @@ def profile(out: str, model_path: str, context: int = 1100) -> None:
     from serve_app.models import load_model
 
     dev = torch.device("cuda")
-    r = ModelRunner(load_model(model_path, dtype=torch.bfloat16, device="cpu").eval(), dev, 64, 4096)
+    r = ModelRunner(load_model(model_path, dtype=torch.bfloat16, device="cpu").eval(), dev, 64, 4096,
+                    quantization=quantization or None)
+    if r.fp8:
+        r.tune_fp8_decode()          # the engine's start-up plan: kernels per projection
     r.allocate_kv(64 * 1200)
     res = {}
     for b in (8, 32):
@@ -129,10 +207,11 @@ def profile(out: str, model_path: str, context: int = 1100) -> None:
             if t > 0:
                 agg[e.key[:90]] = (round(t / 5, 1), e.count // 5)     # us per step, calls per step
         res[b] = dict(sorted(agg.items(), key=lambda kv: -kv[1][0]))
+        res[b]["_kernels_us_per_step"] = round(sum(v[0] for v in agg.values()), 1)
         print(b, json.dumps(res[b], indent=0), flush=True)
     json.dump(res, open(out, "w"), indent=1)
 
 
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
-    {"gemm": gemm, "decode": decode, "profile": profile}[mode](*rest)
+    {"gemm": gemm, "decode": decode, "rows": rows, "profile": profile}[mode](*rest)

@@ -18,6 +18,7 @@ naive one with 90 % of the card. Each writes OUT_DIR/<name>/sweep.{json,md,png},
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ def main() -> int:
     p.add_argument("--hf-seconds", type=float, default=100, help="time kept back for hf-generate")
     p.add_argument("--step", type=float, default=20, help="seconds of load per step")
     p.add_argument("--cpus", type=float, default=12, help="Ray logical CPUs")
+    p.add_argument("--engine-json", default=None, metavar="JSON",
+                   help='more engine settings for the continuous runs, e.g. \'{"prefill_wait_ms": 50}\'')
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="engine.quantization of the continuous runs (hf-generate stays in bf16)")
     a = p.parse_args()
@@ -82,6 +85,8 @@ def main() -> int:
             eng = {"model": a.model, "engine": engine, **memory_overrides(cap)}
             if a.quantization and engine == "continuous":
                 eng["quantization"] = a.quantization
+            if a.engine_json and engine == "continuous":
+                eng.update(json.loads(a.engine_json))
             if a.device:
                 eng["device"] = a.device
             if a.device == "cpu":

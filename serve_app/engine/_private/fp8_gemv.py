@@ -28,16 +28,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(N, K, k_per_split, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's weight rows ``rn`` (and their mask), all activation rows ``rm``, and its
+    K range ``[k0, k1)``."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * k_per_split
+    return rn, rn < N, tl.arange(0, BM), k0, tl.minimum(k0 + k_per_split, K)
+
+
+@triton.jit
 def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = tl.arange(0, BM)
-    nmask = rn < N
+    rn, nmask, rm, k0, k1 = _tile(N, K, k_per_split, BM, BN)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    k0 = pid_k * k_per_split
-    k1 = tl.minimum(k0 + k_per_split, K)
     for kk in range(0, k_per_split, BK):      # (not range(k0, k1): the interpreter wants scalars)
         rk = k0 + kk + tl.arange(0, BK)
         kmask = rk < k1
@@ -45,7 +48,7 @@ def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
         w = tl.load(W + rn[:, None] * s_wn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     acc = acc * tl.load(WS + rn, mask=nmask, other=0.0)[None, :]
-    ptr = Y + pid_k * s_ys + rm[:, None] * s_ym + rn[None, :]
+    ptr = Y + tl.program_id(1) * s_ys + rm[:, None] * s_ym + rn[None, :]
     mask = (rm[:, None] < M) & nmask[None, :]
     if PARTIAL:
         tl.store(ptr, acc, mask=mask)
@@ -57,15 +60,9 @@ def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
 def _w8a8_swap_kernel(X, XS, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr):
     """``y.T = (w @ xq.T) * ws * xs.T`` with e4m3 ``w`` and ``xq``: weight rows on the MMA's M side."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm = tl.arange(0, BM)
-    nmask = rn < N
+    rn, nmask, rm, k0, k1 = _tile(N, K, k_per_split, BM, BN)
     mmask = rm < M
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    k0 = pid_k * k_per_split
-    k1 = tl.minimum(k0 + k_per_split, K)
     for kk in range(0, k_per_split, BK):
         rk = k0 + kk + tl.arange(0, BK)
         kmask = rk < k1
@@ -74,7 +71,7 @@ def _w8a8_swap_kernel(X, XS, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_sp
         acc += tl.dot(w, xt)
     acc = acc * tl.load(WS + rn, mask=nmask, other=0.0)[:, None]
     acc = acc * tl.load(XS + rm, mask=mmask, other=0.0)[None, :]
-    ptr = Y + pid_k * s_ys + rm[None, :] * s_ym + rn[:, None]
+    ptr = Y + tl.program_id(1) * s_ys + rm[None, :] * s_ym + rn[:, None]
     mask = mmask[None, :] & nmask[:, None]
     if PARTIAL:
         tl.store(ptr, acc, mask=mask)

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.loadgen.cli import host_speed  # noqa: E402
 from serve_app.engine._private.fp8 import Fp8Weight  # noqa: E402
 from serve_app.engine.config import EngineConfig  # noqa: E402
 from serve_app.engine.continuous import ContinuousEngine  # noqa: E402
@@ -414,7 +415,8 @@ async def bench_engine(args, hf: dict | None) -> dict:
 
 def markdown(res: dict) -> str:
     m = res["meta"]
-    lines = [f"Machine: {m['gpu']}, torch {m['torch']}, {m['date']}", "",
+    lines = [f"Machine: {m['gpu']}, torch {m['torch']}, {m['date']}; host CPU {m.get('cpu_model')}, "
+             f"Python loop {m.get('python_loop_3m_s')} s", "",
              f"Command: `{m['command']}`", ""]
     e = res["engine"]
     h = e["health"]
@@ -507,7 +509,7 @@ def main() -> None:
     args.model = resolve_model(args.model)
     res = {"meta": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                     "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                    "host": platform.node(), "command": " ".join(["python"] + sys.argv)}}
+                    "host": platform.node(), "command": " ".join(["python"] + sys.argv), **host_speed()}}
     hf = None
     if not args.skip_hf:
         hf = hf_baseline(args.model, args.hf_requests, args.output_tokens, check_tokens=32)

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.loadgen.cli import host_speed  # noqa: E402
 from serve_app.engine._private import fp8  # noqa: E402
 from serve_app.engine._private import kernels as K  # noqa: E402
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk  # noqa: E402
@@ -67,7 +68,7 @@ def main(out: str, model_path: str, quantization: str = "") -> None:
     big = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     queue_ms = measure(lambda: [big @ big for _ in range(20)])["gpu_ms"]
     res: dict = {"gpu": torch.cuda.get_device_name(), "quantization": quantization or None,
-                 "queued_work_ms": queue_ms}
+                 "host": host_speed(), "queued_work_ms": queue_ms}
     for n in (300, 1250, 2500):
         ids = torch.randint(100, 50000, (n,))
         pos = torch.arange(n).view(1, -1).expand(3, -1).contiguous()

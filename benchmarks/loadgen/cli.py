@@ -52,10 +52,29 @@ def _kv(s: str, sep: str = ",") -> dict[str, str]:
     return out
 
 
+def host_speed() -> dict[str, Any]:
+    """The CPU model and a single-thread Python figure (best of 2 runs of a 3M-step loop). The
+    engine's eager GPU paths (prefill, vision tower) are bound by their launches on the host
+    (RESULTS.md, "FP8 decode kernels with swapped roles, host-bound prefill"), so sweeps on two
+    machines of one GPU kind can differ by their CPUs."""
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        sum(i * i for i in range(3_000_000))
+        times.append(time.perf_counter() - t0)
+    return {"cpu_model": model or platform.processor() or None, "python_loop_3m_s": round(min(times), 3)}
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(),
                             "python": platform.python_version(), "cpus": os.cpu_count(),
-                            "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+                            "load_avg_1m_at_start": round(os.getloadavg()[0], 2), **host_speed()}
     try:
         import psutil
 
@@ -308,7 +327,8 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
     mach, wl = m.get("machine") or {}, m.get("workload") or {}
     slo = sweeps[0].get("slo") or {}
     lines = [f"# Load sweep {m['date']}", "", f"`{m['command']}`", "",
-             f"Machine: {mach.get('cpus')} CPUs (1-min load {mach.get('load_avg_1m_at_start')} at start), "
+             f"Machine: {mach.get('cpus')} CPUs ({mach.get('cpu_model')}; Python loop "
+             f"{mach.get('python_loop_3m_s')} s; 1-min load {mach.get('load_avg_1m_at_start')} at start), "
              f"{mach.get('memory_gb')} GB, GPUs {mach.get('gpus') or 'none'}, "
              f"commit {mach.get('git_commit')}. Workload: mean output {wl.get('mean_output_tokens')} tokens, "
              f"images {wl.get('pool')}, temperature {wl.get('temperature')}. "

@@ -337,10 +337,11 @@ async def run_requests(engine, reqs: list[EngineRequest]) -> dict:
 
 
 async def bench_engine(args, hf: dict | None) -> dict:
-    cfg = EngineConfig(model=args.model, engine="continuous", device="cuda", dtype="bfloat16",
-                       max_gpu_memory_gb=args.max_gpu_memory_gb, max_num_seqs=args.max_num_seqs,
-                       max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
-                       quantization=args.quantization)
+    kw = dict(model=args.model, engine="continuous", device="cuda", dtype="bfloat16",
+              max_gpu_memory_gb=args.max_gpu_memory_gb, max_num_seqs=args.max_num_seqs,
+              max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+              quantization=args.quantization)
+    cfg = EngineConfig(**{**kw, **json.loads(args.engine_json or "{}")})
     engine = ContinuousEngine(cfg)
     t0 = time.perf_counter()
     await engine.start()
@@ -496,6 +497,8 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
     ap.add_argument("--prefill-counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--engine-json", default=None, metavar="JSON",
+                    help='more engine settings, e.g. \'{"vision_cache_mb": 0}\'')
     ap.add_argument("--quantization", choices=["fp8"], default=None,
                     help="the engine's quantization (the HF baseline stays in bf16)")
     ap.add_argument("--sampled", action="store_true",

@@ -53,7 +53,7 @@ def main() -> int:
     p.add_argument("--step", type=float, default=20, help="seconds of load per step")
     p.add_argument("--cpus", type=float, default=12, help="Ray logical CPUs")
     p.add_argument("--engine-json", default=None, metavar="JSON",
-                   help='more engine settings for the continuous runs, e.g. \'{"prefill_wait_ms": 50}\'')
+                   help='more engine settings for the continuous runs, e.g. \'{"vision_cache_mb": 0}\'')
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="engine.quantization of the continuous runs (hf-generate stays in bf16)")
     a = p.parse_args()

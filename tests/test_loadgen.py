@@ -7,6 +7,7 @@ No Ray here: the loops talk to an in-test asyncio HTTP server on a free loopback
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 import io
 import json
@@ -368,6 +369,23 @@ def test_open_loop_against_fake_server(pool):
     assert s["errors"] == {} and 0.04 <= s["ttft_s"]["p50"] < 1.0
 
 
+def test_warm_up_load_runs_unmeasured_load_then_idles(pool):
+    from benchmarks.loadgen.sweep import warm_up_load
+
+    fake = FakeServer(first_delay=0.01, token_delay=0.005)
+
+    async def serve_while(fn):
+        async with fake as url:
+            return await asyncio.to_thread(fn, url)
+
+    spec = LoadSpec(mode="open", qps=20, duration_s=0.5, drain_s=5, seed=3)
+    t0 = time.perf_counter()
+    res = asyncio.run(serve_while(lambda url: warm_up_load(url, _small_workload(pool), spec, idle_s=0.3)))
+    assert time.perf_counter() - t0 >= 0.8
+    assert res["requests"] == len(fake.bodies) >= 3 and res["ok"] == res["requests"] and res["errors"] == 0
+    assert (res["qps"], res["seconds"], res["idle_s"]) == (20, 0.5, 0.3)
+
+
 def test_closed_loop_sessions_carry_their_conversation(pool):
     fake = FakeServer(first_delay=0.01, token_delay=0.002)
 
@@ -572,6 +590,41 @@ def test_sweep_no_stop_ignores_lucky_pass_and_honours_deadline(monkeypatch):
     plan = sw.SweepPlan([1, 2], LoadSpec(duration_s=60, drain_s=0), deadline=_time.time() + 30)
     res = sw.run_sweep("http://127.0.0.1:1", None, plan)
     assert calls == [] and res["stopped"].startswith("time budget") and res["max_at_slo"] is None
+
+
+def test_sweep_command_runs_the_warm_up_load_first(monkeypatch, tmp_path, pool):
+    """`sweep --warmup-load S`: unmeasured load at half the first step's rate, before any step,
+    recorded in the report's meta."""
+    from benchmarks.loadgen import cli
+    from benchmarks.loadgen import sweep as sw
+
+    order = []
+    fake, calls = _fake_step(capacity=5.0)
+
+    def run_step(*args, **kw):
+        order.append(("step", args[2].qps))
+        return fake(*args, **kw)
+
+    def warm_up_load(url, workload, spec, idle_s, allow_remote=False):
+        order.append(("warm", spec.qps, spec.duration_s, idle_s))
+        return {"qps": spec.qps, "requests": 3, "ok": 3, "errors": 0}
+
+    async def warm_up(*a, **k):
+        return []
+
+    monkeypatch.setattr(sw, "run_step", run_step)
+    monkeypatch.setattr(cli, "warm_up_load", warm_up_load)
+    monkeypatch.setattr(cli, "warm_up", warm_up)
+    monkeypatch.setattr(cli, "make_workload", lambda url, a: _small_workload(pool))
+    monkeypatch.setattr(cli, "get_stats", lambda url: None)
+    monkeypatch.setattr(cli, "step_line", lambda step: "")          # the stand-in steps are bare
+    monkeypatch.setattr(cli, "write_reports", lambda *a, **k: None)
+    out = tmp_path / "sw"
+    assert cli.main(["sweep", "--url", "http://127.0.0.1:9", "--qps", "4,8", "--duration", "1", "--drain", "0",
+                     "--warmup-load", "20", "--warmup-idle", "0.5", "--out", str(out)]) == 0
+    assert order[0] == ("warm", 2.0, 20.0, 0.5) and [o[0] for o in order[1:]] == ["step"] * (len(order) - 1)
+    meta = json.loads((out / "sweep.json").read_text())["meta"]
+    assert meta["warmup_load"]["target"]["requests"] == 3
 
 
 def test_zero_memory_cap_means_most_of_the_card_not_the_default_budget():

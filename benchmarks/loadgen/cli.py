@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from benchmarks.loadgen.metrics import (ResourceSampler, engine_breakdown, markd
 from benchmarks.loadgen.server import (ROOT, LocalServe, build_serve_config, cpus_needed, gpu_count,
                                       memory_overrides)
 from benchmarks.loadgen.sweep import (SLO, SweepPlan, get_stats, run_sweep, step_line, warm_up,
-                                      write_json)
+                                      warm_up_load, write_json)
 from benchmarks.loadgen.workload import (RESOLUTIONS, Workload, build_image_pool, classes_with_tokens,
                                          mean_output_tokens, pool_summary)
 
@@ -292,6 +292,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             if errs:
                 log.warning("warm-up errors on %s: %s", label, errs)
             loads = loads_for.get(label) or _floats(a.loads)
+            if a.warmup_load > 0 and a.mode == "open":
+                spec = replace(base_spec(a), qps=a.warmup_load_qps or loads[0] / 2,
+                               duration_s=a.warmup_load, seed=a.seed + 7919)
+                wl = warm_up_load(url, w, spec, a.warmup_idle, a.allow_remote)
+                results["meta"].setdefault("warmup_load", {})[label] = wl
+                print(f"warm-up load on {label}: {wl}", flush=True)
             plan = SweepPlan(loads, base_spec(a), a.warmup, a.refine, not a.no_stop, deadline)
             partial = {"engine": label, "mode": a.mode, "steps": [], "slo": asdict(slo)}
             results["sweeps"].append(partial)
@@ -389,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--slo-ttft", type=float, default=0.412, help="P95 TTFT SLO (s)")
     s.add_argument("--slo-e2e", type=float, default=1.86, help="P95 end-to-end SLO (s)")
     s.add_argument("--warmup-requests", type=int, default=4)
+    s.add_argument("--warmup-load", type=float, default=0.0, metavar="SECONDS",
+                   help="open mode: this long of unmeasured load before the first step (0: none)")
+    s.add_argument("--warmup-load-qps", type=float, default=None,
+                   help="its rate (default: half the first step's)")
+    s.add_argument("--warmup-idle", type=float, default=5.0,
+                   help="seconds of quiet after it (the engine builds queued attention plans when idle)")
     s.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole sweep; steps that would not finish are skipped")
     s.add_argument("--title", default="")

@@ -58,6 +58,20 @@ async def warm_up(url: str, workload: Workload, n: int = 4, timeout_s: float = 3
     return [res.error or "?" for res, _ in done if not res.ok]
 
 
+def warm_up_load(url: str, workload: Workload, spec: LoadSpec, idle_s: float,
+                 allow_remote: bool = False) -> dict[str, Any]:
+    """Unmeasured load before the first step, then ``idle_s`` of quiet. A fresh app serves its
+    first minute differently: attention shapes it has no cuDNN plan for yet run on flash until
+    the engine is idle long enough to build plans (one at a time), and caches are cold. Today's
+    H200 sweeps saw their worst step first. Returns what the warm-up did, for the report."""
+    t0 = time.perf_counter()
+    run = asyncio.run(run_load(url, workload, spec, allow_remote=allow_remote))
+    time.sleep(idle_s)
+    ok = sum(1 for r in run.results if r.ok)
+    return {"qps": spec.qps, "seconds": spec.duration_s, "idle_s": idle_s, "requests": len(run.results),
+            "ok": ok, "errors": len(run.results) - ok, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def run_step(url: str, workload: Workload, spec: LoadSpec, warmup_s: float,
              slo: SLO | None = None, allow_remote: bool = False) -> dict[str, Any]:
     """One measured load run: summary, resources, engine time split, SLO verdict."""

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.loadgen.cli import host_speed  # noqa: E402
+from benchmarks._host import host_speed  # noqa: E402
 from serve_app.engine._private.fp8 import Fp8Weight  # noqa: E402
 from serve_app.engine.config import EngineConfig  # noqa: E402
 from serve_app.engine.continuous import ContinuousEngine  # noqa: E402

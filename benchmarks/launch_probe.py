@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.loadgen.cli import host_speed  # noqa: E402
+from benchmarks._host import host_speed  # noqa: E402
 from serve_app.engine._private import fp8  # noqa: E402
 from serve_app.engine._private import kernels as K  # noqa: E402
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk  # noqa: E402

@@ -88,8 +88,9 @@ class ModelRunner:
         if quantization == "fp8" and (why := fp8.supported(device)):
             raise ValueError(why)
         self.fp8 = quantization == "fp8"   # the decoder layers' linears as FP8 GEMMs
-        # FP8 decode: per (projection, row tile) the Triton W8A16 config, or None for W8A8
-        # (cuBLASLt); timed at start-up, before KV is sized. Empty: W8A8 everywhere (prefill, CPU).
+        # FP8 decode: per (projection, row tile) a Triton kernel's config (fp8_gemv: "a16" or
+        # "swap8"), or None for cuBLASLt W8A8; timed at start-up, before KV is sized. Empty: W8A8
+        # everywhere (prefill, CPU).
         self.fp8_plan: dict[tuple[str, int], tuple | None] = {}
         self.fp8_timings: dict = {}
         self._prepare_weights()

@@ -132,6 +132,11 @@ class Scheduler:
             t1 = time.perf_counter()
             runner.capture_graphs()
             info["graph_capture_s"] = round(time.perf_counter() - t1, 2)
+        if config.prefill_graph_tokens and (device.type != "cuda" or config.cuda_graphs):
+            t1 = time.perf_counter()
+            runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
+            info["prefill_graph_buckets"] = len(runner._pg.buckets)
+            info["prefill_graph_capture_s"] = round(time.perf_counter() - t1, 2)
             if runner.fp8_timings:
                 info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}
         if device.type == "cuda":
@@ -341,7 +346,7 @@ class Scheduler:
             a, b = s.computed, s.computed + n
             c = PrefillChunk(ids=torch.tensor(s.prompt[a:b], dtype=torch.long),
                              positions=s.positions[:, a:b], start=a, pages=s.pages_dev,
-                             want_logits=(b == len(s.prompt)))
+                             want_logits=(b == len(s.prompt)), pages_host=s.pages)
             if s.vis_index is not None:
                 lo, hi = np.searchsorted(s.vis_index, [a, b])
                 if hi > lo:
@@ -485,6 +490,7 @@ class Scheduler:
                 "kv_pages_total": self.kv.capacity_pages if self.kv else 0,
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
+                "prefill_graph_replays": self.runner._pg.replays if self.runner and self.runner._pg else 0,
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()}}

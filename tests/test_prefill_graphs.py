@@ -1,0 +1,82 @@
+"""Prefill of one request's whole prompt padded to a bucket (the function CUDA graphs replay):
+same logits, same K/V and same greedy tokens as the eager prefill. On the CPU the padded pass
+runs eagerly; the GPU capture itself needs ENGINE_TEST_DEVICE=cuda."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.engine._private.runner import ModelRunner, PrefillChunk
+
+from test_engine import (DEVICE, _collect, _config, _hf_greedy, _request, _run, hf_model,  # noqa: F401
+                         model_dir)
+
+
+def _runner(model_dir: str) -> ModelRunner:  # noqa: F811
+    from serve_app.models import load_model
+    dt = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    model = load_model(model_dir, dtype=dt, device="cpu" if DEVICE != "cpu" else DEVICE).eval()
+    r = ModelRunner(model, torch.device(DEVICE), 4, 1024)
+    r.allocate_kv(4096)
+    return r
+
+
+@pytest.mark.parametrize("n", [1, 37, 255, 256, 300])
+def test_padded_prefill_equals_eager(model_dir, n):  # noqa: F811
+    r = _runner(model_dir)
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(100, 5000, (n,), generator=g)
+    pages = r.kv.allocate(r.kv.pages_for(n + 8))
+    chunk = PrefillChunk(ids=ids, positions=torch.arange(n).view(1, -1).expand(3, -1).contiguous(), start=0,
+                         pages=torch.tensor(pages, device=r.device), want_logits=True, pages_host=pages)
+    eager = r.prefill([chunk])
+    kv_idx = torch.tensor([pages[t // r.page_size] for t in range(n)])
+    kv_off = torch.tensor([t % r.page_size for t in range(n)])
+    k_eager = r.kv.k[:, kv_idx, :, kv_off].clone()
+    r.kv.k.zero_()
+    r.kv.v.zero_()
+    r.setup_prefill_graphs(512)
+    padded = r.prefill([chunk])
+    assert r._pg.replays == 1 and r._pg.bucket_for(n) == (256 if n < 256 else 512)
+    tol = dict(rtol=1e-4, atol=1e-4) if DEVICE == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    assert torch.allclose(padded, eager, **tol)
+    assert torch.allclose(r.kv.k[:, kv_idx, :, kv_off], k_eager, **tol)
+
+
+def test_padded_prefill_takes_only_whole_single_prompts(model_dir):  # noqa: F811
+    r = _runner(model_dir)
+    r.setup_prefill_graphs(512)
+
+    def chunk(n, start=0, want=True, host=True):
+        return PrefillChunk(ids=torch.zeros(n, dtype=torch.long), positions=torch.zeros(3, n, dtype=torch.long),
+                            start=start, pages=torch.zeros(1), want_logits=want, pages_host=[1] if host else None)
+
+    takes = r._pg.takes
+    assert takes([chunk(100)]) and takes([chunk(511)])
+    assert not takes([chunk(512)])                      # no sink row left in the largest bucket
+    assert not takes([chunk(10), chunk(10)])             # several requests: eager
+    assert not takes([chunk(10, start=64)])              # a continuation: eager
+    assert not takes([chunk(10, want=False)])            # a first chunk of a longer prompt: eager
+    assert not takes([chunk(10, host=False)])
+    with pytest.raises(ValueError):
+        r.setup_prefill_graphs(100)
+
+
+def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F811
+    """Text and image requests, staggered, through the engine with padded prefills: greedy tokens
+    equal HF generate's, and the padded path served the single-request passes."""
+    rng = np.random.default_rng(21)
+    reqs = [_request(i, rng, i % 3, 10) for i in range(6)]
+
+    async def scenario(engine):
+        import asyncio
+        res = await asyncio.gather(*[_collect(engine, r, 0.15 * i) for i, r in enumerate(reqs)])
+        return res, engine.stats(), engine.health()
+
+    res, stats, health = _run(_config(model_dir, max_prefill_tokens=256, prefill_graph_tokens=256), scenario)
+    assert health["prefill_graph_buckets"] == 1
+    assert stats["prefill_graph_replays"] >= 3
+    for req, (toks, _, _) in zip(reqs, res):
+        assert toks == _hf_greedy(hf_model, req), req.request_id

@@ -128,6 +128,7 @@ class ModelRunner:
         self.attn_timings = {"vision": vt, "prefill": pt}
         self.vision = VisionEncoder(self.visual, device, self.vision_attn_impl)
         self._pg = None           # PrefillGraphs, when set up (setup_prefill_graphs)
+        self._vg = None           # VisionGraphs, when set up (setup_vision_graphs)
         self.pixels = PixelUpload(device, self.visual.dtype, vc.temporal_patch_size)
 
     # ----------------------------------------------------------------------------------- setup
@@ -244,18 +245,40 @@ class ModelRunner:
         """Run the vision tower once over several images (numpy arrays or tensors of patch rows);
         per image ``(embeds, [deepstack...])``, in the given order."""
         grids = [tuple(int(x) for x in g) for g in grids]
+        out: list = [None] * len(grids)
+        vg = self._vg
+        if vg is not None:                 # images of a captured grid: one graph replay each
+            for i, g in enumerate(grids):
+                if vg.has(g):
+                    merged, deep = vg.run(g, self.pixels.to_device([pixel_values[i]]))
+                    out[i] = (merged.to(self.dtype), [d.to(self.dtype) for d in deep])
+        rest = [i for i in range(len(grids)) if out[i] is None]
+        if not rest:
+            return out
         # Equal grids side by side: one batched attention call per distinct size.
-        order = sorted(range(len(grids)), key=lambda i: grids[i][1] * grids[i][2])
+        order = sorted(rest, key=lambda i: grids[i][1] * grids[i][2])
         pv = self.pixels.to_device([pixel_values[i] for i in order])
         sorted_grids = [grids[i] for i in order]
         merged, deep = self.vision(pv, sorted_grids)
+        if vg is not None:
+            vg.note(sorted_grids)
         sizes = [t * h * w // (self.merge ** 2) for t, h, w in sorted_grids]
         embeds = merged.to(self.dtype).split(sizes)
         deep = [d.to(self.dtype).split(sizes) for d in deep]
-        out: list = [None] * len(grids)
         for j, i in enumerate(order):
             out[i] = (embeds[j], [lvl[j] for lvl in deep])
         return out
+
+    def setup_vision_graphs(self, max_grids: int, max_patches: int) -> None:
+        """Vision-tower graphs per recurring grid (``vision_graphs.VisionGraphs``), captured in
+        idle time (:meth:`capture_pending_vision_graph`)."""
+        from serve_app.engine._private.vision_graphs import VisionGraphs
+        vc = self.model.config.vision_config
+        patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+        self._vg = VisionGraphs(self.vision, self.device, max_grids, max_patches, patch_dim)
+
+    def capture_pending_vision_graph(self) -> bool:
+        return self._vg is not None and self._vg.capture_pending()
 
     @torch.inference_mode()
     def encode_images_hf(self, pixel_values: list, grids: list[tuple[int, int, int]]):

@@ -132,6 +132,10 @@ class Scheduler:
             t1 = time.perf_counter()
             runner.capture_graphs()
             info["graph_capture_s"] = round(time.perf_counter() - t1, 2)
+        if config.vision_graph_grids and (device.type != "cuda" or config.cuda_graphs):
+            from serve_app.engine._private.vision_graphs import MAX_GRAPH_PATCHES
+            runner.setup_vision_graphs(config.vision_graph_grids, min(
+                MAX_GRAPH_PATCHES, vision_patch_budget(config.max_prefill_tokens, runner.merge)))
         if config.prefill_graph_tokens and (device.type != "cuda" or config.cuda_graphs):
             t1 = time.perf_counter()
             runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
@@ -210,10 +214,13 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.running or self._inflight)
 
     def idle_work(self) -> bool:
-        """Work for a moment with no requests: build one queued cuDNN attention plan (~30 ms),
-        which would otherwise stall running streams; one at a time, so that a request arriving
-        meanwhile waits for one build at most. True if it did something."""
-        return self.runner.is_cuda and cudnn_plans.build_pending(max_plans=1) > 0
+        """Work for a moment with no requests: build one queued cuDNN attention plan (~30 ms)
+        or capture one queued vision-tower graph, which would otherwise stall running streams;
+        one at a time, so that a request arriving meanwhile waits for one at most. True if it
+        did something."""
+        if self.runner.is_cuda and cudnn_plans.build_pending(max_plans=1) > 0:
+            return True
+        return self.runner.capture_pending_vision_graph()
 
     # ------------------------------------------------------------------------------- step
     def step(self) -> None:
@@ -491,6 +498,8 @@ class Scheduler:
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
                 "prefill_graph_replays": self.runner._pg.replays if self.runner and self.runner._pg else 0,
+                "vision_graphs": len(self.runner._vg.graphs) if self.runner and self.runner._vg else 0,
+                "vision_graph_replays": self.runner._vg.replays if self.runner and self.runner._vg else 0,
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()}}

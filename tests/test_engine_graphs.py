@@ -1,6 +1,7 @@
-"""Prefill of one request's whole prompt padded to a bucket (the function CUDA graphs replay):
-same logits, same K/V and same greedy tokens as the eager prefill. On the CPU the padded pass
-runs eagerly; the GPU capture itself needs ENGINE_TEST_DEVICE=cuda."""
+"""The engine's graph paths against the eager ones: prefill of one request's whole prompt padded
+to a bucket, and the vision tower per recurring grid. Same logits, K/V, embeddings and greedy
+tokens. On the CPU the static-buffer functions run eagerly; the GPU captures themselves need
+ENGINE_TEST_DEVICE=cuda."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 
-from test_engine import (DEVICE, _collect, _config, _hf_greedy, _request, _run, hf_model,  # noqa: F401
-                         model_dir)
+from test_engine import (DEVICE, _collect, _config, _hf_greedy, _image, _image_request, _request,  # noqa: F401
+                         _run, hf_model, model_dir)
 
 
 def _runner(model_dir: str) -> ModelRunner:  # noqa: F811
@@ -79,4 +80,56 @@ def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F8
     assert health["prefill_graph_buckets"] == 1
     assert stats["prefill_graph_replays"] >= 3
     for req, (toks, _, _) in zip(reqs, res):
+        assert toks == _hf_greedy(hf_model, req), req.request_id
+
+
+def test_vision_graphs_per_recurring_grid(model_dir):  # noqa: F811
+    """A grid seen twice is queued, captured when idle, then served by its graph: embeddings equal
+    the eager tower's, two images of one grid in one call do not share outputs, other grids and
+    grids above the size limit stay eager."""
+    r = _runner(model_dir)
+    rng = np.random.default_rng(4)
+    a1, a2, a3, b = _image(rng, 4, 6), _image(rng, 4, 6), _image(rng, 4, 6), _image(rng, 8, 8)
+    big = _image(rng, 8, 10)
+
+    def eager(ims):
+        return r.encode_images([im.pixel_values for im in ims], [im.grid_thw for im in ims])
+
+    want = eager([a1, a2, b, big])
+    r.setup_vision_graphs(max_grids=4, max_patches=64)
+    eager([a1])
+    eager([big])
+    eager([big])
+    assert not r._vg.pending and not r.capture_pending_vision_graph()   # a1 seen once; big too big
+    eager([a3, b])
+    assert list(r._vg.pending) == [(1, 4, 6)]             # seen twice; big (80 patches) never
+    assert r.capture_pending_vision_graph() and not r.capture_pending_vision_graph()
+    got = eager([a1, b, a2, big])
+    assert r._vg.replays == 2
+    tol = dict(rtol=1e-5, atol=1e-5) if DEVICE == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    for (e, d), (we, wd) in zip([got[0], got[2], got[1], got[3]], want):
+        assert torch.allclose(e, we, **tol) and all(torch.allclose(x, y, **tol) for x, y in zip(d, wd))
+    assert got[0][0].data_ptr() != got[2][0].data_ptr()
+
+
+def test_engine_with_vision_graphs_matches_hf(model_dir, hf_model):  # noqa: F811
+    """Requests with a recurring image size: after an idle moment the tower runs as a graph for
+    them, and greedy tokens still equal HF generate's."""
+    import asyncio
+    rng = np.random.default_rng(8)
+    first = [_image_request(i, rng, [6], 6) for i in range(2)]
+    later = [_image_request(10 + i, rng, [6], 6) for i in range(2)]
+
+    async def scenario(engine):
+        res = [await _collect(engine, r) for r in first]
+        for _ in range(100):                                  # idle: the engine captures
+            if engine.stats()["vision_graphs"]:
+                break
+            await asyncio.sleep(0.05)
+        res += await asyncio.gather(*[_collect(engine, r) for r in later])
+        return res, engine.stats()
+
+    res, stats = _run(_config(model_dir, vision_graph_grids=2), scenario)
+    assert stats["vision_graphs"] == 1 and stats["vision_graph_replays"] == 2
+    for req, (toks, _, _) in zip(first + later, res):
         assert toks == _hf_greedy(hf_model, req), req.request_id

@@ -94,6 +94,13 @@ def main(out: str, model_path: str, quantization: str = "") -> None:
     for grid in [(1, 30, 40), (1, 46, 80), (1, 68, 120)]:
         pix = torch.randint(0, 255, (grid[0] * grid[1] * grid[2], 3, 16, 16), dtype=torch.uint8).numpy()
         res[f"vision_{grid[1]}x{grid[2]}"] = measure(lambda: r.encode_images([pix], [grid]))
+        if hasattr(r, "setup_vision_graphs"):       # the same grid through its vision graph
+            r.setup_vision_graphs(max_grids=4, max_patches=8192)
+            r.encode_images([pix], [grid])
+            r.encode_images([pix], [grid])
+            if r.capture_pending_vision_graph():
+                res[f"vision_graph_{grid[1]}x{grid[2]}"] = measure(lambda: r.encode_images([pix], [grid]))
+            r._vg = None
     x = torch.randn(8, 2560, device=dev, dtype=torch.bfloat16)
     w = torch.ones(2560, device=dev, dtype=torch.bfloat16)
     res["launch_us"] = {"torch_add": launch_us(lambda: x + x),

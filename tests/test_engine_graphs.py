@@ -110,6 +110,13 @@ def test_vision_graphs_per_recurring_grid(model_dir):  # noqa: F811
     for (e, d), (we, wd) in zip([got[0], got[2], got[1], got[3]], want):
         assert torch.allclose(e, we, **tol) and all(torch.allclose(x, y, **tol) for x, y in zip(d, wd))
     assert got[0][0].data_ptr() != got[2][0].data_ptr()
+    c1, c2 = _image(rng, 2, 4), _image(rng, 2, 4)
+    eager([c1])
+    eager([c2])
+    assert list(r._vg.pending) == [(1, 8, 8), (1, 2, 4)]   # b's second sighting was in `got`
+    assert not r.capture_pending_vision_graph(busy=True)    # busy: one capture per second
+    assert r.capture_pending_vision_graph() and r._vg.has((1, 8, 8))   # idle: at once, in order
+    assert not r.capture_pending_vision_graph(busy=True)
 
 
 def test_engine_with_vision_graphs_matches_hf(model_dir, hf_model):  # noqa: F811

@@ -277,8 +277,8 @@ class ModelRunner:
         patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
         self._vg = VisionGraphs(self.vision, self.device, max_grids, max_patches, patch_dim)
 
-    def capture_pending_vision_graph(self) -> bool:
-        return self._vg is not None and self._vg.capture_pending()
+    def capture_pending_vision_graph(self, busy: bool = False) -> bool:
+        return self._vg is not None and self._vg.capture_pending(busy)
 
     @torch.inference_mode()
     def encode_images_hf(self, pixel_values: list, grids: list[tuple[int, int, int]]):

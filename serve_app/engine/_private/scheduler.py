@@ -276,6 +276,7 @@ class Scheduler:
         # The vision tower goes first: the host work below (M-RoPE positions, block tables,
         # sampling rows) then runs while the GPU encodes, instead of before it.
         self._encode_new_images()
+        self.runner.capture_pending_vision_graph(busy=True)
         dev = self.runner.device
         for seq in admitted:
             if seq.done:

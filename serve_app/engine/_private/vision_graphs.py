@@ -4,18 +4,22 @@ Why: an eager vision-tower call is bound by its launches. On an H200 host it too
 time, as long as the GPU work of a 1280x720 image (RESULTS.md, "FP8 decode kernels with swapped
 roles, host-bound prefill"). The tower is a fixed-shape function of the grid ``(t, h, w)``.
 Clients send few distinct sizes (the article's workload: ten), so a graph per grid that has been
-seen twice covers most images. Graphs are captured while the engine is idle, one at a time, at
-most ``max_grids`` of them, sharing one memory pool (replays never overlap, and each replay's
+seen twice covers most images. Graphs are captured while the engine is idle, one at a time (or,
+under load that leaves no idle moment, one per second between steps), at most ``max_grids`` of them, sharing one memory pool (replays never overlap, and each replay's
 outputs are copied out before the next). Other images stay on the eager, batched call.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict
 
 import torch
 
 SEEN_BEFORE_CAPTURE = 2
+# Under steady load the engine may never be idle: then one capture (~2 eager calls of GPU time,
+# stalling running streams once) is allowed per this many seconds.
+BUSY_CAPTURE_INTERVAL_S = 1.0
 # Largest grid given a graph: a 1920x1080 image is 68x120 = 8,160 patches. The shared pool keeps
 # the activations of the largest captured grid for good (memory.plan_kv_tokens reserves them).
 MAX_GRAPH_PATCHES = 8192
@@ -34,6 +38,7 @@ class VisionGraphs:
         self.graphs: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.replays = 0
+        self._last_capture = float("-inf")
 
     def note(self, grids: list[tuple[int, int, int]]) -> None:
         """Count the grids of an eager call; queue the ones seen often enough for capture."""
@@ -48,10 +53,15 @@ class VisionGraphs:
         return grid in self.graphs
 
     @torch.inference_mode()
-    def capture_pending(self) -> bool:
-        """Capture one queued grid (idle time); True if it did."""
+    def capture_pending(self, busy: bool = False) -> bool:
+        """Capture one queued grid; True if it did. ``busy``: requests are running, so at most
+        one capture per ``BUSY_CAPTURE_INTERVAL_S``."""
         if not self.pending:
             return False
+        now = time.monotonic()
+        if busy and now - self._last_capture < BUSY_CAPTURE_INTERVAL_S:
+            return False
+        self._last_capture = now
         grid, _ = self.pending.popitem(last=False)
         t, h, w = grid
         pix = torch.zeros(t * h * w, self.patch_dim, dtype=self.enc.dtype, device=self.device)

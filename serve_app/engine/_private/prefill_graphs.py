@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from serve_app.engine._private.attention import capturable_impl
 from serve_app.engine._private.runner import PrefillChunk
 
 
@@ -122,15 +123,15 @@ class PrefillGraphs:
     def capture(self) -> None:
         """One graph per bucket, largest first, sharing one memory pool. Attention is pinned to
         flash for the capture (cuDNN plans are built per shape on the host; varlen uploads its
-        offsets from the host)."""
+        offsets from the host; fp32 has no flash, so plain SDPA)."""
         r = self.r
         h = self._host
         h.zero_()
         t = self.max_tokens
         h[5] = torch.arange(t) % r.page_size
-        h[6] = t - 1
+        # warm-up really runs each bucket: image rows point at row 0, in range of every bucket
         self._dev.copy_(h)
-        impl, r.prefill_attn_impl = r.prefill_attn_impl, "flash"
+        impl, r.prefill_attn_impl = r.prefill_attn_impl, capturable_impl(r.dtype)
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

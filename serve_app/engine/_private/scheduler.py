@@ -141,8 +141,8 @@ class Scheduler:
             runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
             info["prefill_graph_buckets"] = len(runner._pg.buckets)
             info["prefill_graph_capture_s"] = round(time.perf_counter() - t1, 2)
-            if runner.fp8_timings:
-                info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}
+        if runner.fp8_timings:
+            info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}
         if device.type == "cuda":
             from serve_app.engine._private.sampling_kernel import warm_up
             info["sampler_warmup_s"] = round(warm_up(config.max_num_seqs, runner.vocab, device), 2)

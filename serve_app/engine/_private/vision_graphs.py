@@ -5,8 +5,9 @@ time, as long as the GPU work of a 1280x720 image (RESULTS.md, "FP8 decode kerne
 roles, host-bound prefill"). The tower is a fixed-shape function of the grid ``(t, h, w)``.
 Clients send few distinct sizes (the article's workload: ten), so a graph per grid that has been
 seen twice covers most images. Graphs are captured while the engine is idle, one at a time (or,
-under load that leaves no idle moment, one per second between steps), at most ``max_grids`` of them, sharing one memory pool (replays never overlap, and each replay's
-outputs are copied out before the next). Other images stay on the eager, batched call.
+under load that leaves no idle moment, one per second between steps), at most ``max_grids`` of
+them, sharing one memory pool (replays never overlap, and each replay's outputs are copied out
+before the next). Other images stay on the eager, batched call.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from collections import Counter, OrderedDict
 
 import torch
+
+from serve_app.engine._private.attention import capturable_impl
 
 SEEN_BEFORE_CAPTURE = 2
 # Under steady load the engine may never be idle: then one capture (~2 eager calls of GPU time,
@@ -66,7 +69,7 @@ class VisionGraphs:
         t, h, w = grid
         pix = torch.zeros(t * h * w, self.patch_dim, dtype=self.enc.dtype, device=self.device)
         tables = self.enc._grid_tables(grid)          # held here: the LRU must not free them
-        impl, self.enc.attn_impl = self.enc.attn_impl, "flash"   # no host-side plan or offsets
+        impl, self.enc.attn_impl = self.enc.attn_impl, capturable_impl(self.enc.dtype)
         try:
             if self.device.type != "cuda":
                 graph, (merged, deep) = None, (None, [])

@@ -81,9 +81,26 @@ def main(out: str, model_path: str, quantization: str = "") -> None:
                 big @ big
             r.prefill([chunk])
         res[f"prefill_{n}_behind_queue"] = measure(queued)
+    # The same prompts through prefill graphs (engine.prefill_graph_tokens), when this build has them.
+    if hasattr(r, "setup_prefill_graphs"):
+        r.setup_prefill_graphs(4096)
+        for n in (300, 1250, 2500):
+            pages = list(range(1, -(-n // 16) + 2))
+            chunk = PrefillChunk(ids=torch.randint(100, 50000, (n,)),
+                                 positions=torch.arange(n).view(1, -1).expand(3, -1).contiguous(), start=0,
+                                 pages=torch.tensor(pages, device=dev), want_logits=True, pages_host=pages)
+            res[f"prefill_graph_{n}"] = measure(lambda: r.prefill([chunk]))
+        r._pg = None
     for grid in [(1, 30, 40), (1, 46, 80), (1, 68, 120)]:
         pix = torch.randint(0, 255, (grid[0] * grid[1] * grid[2], 3, 16, 16), dtype=torch.uint8).numpy()
         res[f"vision_{grid[1]}x{grid[2]}"] = measure(lambda: r.encode_images([pix], [grid]))
+        if hasattr(r, "setup_vision_graphs"):       # the same grid through its vision graph
+            r.setup_vision_graphs(max_grids=4, max_patches=8192)
+            r.encode_images([pix], [grid])
+            r.encode_images([pix], [grid])
+            if r.capture_pending_vision_graph():
+                res[f"vision_graph_{grid[1]}x{grid[2]}"] = measure(lambda: r.encode_images([pix], [grid]))
+            r._vg = None
     x = torch.randn(8, 2560, device=dev, dtype=torch.bfloat16)
     w = torch.ones(2560, device=dev, dtype=torch.bfloat16)
     res["launch_us"] = {"torch_add": launch_us(lambda: x + x),

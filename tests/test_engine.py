@@ -91,6 +91,31 @@ def _hf_greedy(model, req: EngineRequest, **gen) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+def _assert_greedy(model, req: EngineRequest, toks: list[int]) -> None:
+    """The engine's greedy tokens are HF's. On the CPU exactly. On the GPU each token must be
+    HF's argmax or within GPU_TIE of it, HF fed the engine's own tokens: random weights leave
+    near-ties (a top-2 gap of 0.009 seen) that GPU rounding may break the other way, in HF's
+    own GPU run too."""
+    if DEVICE == "cpu":
+        assert toks == _hf_greedy(model, req), req.request_id
+        return
+    ids = list(req.prompt_token_ids)
+    kw = {}
+    if req.images:
+        kw["pixel_values"] = torch.from_numpy(np.concatenate([im.pixel_values for im in req.images])).to(DEVICE)
+        kw["image_grid_thw"] = torch.tensor([im.grid_thw for im in req.images], device=DEVICE)
+    for j, t in enumerate(toks):
+        x = torch.tensor([ids], device=DEVICE)
+        with torch.inference_mode():
+            lg = model(input_ids=x, attention_mask=torch.ones_like(x), mm_token_type_ids=(x == IMG).int(),
+                       **kw).logits[0, -1].float()
+        assert lg[t] >= lg.max() - GPU_TIE, (req.request_id, j, t, lg.argmax().item(), (lg.max() - lg[t]).item())
+        ids.append(t)
+
+
+GPU_TIE = 0.02
+
+
 async def _collect(engine, req: EngineRequest, delay: float = 0.0):
     await asyncio.sleep(delay)
     toks, text, last = [], "", None

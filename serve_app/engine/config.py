@@ -31,6 +31,16 @@ class EngineConfig(BaseModel):
                           "(per-channel weight and per-token activation scales, quantised at load; "
                           "GPUs with FP8 tensor cores, or the CPU); None keeps the model's dtype")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
+    prefill_graph_tokens: int = Field(
+        0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
+                             "tokens as one CUDA graph, padded to a 256-token bucket (0: off). An eager "
+                             "prefill pass costs ~22-27 ms of host launches whatever its size, a graph "
+                             "replay ~0.3 ms; the graphs' memory is taken from the KV budget. "
+                             "deployments.gpu.yaml sets 4096")
+    vision_graph_grids: int = Field(
+        0, ge=0, description="continuous engine: keep up to this many CUDA graphs of the vision tower, "
+                             "one per image grid seen twice, captured while idle (0: off). An eager "
+                             "vision call costs 10-20 ms of host launches, a replay ~1 ms. deployments.gpu.yaml sets 16")
     vision_cache_mb: int = Field(256, ge=0, description="LRU of vision embeddings by image id")
     cache_dir: str | None = Field(None, description="where built-in models are written")
     kv_cache_tokens: int | None = Field(

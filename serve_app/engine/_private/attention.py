@@ -151,6 +151,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: li
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+def capturable_impl(dtype: torch.dtype) -> str:
+    """The packed implementation to pin while capturing a CUDA graph: flash keeps no host-side
+    plan (cuDNN) or offsets (varlen) but takes only 16-bit inputs; fp32 (the GPU tests) falls
+    back to plain SDPA, whose fp32 backends are capturable too."""
+    return "flash" if dtype in (torch.bfloat16, torch.float16) else "sdpa"
+
+
 def _flash(q, k, v, causal, scale):
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
 

@@ -39,6 +39,15 @@ def plan_kv_tokens(config: EngineConfig, runner: ModelRunner, budget: int | None
         budget = min(DEFAULT_BUDGET_BYTES, int(0.92 * total))
     per_tok = runner.kv_bytes_per_token()
     reserve = GRAPH_RESERVE_BYTES + config.vision_cache_mb * 2 ** 20
+    if config.vision_graph_grids and config.cuda_graphs:
+        # Vision graphs keep the activations of their largest grid: about the profile's share.
+        from serve_app.engine._private.vision_graphs import MAX_GRAPH_PATCHES
+        budget_patches = vision_patch_budget(config.max_prefill_tokens, runner.merge)
+        reserve += int((peak - weights) * min(1.0, MAX_GRAPH_PATCHES / budget_patches))
+    if config.prefill_graph_tokens and config.cuda_graphs:
+        # Prefill graphs keep their activations: about the profile's share for that many tokens.
+        share = min(1.0, config.prefill_graph_tokens / config.max_prefill_tokens)
+        reserve += int((peak - weights) * share)
     fit = (budget - peak - reserve) // per_tok
     info = {"budget_gib": round(budget / GiB, 2), "weights_gib": round(weights / GiB, 2),
             "activation_peak_gib": round((peak - weights) / GiB, 2),

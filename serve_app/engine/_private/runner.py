@@ -37,6 +37,7 @@ class PrefillChunk:
     vis_embeds: torch.Tensor | None = None  # [n, hidden] on device
     deepstack: list[torch.Tensor] = field(default_factory=list)  # per level, [n, hidden]
     want_logits: bool = False
+    pages_host: list[int] | None = None     # the same page ids on the host (prefill graphs)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -126,6 +127,8 @@ class ModelRunner:
             device, self.num_heads, self.num_kv_heads, self.head_dim, [1024, 1024], True, self.dtype)
         self.attn_timings = {"vision": vt, "prefill": pt}
         self.vision = VisionEncoder(self.visual, device, self.vision_attn_impl)
+        self._pg = None           # PrefillGraphs, when set up (setup_prefill_graphs)
+        self._vg = None           # VisionGraphs, when set up (setup_vision_graphs)
         self.pixels = PixelUpload(device, self.visual.dtype, vc.temporal_patch_size)
 
     # ----------------------------------------------------------------------------------- setup
@@ -242,18 +245,40 @@ class ModelRunner:
         """Run the vision tower once over several images (numpy arrays or tensors of patch rows);
         per image ``(embeds, [deepstack...])``, in the given order."""
         grids = [tuple(int(x) for x in g) for g in grids]
+        out: list = [None] * len(grids)
+        vg = self._vg
+        if vg is not None:                 # images of a captured grid: one graph replay each
+            for i, g in enumerate(grids):
+                if vg.has(g):
+                    merged, deep = vg.run(g, self.pixels.to_device([pixel_values[i]]))
+                    out[i] = (merged.to(self.dtype), [d.to(self.dtype) for d in deep])
+        rest = [i for i in range(len(grids)) if out[i] is None]
+        if not rest:
+            return out
         # Equal grids side by side: one batched attention call per distinct size.
-        order = sorted(range(len(grids)), key=lambda i: grids[i][1] * grids[i][2])
+        order = sorted(rest, key=lambda i: grids[i][1] * grids[i][2])
         pv = self.pixels.to_device([pixel_values[i] for i in order])
         sorted_grids = [grids[i] for i in order]
         merged, deep = self.vision(pv, sorted_grids)
+        if vg is not None:
+            vg.note(sorted_grids)
         sizes = [t * h * w // (self.merge ** 2) for t, h, w in sorted_grids]
         embeds = merged.to(self.dtype).split(sizes)
         deep = [d.to(self.dtype).split(sizes) for d in deep]
-        out: list = [None] * len(grids)
         for j, i in enumerate(order):
             out[i] = (embeds[j], [lvl[j] for lvl in deep])
         return out
+
+    def setup_vision_graphs(self, max_grids: int, max_patches: int) -> None:
+        """Vision-tower graphs per recurring grid (``vision_graphs.VisionGraphs``), captured in
+        idle time (:meth:`capture_pending_vision_graph`)."""
+        from serve_app.engine._private.vision_graphs import VisionGraphs
+        vc = self.model.config.vision_config
+        patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+        self._vg = VisionGraphs(self.vision, self.device, max_grids, max_patches, patch_dim)
+
+    def capture_pending_vision_graph(self, busy: bool = False) -> bool:
+        return self._vg is not None and self._vg.capture_pending(busy)
 
     @torch.inference_mode()
     def encode_images_hf(self, pixel_values: list, grids: list[tuple[int, int, int]]):
@@ -273,6 +298,8 @@ class ModelRunner:
 
         Returns float32 logits for the chunks with ``want_logits`` (their last token), in order.
         """
+        if self._pg is not None and self._pg.takes(chunks):
+            return self._pg.run(chunks[0])
         dev, p = self.device, self.page_size
         ids = upload(torch.cat([c.ids for c in chunks]), dev)
         pos = upload(torch.cat([c.positions for c in chunks], dim=1), dev)
@@ -381,6 +408,36 @@ class ModelRunner:
                 h[vidx] = h[vidx] + deep_cat[i].to(h.dtype)
                 res = None
         return h if res is None else res + h
+
+    # ------------------------------------------------------------------------ prefill graphs
+    def setup_prefill_graphs(self, max_tokens: int, step: int = 256) -> None:
+        """Fixed-shape prefill for one request's first chunk, padded to a bucket of ``step``
+        tokens up to ``max_tokens`` (CUDA graphs on the GPU; on the CPU the same padded function
+        runs eagerly, which is what the tests compare against :meth:`prefill`)."""
+        from serve_app.engine._private.prefill_graphs import PrefillGraphs
+        self._pg = PrefillGraphs(self, max_tokens, step)
+        if self.is_cuda:
+            self._pg.capture()
+
+    def _prefill_static(self, tb: int, bufs) -> torch.Tensor:
+        """Prefill of the first ``tb`` rows of the static buffers ``bufs`` as one causal
+        sequence: the real prompt, then padding whose last row is a sink for padded scatters.
+        Real rows never attend to padding (causal), padding writes its KV to page 0 (never handed
+        out) or to the request's own not-yet-used slots, and the logits are of row ``bufs.last``."""
+        h = self.lm.embed_tokens(bufs.ids[:tb])
+        vidx = bufs.vidx[:tb]
+        h.index_copy_(0, vidx, bufs.vemb[:tb].to(h.dtype))
+        deep = [d[:tb] for d in bufs.deep]
+        pos = bufs.pos[:, :tb]
+        cos, sin = self.lm.rotary_emb(h, pos[:, None, :])
+        chunk = PrefillChunk(ids=bufs.ids[:tb], positions=pos, start=0, pages=bufs.pages)
+        args = (bufs.page_idx[:tb], bufs.page_off[:tb], [chunk], [0], vidx, deep)
+        if self.is_cuda and self.fuse and self.fused_prefill:
+            h = self._prefill_layers_fused(h, cos[0].contiguous(), sin[0].contiguous(), *args)
+        else:
+            h = self._prefill_layers(h, cos[0][:, None, :], sin[0][:, None, :], *args)
+        hl = _rms(h.index_select(0, bufs.last), self.final_norm, self.eps)
+        return self.lm_head(hl).float()
 
     # --------------------------------------------------------------------------------- decode
     def _decode_forward(self, staging: torch.Tensor, batch: int, reference: bool = False) -> torch.Tensor:

@@ -132,8 +132,17 @@ class Scheduler:
             t1 = time.perf_counter()
             runner.capture_graphs()
             info["graph_capture_s"] = round(time.perf_counter() - t1, 2)
-            if runner.fp8_timings:
-                info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}
+        if config.vision_graph_grids and (device.type != "cuda" or config.cuda_graphs):
+            from serve_app.engine._private.vision_graphs import MAX_GRAPH_PATCHES
+            runner.setup_vision_graphs(config.vision_graph_grids, min(
+                MAX_GRAPH_PATCHES, vision_patch_budget(config.max_prefill_tokens, runner.merge)))
+        if config.prefill_graph_tokens and (device.type != "cuda" or config.cuda_graphs):
+            t1 = time.perf_counter()
+            runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
+            info["prefill_graph_buckets"] = len(runner._pg.buckets)
+            info["prefill_graph_capture_s"] = round(time.perf_counter() - t1, 2)
+        if runner.fp8_timings:
+            info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}
         if device.type == "cuda":
             from serve_app.engine._private.sampling_kernel import warm_up
             info["sampler_warmup_s"] = round(warm_up(config.max_num_seqs, runner.vocab, device), 2)
@@ -205,10 +214,13 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.running or self._inflight)
 
     def idle_work(self) -> bool:
-        """Work for a moment with no requests: build one queued cuDNN attention plan (~30 ms),
-        which would otherwise stall running streams; one at a time, so that a request arriving
-        meanwhile waits for one build at most. True if it did something."""
-        return self.runner.is_cuda and cudnn_plans.build_pending(max_plans=1) > 0
+        """Work for a moment with no requests: build one queued cuDNN attention plan (~30 ms)
+        or capture one queued vision-tower graph, which would otherwise stall running streams;
+        one at a time, so that a request arriving meanwhile waits for one at most. True if it
+        did something."""
+        if self.runner.is_cuda and cudnn_plans.build_pending(max_plans=1) > 0:
+            return True
+        return self.runner.capture_pending_vision_graph()
 
     # ------------------------------------------------------------------------------- step
     def step(self) -> None:
@@ -264,6 +276,7 @@ class Scheduler:
         # The vision tower goes first: the host work below (M-RoPE positions, block tables,
         # sampling rows) then runs while the GPU encodes, instead of before it.
         self._encode_new_images()
+        self.runner.capture_pending_vision_graph(busy=True)
         dev = self.runner.device
         for seq in admitted:
             if seq.done:
@@ -341,7 +354,7 @@ class Scheduler:
             a, b = s.computed, s.computed + n
             c = PrefillChunk(ids=torch.tensor(s.prompt[a:b], dtype=torch.long),
                              positions=s.positions[:, a:b], start=a, pages=s.pages_dev,
-                             want_logits=(b == len(s.prompt)))
+                             want_logits=(b == len(s.prompt)), pages_host=s.pages)
             if s.vis_index is not None:
                 lo, hi = np.searchsorted(s.vis_index, [a, b])
                 if hi > lo:
@@ -485,6 +498,9 @@ class Scheduler:
                 "kv_pages_total": self.kv.capacity_pages if self.kv else 0,
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
+                "prefill_graph_replays": self.runner._pg.replays if self.runner and self.runner._pg else 0,
+                "vision_graphs": len(self.runner._vg.graphs) if self.runner and self.runner._vg else 0,
+                "vision_graph_replays": self.runner._vg.replays if self.runner and self.runner._vg else 0,
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()}}

@@ -1,0 +1,151 @@
+"""Prefill replayed as CUDA graphs: one request's whole prompt, padded to a bucket of tokens.
+
+Why: an eager prefill pass is bound by its ~400 kernel launches. On an H200 host it took ~22 ms
+of host time for 300 tokens and for 2,500 alike, as long as the GPU work of a 1,250-token
+prompt (RESULTS.md, "FP8 decode kernels with swapped roles, host-bound prefill"). A graph
+replays them with one launch.
+
+The padded pass is :meth:`ModelRunner._prefill_static` over static buffers: the prompt, then
+padding up to the bucket, whose last row is a sink. Real rows never see padding (attention is
+causal and padding comes last). Padding writes its K/V to page 0, which is never handed out,
+or to the request's own slots past its prompt, which decode overwrites before reading. Image
+rows are scattered through a full-length index whose unused entries point at the sink. So one
+graph per bucket serves text and image prompts alike. Chunks that continue a prompt, several
+requests in one pass, and prompts of a bucket's size or more stay eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serve_app.engine._private.attention import capturable_impl
+from serve_app.engine._private.runner import PrefillChunk
+
+
+@dataclass
+class StaticBuffers:
+    ids: torch.Tensor        # [T] token ids
+    pos: torch.Tensor        # [3, T] M-RoPE positions
+    page_idx: torch.Tensor   # [T] where each row's K/V goes
+    page_off: torch.Tensor   # [T]
+    vidx: torch.Tensor       # [T] image rows, then the sink
+    last: torch.Tensor       # [1] the row whose logits are returned
+    vemb: torch.Tensor       # [T, hidden] image embeddings (rows past the image's are ignored)
+    deep: list[torch.Tensor]  # per deepstack level, [T, hidden]
+    pages: torch.Tensor      # unused by a first chunk's attention; PrefillChunk wants one
+
+
+class PrefillGraphs:
+    _INT_ROWS = 8            # ids, pos x3, page_idx, page_off, vidx, last
+
+    def __init__(self, runner, max_tokens: int, step: int = 256):
+        if max_tokens < step:
+            raise ValueError(f"prefill graphs need at least {step} tokens, got {max_tokens}")
+        self.r = runner
+        self.buckets = list(range(step, max_tokens // step * step + 1, step))
+        t, dev, dt = self.buckets[-1], runner.device, runner.dtype
+        levels = len(runner.model.config.vision_config.deepstack_visual_indexes)
+        self._dev = torch.zeros(self._INT_ROWS, t, dtype=torch.int64, device=dev)
+        self._host = torch.zeros(self._INT_ROWS, t, dtype=torch.int64, pin_memory=runner.is_cuda)
+        self._event = torch.cuda.Event() if runner.is_cuda else None
+        d = self._dev
+        self.bufs = StaticBuffers(ids=d[0], pos=d[1:4], page_idx=d[4], page_off=d[5], vidx=d[6],
+                                  last=d[7, :1],
+                                  vemb=torch.zeros(t, runner.hidden, dtype=dt, device=dev),
+                                  deep=[torch.zeros(t, runner.hidden, dtype=dt, device=dev)
+                                        for _ in range(levels)],
+                                  pages=torch.zeros(1, dtype=torch.int64, device=dev))
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays = 0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1]
+
+    def takes(self, chunks: list[PrefillChunk]) -> bool:
+        """One request's whole prompt, with a sink row to spare in the largest bucket."""
+        if len(chunks) != 1:
+            return False
+        c = chunks[0]
+        return c.start == 0 and c.want_logits and c.pages_host is not None and len(c.ids) < self.max_tokens
+
+    def bucket_for(self, n: int) -> int:
+        return next(b for b in self.buckets if b > n)
+
+    def _fill(self, c: PrefillChunk) -> int:
+        """Write the chunk into the static buffers (one host-to-device copy of the integer rows,
+        device copies of the image rows); returns the bucket."""
+        n = len(c.ids)
+        tb = self.bucket_for(n)
+        if self._event is not None:
+            self._event.synchronize()       # the previous upload out of the pinned rows is done
+        h = self._host
+        h[0, :n] = c.ids
+        h[0, n:tb] = 0
+        h[1:4, :n] = c.positions
+        h[1:4, n:tb] = 0
+        p = self.r.page_size
+        tok = np.arange(tb)
+        pages = np.zeros(tb // p + 1, dtype=np.int64)      # past the request's pages: page 0
+        k = min(len(c.pages_host), len(pages))
+        pages[:k] = c.pages_host[:k]
+        h[4, :tb] = torch.from_numpy(pages[tok // p])
+        h[5, :tb] = torch.from_numpy(tok % p)
+        nv = 0 if c.vis_local is None else len(c.vis_local)
+        if nv:
+            h[6, :nv] = c.vis_local
+        h[6, nv:tb] = tb - 1                                # the sink
+        h[7, 0] = n - 1
+        self._dev.copy_(h, non_blocking=self.r.is_cuda)
+        if self._event is not None:
+            self._event.record()
+        if nv:
+            self.bufs.vemb[:nv].copy_(c.vis_embeds)
+            for dst, src in zip(self.bufs.deep, c.deepstack):
+                dst[:nv].copy_(src)
+        return tb
+
+    @torch.inference_mode()
+    def run(self, c: PrefillChunk) -> torch.Tensor:
+        """float32 logits [1, vocab] of the prompt's last token; its K/V written."""
+        tb = self._fill(c)
+        self.replays += 1
+        if tb in self._graphs:
+            g, out = self._graphs[tb]
+            g.replay()
+            return out
+        return self.r._prefill_static(tb, self.bufs)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """One graph per bucket, largest first, sharing one memory pool. Attention is pinned to
+        flash for the capture (cuDNN plans are built per shape on the host; varlen uploads its
+        offsets from the host; fp32 has no flash, so plain SDPA)."""
+        r = self.r
+        h = self._host
+        h.zero_()
+        t = self.max_tokens
+        h[5] = torch.arange(t) % r.page_size
+        # warm-up really runs each bucket: image rows point at row 0, in range of every bucket
+        self._dev.copy_(h)
+        impl, r.prefill_attn_impl = r.prefill_attn_impl, capturable_impl(r.dtype)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for tb in reversed(self.buckets):       # warm-up: Triton compiles, cuBLAS handles
+                    r._prefill_static(tb, self.bufs)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            pool = torch.cuda.graph_pool_handle()
+            for tb in reversed(self.buckets):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = r._prefill_static(tb, self.bufs)
+                self._graphs[tb] = (g, out)
+            torch.cuda.synchronize()
+        finally:
+            r.prefill_attn_impl = impl

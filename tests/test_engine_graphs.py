@@ -1,0 +1,192 @@
+"""The engine's graph paths against the eager ones: prefill of one request's whole prompt padded
+to a bucket, and the vision tower per recurring grid. Same logits, K/V, embeddings and greedy
+tokens. On the CPU the static-buffer functions run eagerly; the GPU captures themselves need
+ENGINE_TEST_DEVICE=cuda."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.engine._private.runner import ModelRunner, PrefillChunk
+
+from test_engine import (DEVICE, _assert_greedy, _collect, _config, _image, _image_request, _request,  # noqa: F401
+                         _run, hf_model, model_dir)
+
+
+def _runner(model_dir: str, dt: torch.dtype | None = None) -> ModelRunner:  # noqa: F811
+    from serve_app.models import load_model
+    dt = dt or (torch.float32 if DEVICE == "cpu" else torch.bfloat16)
+    model = load_model(model_dir, dtype=dt, device="cpu" if DEVICE != "cpu" else DEVICE).eval()
+    r = ModelRunner(model, torch.device(DEVICE), 4, 1024)
+    r.allocate_kv(4096)
+    return r
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, cpu_tol: float) -> None:
+    """fp32 on the CPU: elementwise. bf16 on the GPU: a padded pass has other GEMM shapes, so
+    other rounding in every layer; the relative error of the whole tensor stays at bf16 noise,
+    where a masking or indexing bug would be of order 1."""
+    if DEVICE == "cpu":
+        assert torch.allclose(got, want, rtol=cpu_tol, atol=cpu_tol)
+        return
+    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6)).item()
+    assert err < 3e-2, f"relative error {err:.4f}"
+
+
+@pytest.mark.parametrize("n", [1, 37, 255, 256, 300])
+def test_padded_prefill_equals_eager(model_dir, n):  # noqa: F811
+    r = _runner(model_dir)
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(100, 5000, (n,), generator=g)
+    pages = r.kv.allocate(r.kv.pages_for(n + 8))
+    chunk = PrefillChunk(ids=ids, positions=torch.arange(n).view(1, -1).expand(3, -1).contiguous(), start=0,
+                         pages=torch.tensor(pages, device=r.device), want_logits=True, pages_host=pages)
+    eager = r.prefill([chunk])
+    kv_idx = torch.tensor([pages[t // r.page_size] for t in range(n)])
+    kv_off = torch.tensor([t % r.page_size for t in range(n)])
+    k_eager = r.kv.k[:, kv_idx, :, kv_off].clone()
+    r.kv.k.zero_()
+    r.kv.v.zero_()
+    r.setup_prefill_graphs(512)
+    padded = r.prefill([chunk])
+    assert r._pg.replays == 1 and r._pg.bucket_for(n) == (256 if n < 256 else 512)
+    _assert_close(padded, eager, 1e-4)
+    _assert_close(r.kv.k[:, kv_idx, :, kv_off], k_eager, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"] if DEVICE == "cuda" else ["float32"])
+def test_padded_prefill_with_images_equals_eager(model_dir, dtype):  # noqa: F811
+    """An image prompt (image rows, deepstack, distinct M-RoPE rows) then a text prompt through
+    the same graph: each equals its eager pass, so nothing of the first leaks into the second."""
+    r = _runner(model_dir, getattr(torch, dtype))
+    g = torch.Generator().manual_seed(3)
+    levels = len(r.model.config.vision_config.deepstack_visual_indexes)
+
+    def chunk(n, img):
+        ids = torch.randint(100, 5000, (n,), generator=g)
+        pos = torch.arange(n).view(1, -1).repeat(3, 1)
+        pages = r.kv.allocate(r.kv.pages_for(n + 8))
+        c = PrefillChunk(ids=ids, positions=pos, start=0, pages=torch.tensor(pages, device=r.device),
+                         want_logits=True, pages_host=pages)
+        if img:
+            lo, hi = 10, 26
+            pos[1, lo:hi] = 10 + torch.arange(16) // 4         # an image's row and column indices
+            pos[2, lo:hi] = 10 + torch.arange(16) % 4
+            pos[:, hi:] -= 12
+            c.vis_local = torch.arange(lo, hi)
+            c.vis_embeds = torch.randn(16, r.hidden, generator=g).to(r.device, r.dtype)
+            c.deepstack = [torch.randn(16, r.hidden, generator=g).to(r.device, r.dtype) for _ in range(levels)]
+        return c, pages
+
+    (a, pa), (b, _) = chunk(60, True), chunk(30, False)
+    want = [r.prefill([a]).clone(), r.prefill([b]).clone()]
+    kv_idx = torch.tensor([pa[t // r.page_size] for t in range(60)])
+    kv_off = torch.tensor([t % r.page_size for t in range(60)])
+    k_want = r.kv.k[:, kv_idx, :, kv_off].clone()
+    r.kv.k.zero_()
+    r.kv.v.zero_()
+    r.setup_prefill_graphs(512)
+    got = [r.prefill([a]).clone(), r.prefill([b]).clone()]
+    assert r._pg.replays == 2
+    for x, y in zip(got, want):
+        _assert_close(x, y, 1e-4)
+    _assert_close(r.kv.k[:, kv_idx, :, kv_off], k_want, 1e-4)
+
+
+def test_padded_prefill_takes_only_whole_single_prompts(model_dir):  # noqa: F811
+    r = _runner(model_dir)
+    r.setup_prefill_graphs(512)
+
+    def chunk(n, start=0, want=True, host=True):
+        return PrefillChunk(ids=torch.zeros(n, dtype=torch.long), positions=torch.zeros(3, n, dtype=torch.long),
+                            start=start, pages=torch.zeros(1), want_logits=want, pages_host=[1] if host else None)
+
+    takes = r._pg.takes
+    assert takes([chunk(100)]) and takes([chunk(511)])
+    assert not takes([chunk(512)])                      # no sink row left in the largest bucket
+    assert not takes([chunk(10), chunk(10)])             # several requests: eager
+    assert not takes([chunk(10, start=64)])              # a continuation: eager
+    assert not takes([chunk(10, want=False)])            # a first chunk of a longer prompt: eager
+    assert not takes([chunk(10, host=False)])
+    with pytest.raises(ValueError):
+        r.setup_prefill_graphs(100)
+
+
+def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F811
+    """Text and image requests, staggered, through the engine with padded prefills: greedy tokens
+    equal HF generate's, and the padded path served the single-request passes."""
+    rng = np.random.default_rng(21)
+    reqs = [_request(i, rng, i % 3, 10) for i in range(6)]
+
+    async def scenario(engine):
+        import asyncio
+        res = await asyncio.gather(*[_collect(engine, r, 0.15 * i) for i, r in enumerate(reqs)])
+        return res, engine.stats(), engine.health()
+
+    res, stats, health = _run(_config(model_dir, max_prefill_tokens=256, prefill_graph_tokens=256), scenario)
+    assert health["prefill_graph_buckets"] == 1
+    assert stats["prefill_graph_replays"] >= 3
+    for req, (toks, _, _) in zip(reqs, res):
+        _assert_greedy(hf_model, req, toks)
+
+
+def test_vision_graphs_per_recurring_grid(model_dir):  # noqa: F811
+    """A grid seen twice is queued, captured when idle, then served by its graph: embeddings equal
+    the eager tower's, two images of one grid in one call do not share outputs, other grids and
+    grids above the size limit stay eager."""
+    r = _runner(model_dir)
+    rng = np.random.default_rng(4)
+    a1, a2, a3, b = _image(rng, 4, 6), _image(rng, 4, 6), _image(rng, 4, 6), _image(rng, 8, 8)
+    big = _image(rng, 8, 10)
+
+    def eager(ims):
+        return r.encode_images([im.pixel_values for im in ims], [im.grid_thw for im in ims])
+
+    want = eager([a1, a2, b, big])
+    r.setup_vision_graphs(max_grids=4, max_patches=64)
+    eager([a1])
+    eager([big])
+    eager([big])
+    assert not r._vg.pending and not r.capture_pending_vision_graph()   # a1 seen once; big too big
+    eager([a3, b])
+    assert list(r._vg.pending) == [(1, 4, 6)]             # seen twice; big (80 patches) never
+    assert r.capture_pending_vision_graph() and not r.capture_pending_vision_graph()
+    got = eager([a1, b, a2, big])
+    assert r._vg.replays == 2
+    for (e, d), (we, wd) in zip([got[0], got[2], got[1], got[3]], want):
+        _assert_close(e, we, 1e-5)
+        for x, y in zip(d, wd):
+            _assert_close(x, y, 1e-5)
+    assert got[0][0].data_ptr() != got[2][0].data_ptr()
+    c1, c2 = _image(rng, 2, 4), _image(rng, 2, 4)
+    eager([c1])
+    eager([c2])
+    assert list(r._vg.pending) == [(1, 8, 8), (1, 2, 4)]   # b's second sighting was in `got`
+    assert not r.capture_pending_vision_graph(busy=True)    # busy: one capture per second
+    assert r.capture_pending_vision_graph() and r._vg.has((1, 8, 8))   # idle: at once, in order
+    assert not r.capture_pending_vision_graph(busy=True)
+
+
+def test_engine_with_vision_graphs_matches_hf(model_dir, hf_model):  # noqa: F811
+    """Requests with a recurring image size: after an idle moment the tower runs as a graph for
+    them, and greedy tokens still equal HF generate's."""
+    import asyncio
+    rng = np.random.default_rng(8)
+    first = [_image_request(i, rng, [6], 6) for i in range(2)]
+    later = [_image_request(10 + i, rng, [6], 6) for i in range(2)]
+
+    async def scenario(engine):
+        res = [await _collect(engine, r) for r in first]
+        for _ in range(100):                                  # idle: the engine captures
+            if engine.stats()["vision_graphs"]:
+                break
+            await asyncio.sleep(0.05)
+        res += await asyncio.gather(*[_collect(engine, r) for r in later])
+        return res, engine.stats()
+
+    res, stats = _run(_config(model_dir, vision_graph_grids=2), scenario)
+    assert stats["vision_graphs"] == 1 and stats["vision_graph_replays"] == 2
+    for req, (toks, _, _) in zip(first + later, res):
+        _assert_greedy(hf_model, req, toks)

@@ -13,6 +13,7 @@ and the final delta is never held back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ from serve_app.engine import EngineConfig, EngineRequest, ImageInput, SamplingPa
 from serve_app.engine import create_engine
 from serve_app.engine.protocol import merge_deltas
 from serve_app.errors import ServeAppError
+from serve_app import _engine_metrics
 from serve_app._prompt import PromptBuilder
 
 logger = logging.getLogger("ray.serve")
@@ -87,6 +89,20 @@ class VLM:
                                  boundaries=[0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8])
         self._m_running = Gauge("serve_app_vlm_running", "requests generating in this replica")
         self._running = 0
+        self._engine_metrics = _engine_metrics.EngineMetrics()
+        self._metrics_task = asyncio.get_running_loop().create_task(self._export_engine_metrics())
+
+    async def _export_engine_metrics(self) -> None:
+        """The engine's KV use, queue and GPU time on Prometheus (``_engine_metrics``)."""
+        logged = False
+        while True:
+            try:
+                self._engine_metrics.update(self.engine.stats())
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                if not logged:
+                    logger.exception("exporting engine metrics failed (logged once)")
+                    logged = True
+            await asyncio.sleep(_engine_metrics.INTERVAL_S)
 
     def _generation_defaults(self) -> dict[str, Any]:
         """Sampling defaults from the model's generation_config.json (as vLLM does)."""
@@ -164,4 +180,6 @@ class VLM:
         self.engine.health()  # raises when broken: Serve restarts the replica
 
     async def __del__(self):
+        if getattr(self, "_metrics_task", None) is not None:
+            self._metrics_task.cancel()
         await self.engine.shutdown()

@@ -16,6 +16,7 @@ import pytest
 
 CACHE_DIR = os.environ.get("SERVE_APP_CACHE") or str(Path.home() / ".cache" / "serve_app" / "models")
 TINY = "builtin:tiny-qwen3-vl"
+_CLUSTER: dict = {}
 
 
 def free_port() -> int:
@@ -64,7 +65,9 @@ def serve_url(tiny_model_path):
     from serve_app.app import build_app
 
     port = free_port()
+    _CLUSTER["metrics_port"] = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=_CLUSTER["metrics_port"],
              runtime_env={"env_vars": {"SERVE_APP_CACHE": CACHE_DIR}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_config()), name="serve_app", route_prefix="/")
@@ -82,6 +85,12 @@ def serve_url(tiny_model_path):
     yield url
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_url) -> str:
+    """Ray's Prometheus endpoint of the session's cluster."""
+    return f"http://127.0.0.1:{_CLUSTER['metrics_port']}/metrics"
 
 
 @pytest.fixture(scope="session")

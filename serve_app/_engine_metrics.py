@@ -1,0 +1,65 @@
+"""The engine's state on Ray's Prometheus endpoint, next to the VLM's request metrics.
+
+Why: ``GET /v1/stats`` answers from one replica, and only when asked. Alerts and dashboards need
+every replica's KV use, queue and GPU time over time: a replica whose KV cache stays near 1.0 or
+whose waiting queue grows is the one to scale out. The VLM deployment feeds this every few
+seconds from ``engine.stats()``. Engines report what they have (``hf-generate`` has no KV cache),
+and a key an engine lacks is simply not exported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+INTERVAL_S = 5.0
+
+# engine.stats() key -> (metric, tag value) for the tagged families below
+_STATES = {"waiting": "waiting", "prefilling": "prefilling", "running": "running"}
+_GPU_SECONDS = {"prefill_s_total": "prefill", "decode_s_total": "decode", "vision_s_total": "vision"}
+_STEPS = {"prefill_steps": "prefill", "decode_steps": "decode"}
+_REPLAYS = {"prefill_graph_replays": "prefill", "vision_graph_replays": "vision"}
+_IMAGES = {"images_encoded": "encoded", "vision_cache_hits": "cache_hit"}
+
+
+class EngineMetrics:
+    """Gauges set from the latest stats; counters advanced by the growth of the engine's totals
+    (Prometheus counters only go up: a total that shrank, as after an engine restart, only
+    resets the baseline)."""
+
+    def __init__(self, counter: Callable[..., Any] | None = None, gauge: Callable[..., Any] | None = None):
+        if counter is None or gauge is None:
+            from ray.serve.metrics import Counter, Gauge
+            counter, gauge = counter or Counter, gauge or Gauge
+        self._kv = gauge("serve_app_vlm_kv_utilization", "fraction of the KV cache's pages in use")
+        self._states = gauge("serve_app_vlm_engine_requests",
+                             "requests in the engine: waiting for admission, prefilling, decoding",
+                             tag_keys=("state",))
+        self._families = [
+            (_GPU_SECONDS, "phase", counter("serve_app_vlm_engine_gpu_seconds",
+                                            "GPU seconds spent per phase (CUDA events; CPU: wall time)",
+                                            tag_keys=("phase",))),
+            (_STEPS, "kind", counter("serve_app_vlm_engine_steps", "engine steps", tag_keys=("kind",))),
+            (_REPLAYS, "kind", counter("serve_app_vlm_engine_graph_replays",
+                                       "prefill passes and vision-tower calls served by CUDA graphs",
+                                       tag_keys=("kind",))),
+            (_IMAGES, "result", counter("serve_app_vlm_engine_images",
+                                        "images through the vision tower, or taken from its cache",
+                                        tag_keys=("result",))),
+        ]
+        self._last: dict[str, float] = {}
+
+    def update(self, stats: dict) -> None:
+        if isinstance(stats.get("kv_utilization"), (int, float)):
+            self._kv.set(float(stats["kv_utilization"]))
+        for key, state in _STATES.items():
+            if isinstance(stats.get(key), (int, float)):
+                self._states.set(float(stats[key]), tags={"state": state})
+        for keys, tag, metric in self._families:
+            for key, value in keys.items():
+                total = stats.get(key)
+                if not isinstance(total, (int, float)):
+                    continue
+                grown = total - self._last.get(key, 0.0)
+                self._last[key] = total
+                if grown > 0:
+                    metric.inc(grown, tags={tag: value})

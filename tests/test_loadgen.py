@@ -638,3 +638,22 @@ def test_zero_memory_cap_means_most_of_the_card_not_the_default_budget():
     assert engine_overrides(a) == {"max_gpu_memory_gb": None, "gpu_memory_fraction": 0.9}
     a = p.parse_args(["--max-gpu-memory-gb", "24"])
     assert engine_overrides(a) == {"max_gpu_memory_gb": 24.0}
+
+
+def test_sweep_report_names_the_code_and_the_engine_start_up(tmp_path, monkeypatch):
+    """sweep.md carries the hash of serve_app's sources (a device copy's git metadata may be
+    stale) and each engine's start-up figures from /readyz. Real steps from a committed GPU run."""
+    from benchmarks.loadgen import cli
+
+    src = Path(__file__).parent.parent / "benchmarks/results/gpu-h200-prefill-vision-graphs/machine1-on/sweep.json"
+    results = json.loads(src.read_text())
+    results["meta"]["machine"]["code_sha"] = cli.code_sha()
+    results["sweeps"][0]["engine_info"] = {"status": "ready", "startup_s": 41.2, "graph_capture_s": 3.1,
+                                           "prefill_graph_capture_s": 6.5, "kv_tokens": 90112,
+                                           "quantization": "fp8"}
+    monkeypatch.setenv("LOADGEN_NO_PLOT", "1")
+    cli.write_reports(results, tmp_path)
+    md = (tmp_path / "sweep.md").read_text()
+    assert len(cli.code_sha()) == 12 and f"serve_app sources {cli.code_sha()}" in md
+    assert "| continuous | 41.2 | 3.1 | 6.5 | 90112 | fp8 |" in md
+    assert "| continuous | 13.5 | 12.83 |" in md                      # the steps still render

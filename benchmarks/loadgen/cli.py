@@ -71,12 +71,25 @@ def machine_info() -> dict[str, Any]:
                         for i in range(pynvml.nvmlDeviceGetCount())]
     except Exception:
         info["gpus"] = []
+    info["code_sha"] = code_sha()
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                             capture_output=True, text=True, timeout=5).stdout.strip()
     except Exception:
         pass
     return info
+
+
+def code_sha() -> str:
+    """Hash of serve_app's Python sources: names the code that ran where git metadata cannot
+    (a device's copy of a working tree may carry a stale .git or none)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "serve_app").rglob("*.py")):
+        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -318,7 +331,8 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
              f"Machine: {mach.get('cpus')} CPUs ({mach.get('cpu_model')}; Python loop "
              f"{mach.get('python_loop_3m_s')} s; 1-min load {mach.get('load_avg_1m_at_start')} at start), "
              f"{mach.get('memory_gb')} GB, GPUs {mach.get('gpus') or 'none'}, "
-             f"commit {mach.get('git_commit')}. Workload: mean output {wl.get('mean_output_tokens')} tokens, "
+             f"commit {mach.get('git_commit')}, serve_app sources {mach.get('code_sha')}. "
+             f"Workload: mean output {wl.get('mean_output_tokens')} tokens, "
              f"images {wl.get('pool')}, temperature {wl.get('temperature')}. "
              f"SLO: P95 TTFT <= {slo.get('ttft_p95_s')} s, P95 e2e <= {slo.get('e2e_p95_s')} s, no errors.", "",
              markdown_table([st for s in sweeps for st in s["steps"]], label), "",
@@ -339,6 +353,12 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
                 lines.append(f"| {s['engine']} | {st['summary']['offered']:g} | {et['prefill_s']} | "
                              f"{et['decode_s']} | {et['other_pct']} | {et.get('decode_ms_per_step', '-')} | "
                              f"{et.get('mean_decode_batch', '-')} | {et.get('prefill_tokens_per_s', '-')} |")
+    starts = [(s["engine"], s["engine_info"]) for s in sweeps if s.get("engine_info")]
+    if starts:
+        keys = ("startup_s", "graph_capture_s", "prefill_graph_capture_s", "kv_tokens", "quantization")
+        lines += ["", "Engine start-up (from /readyz):", "", "| engine | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        lines += [f"| {e} | " + " | ".join(str(i.get(k, "-")) for k in keys) + " |" for e, i in starts]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     if os.environ.get("LOADGEN_NO_PLOT"):  # e.g. a device run that may bring back only a few files
         return

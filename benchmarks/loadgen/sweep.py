@@ -46,6 +46,15 @@ def get_stats(url: str) -> dict[str, Any] | None:
         return None
 
 
+def get_engine_info(url: str) -> dict[str, Any] | None:
+    """``/readyz``'s engine description (start-up and capture seconds, KV tokens, kernel plans)."""
+    try:
+        r = httpx.get(f"{url}/readyz", timeout=10, trust_env=False)
+        return r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 async def warm_up(url: str, workload: Workload, n: int = 4, timeout_s: float = 300) -> list[str]:
     """``n`` concurrent requests (classes in turn) so load/JIT/cache effects miss the first step."""
     async with make_client() as client:
@@ -95,6 +104,7 @@ def run_sweep(url: str, workload: Workload, plan: SweepPlan, slo: SLO = SLO(), l
     steps: list[dict[str, Any]] = []
     first_miss: float | None = None
     stopped = None
+    engine_info = get_engine_info(url)
 
     def do(load: float) -> bool:
         nonlocal stopped
@@ -159,7 +169,7 @@ def run_sweep(url: str, workload: Workload, plan: SweepPlan, slo: SLO = SLO(), l
     return {"engine": label, "mode": plan.base.mode, "steps": steps,
             "max_at_slo": best,           # highest offered load whose step met the SLO (None: none did)
             "first_miss": hi, "max_achieved_qps": max_ach, "stopped": stopped,
-            "slo": asdict(slo)}
+            "slo": asdict(slo), "engine_info": engine_info}
 
 
 def write_json(path: Path, obj: Any) -> None:

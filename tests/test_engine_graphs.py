@@ -169,6 +169,34 @@ def test_vision_graphs_per_recurring_grid(model_dir):  # noqa: F811
     assert not r.capture_pending_vision_graph(busy=True)
 
 
+def test_vision_graph_capture_failure_leaves_the_grid_eager(model_dir, monkeypatch):  # noqa: F811
+    """A capture that raises (out of memory, say) costs that grid its graph, not the engine: the
+    grid is never queued again and its images keep the eager tower's embeddings."""
+    r = _runner(model_dir)
+    rng = np.random.default_rng(5)
+    a1, a2 = _image(rng, 4, 6), _image(rng, 4, 6)
+    r.setup_vision_graphs(max_grids=4, max_patches=64)
+
+    def eager(ims):
+        return r.encode_images([im.pixel_values for im in ims], [im.grid_thw for im in ims])
+
+    want = eager([a1])
+    eager([a2])
+    assert list(r._vg.pending) == [(1, 4, 6)]
+
+    def boom(grid):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(r.vision, "_grid_tables", boom, raising=False)
+    assert not r.capture_pending_vision_graph()
+    monkeypatch.undo()
+    assert r._vg.failed == {(1, 4, 6)} and not r._vg.has((1, 4, 6))
+    got = eager([a1])
+    eager([a2])
+    assert not r._vg.pending and r._vg.replays == 0
+    _assert_close(got[0][0], want[0][0], 1e-5)
+
+
 def test_engine_with_vision_graphs_matches_hf(model_dir, hf_model):  # noqa: F811
     """Requests with a recurring image size: after an idle moment the tower runs as a graph for
     them, and greedy tokens still equal HF generate's."""

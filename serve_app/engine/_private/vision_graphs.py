@@ -12,12 +12,15 @@ before the next). Other images stay on the eager, batched call.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, OrderedDict
 
 import torch
 
 from serve_app.engine._private.attention import capturable_impl
+
+logger = logging.getLogger(__name__)
 
 SEEN_BEFORE_CAPTURE = 2
 # Under steady load the engine may never be idle: then one capture (~2 eager calls of GPU time,
@@ -40,13 +43,14 @@ class VisionGraphs:
         # grid -> (graph or None on the CPU, static pixels, merged out, deep outs, grid tables)
         self.graphs: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.failed: set[tuple[int, int, int]] = set()   # capture raised (e.g. out of memory)
         self.replays = 0
         self._last_capture = float("-inf")
 
     def note(self, grids: list[tuple[int, int, int]]) -> None:
         """Count the grids of an eager call; queue the ones seen often enough for capture."""
         for g in grids:
-            if g in self.graphs or g[0] * g[1] * g[2] > self.max_patches:
+            if g in self.graphs or g in self.failed or g[0] * g[1] * g[2] > self.max_patches:
                 continue
             self.seen[g] += 1
             if self.seen[g] >= SEEN_BEFORE_CAPTURE and len(self.graphs) + len(self.pending) < self.max_grids:
@@ -66,6 +70,17 @@ class VisionGraphs:
             return False
         self._last_capture = now
         grid, _ = self.pending.popitem(last=False)
+        try:
+            self.graphs[grid] = self._capture(grid)
+        except Exception as e:  # noqa: BLE001 - an optional speed-up: the grid stays eager
+            self.failed.add(grid)
+            logger.warning("vision graph for grid %s not captured; it stays eager: %r", grid, e)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return False
+        return True
+
+    def _capture(self, grid: tuple[int, int, int]) -> tuple:
         t, h, w = grid
         pix = torch.zeros(t * h * w, self.patch_dim, dtype=self.enc.dtype, device=self.device)
         tables = self.enc._grid_tables(grid)          # held here: the LRU must not free them
@@ -85,8 +100,7 @@ class VisionGraphs:
                 torch.cuda.synchronize(self.device)
         finally:
             self.enc.attn_impl = impl
-        self.graphs[grid] = (graph, pix, merged, deep, tables)
-        return True
+        return graph, pix, merged, deep, tables
 
     @torch.inference_mode()
     def run(self, grid: tuple[int, int, int], pixels: torch.Tensor):

@@ -132,6 +132,26 @@ def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F8
         _assert_greedy(hf_model, req, toks)
 
 
+def test_prefill_graph_capture_failure_leaves_prefill_eager(model_dir, hf_model, monkeypatch):  # noqa: F811
+    """Capturing the prefill graphs at start-up raises (out of memory, say): the engine starts
+    anyway, says so in its health info, and serves with eager prefill."""
+    def boom(self, max_tokens, step=256):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(ModelRunner, "setup_prefill_graphs", boom)
+    rng = np.random.default_rng(3)
+    req = _request(0, rng, 1, 6)
+
+    async def scenario(engine):
+        return await _collect(engine, req), engine.stats(), engine.health()
+
+    (toks, _, _), stats, health = _run(_config(model_dir, max_prefill_tokens=256, prefill_graph_tokens=256),
+                                       scenario)
+    assert health["prefill_graph_buckets"] == 0 and "out of memory" in health["prefill_graph_error"]
+    assert stats["prefill_graph_replays"] == 0
+    _assert_greedy(hf_model, req, toks)
+
+
 def test_vision_graphs_per_recurring_grid(model_dir):  # noqa: F811
     """A grid seen twice is queued, captured when idle, then served by its graph: embeddings equal
     the eager tower's, two images of one grid in one call do not share outputs, other grids and

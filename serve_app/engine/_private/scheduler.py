@@ -138,8 +138,17 @@ class Scheduler:
                 MAX_GRAPH_PATCHES, vision_patch_budget(config.max_prefill_tokens, runner.merge)))
         if config.prefill_graph_tokens and (device.type != "cuda" or config.cuda_graphs):
             t1 = time.perf_counter()
-            runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
-            info["prefill_graph_buckets"] = len(runner._pg.buckets)
+            try:
+                runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
+                info["prefill_graph_buckets"] = len(runner._pg.buckets)
+            except Exception as e:  # noqa: BLE001 - an optional speed-up: prefill stays eager
+                runner._pg = None
+                info["prefill_graph_buckets"] = 0
+                info["prefill_graph_error"] = repr(e)[:300]
+                logger.warning("prefill graphs not captured; prefill stays eager: %r", e)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.empty_cache()
             info["prefill_graph_capture_s"] = round(time.perf_counter() - t1, 2)
         if runner.fp8_timings:
             info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}

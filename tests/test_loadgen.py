@@ -239,7 +239,9 @@ def test_markdown_table_and_plot(tmp_path):
             "slo_violations": []}
     md = markdown_table([step]).splitlines()
     assert len(md) == 3 and md[0].count("|") == md[1].count("|") == md[2].count("|")
-    assert "| continuous | 1 | 0.75 | 100/100/100 |" in md[2] and "10/50/40" in md[2] and "| ok |" in md[2]
+    assert "| continuous | 1 | 0.75 | 100/100/100 |" in md[2] and "| 10/-/50/40 |" in md[2] and "| ok |" in md[2]
+    step["engine_time"].update(vision_pct=15.0, other_pct=25.0)       # an engine that times its tower
+    assert "| 10/15/50/25 |" in markdown_table([step]).splitlines()[2]
     pytest.importorskip("matplotlib")
     from benchmarks.loadgen.plot import plot_autoscale, plot_sweeps
 

@@ -343,7 +343,7 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
         note = s.get("stopped") or s.get("error") or ("" if "max_at_slo" in s else "in progress")
         lines.append(f"| {s['engine']} | {best.get('offered', 'none')} | {best.get('achieved_qps', '-')} | "
                      f"{s.get('first_miss', '-')} | {s.get('max_achieved_qps', '-')} | {note} |")
-    lines += ["", "Engine time per step (from /v1/stats; 'other' = vision encoding, scheduling, idle):", "",
+    lines += ["", "Engine time per step (from /v1/stats; 'other' = scheduling and idle):", "",
               "| engine | load | prefill s | decode s | other % | decode ms/step | mean decode batch | "
               "prefill tok/s |", "|---|---|---|---|---|---|---|---|"]
     for s in sweeps:

@@ -221,8 +221,8 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
                      wall_s: float) -> dict[str, Any] | None:
     """Where the engine's time went between two ``/v1/stats`` snapshots (one VLM replica).
 
-    Shares of the wall time: prefill and decode as the engine times them; ``other`` is the rest
-    (vision encoding unless the engine reports it separately, scheduling, and idle).
+    Shares of the wall time: prefill, vision tower and decode as the engine times them; ``other``
+    is the rest (scheduling and idle; vision too for an engine that does not time it).
     """
     if not before or not after or "vlm" not in before or "vlm" not in after:
         return None
@@ -266,14 +266,15 @@ def markdown_table(steps: list[dict[str, Any]], offered_label: str = "offered QP
     ``engine_time``, ``slo_violations``)."""
     head = (f"| engine | {offered_label} | achieved QPS | TTFT P50/P95/P99 ms | TPOT P50/P95 ms | "
             "e2e P50/P95/P99 ms | out tok/s | errors | GPU mem peak GB | GPU util % | CPU % | "
-            "prefill/decode/other % | SLO |")
+            "prefill/vision/decode/other % | SLO |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for st in steps:
         s, r, et = st["summary"], st.get("resources") or {}, st.get("engine_time") or {}
         t, p, e = s["ttft_s"], s["tpot_s"], s["e2e_s"]
         split = "-"
         if et.get("prefill_pct") is not None:
-            split = f"{et['prefill_pct']:.0f}/{et['decode_pct']:.0f}/{et['other_pct']:.0f}"
+            vis = "-" if et.get("vision_pct") is None else f"{et['vision_pct']:.0f}"
+            split = f"{et['prefill_pct']:.0f}/{vis}/{et['decode_pct']:.0f}/{et['other_pct']:.0f}"
         errs = sum(s["errors"].values())
         err_txt = "0" if not errs else f"{errs} ({', '.join(f'{k}:{v}' for k, v in s['errors'].items())})"
         slo = "-" if "slo_violations" not in st else ("ok" if not st["slo_violations"] else "miss")

@@ -185,7 +185,9 @@ def step_line(step: dict[str, Any]) -> str:
     ms = lambda x: "-" if x is None else f"{x * 1000:.0f}"  # noqa: E731
     split = ""
     if et.get("prefill_pct") is not None:
-        split = f" prefill/decode/other {et['prefill_pct']:.0f}/{et['decode_pct']:.0f}/{et['other_pct']:.0f}%"
+        vis = "-" if et.get("vision_pct") is None else f"{et['vision_pct']:.0f}"
+        split = (f" prefill/vision/decode/other {et['prefill_pct']:.0f}/{vis}/{et['decode_pct']:.0f}/"
+                 f"{et['other_pct']:.0f}%")
     verdict = ""
     if "slo_violations" in step:
         verdict = " SLO ok" if not step["slo_violations"] else " SLO MISS: " + "; ".join(step["slo_violations"])

@@ -38,21 +38,21 @@ class SweepPlan:
     deadline: float | None = None           # time.time() after which no new step starts
 
 
-def get_stats(url: str) -> dict[str, Any] | None:
+def _get_json(url: str) -> dict[str, Any] | None:
     try:
-        r = httpx.get(f"{url}/v1/stats", timeout=10, trust_env=False)
+        r = httpx.get(url, timeout=10, trust_env=False)
         return r.json() if r.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
+
+
+def get_stats(url: str) -> dict[str, Any] | None:
+    return _get_json(f"{url}/v1/stats")
 
 
 def get_engine_info(url: str) -> dict[str, Any] | None:
     """``/readyz``'s engine description (start-up and capture seconds, KV tokens, kernel plans)."""
-    try:
-        r = httpx.get(f"{url}/readyz", timeout=10, trust_env=False)
-        return r.json() if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
+    return _get_json(f"{url}/readyz")
 
 
 async def warm_up(url: str, workload: Workload, n: int = 4, timeout_s: float = 300) -> list[str]:

@@ -4,6 +4,8 @@
     python benchmarks/fp8_probe.py decode OUT.json [8,16,32] # decode sizes: every FP8 kernel kind's best config
     python benchmarks/fp8_probe.py rows OUT.json             # the row kernels (norm, SiLU, quant) per num_warps
     python benchmarks/fp8_probe.py profile OUT.json MODEL [fp8]  # kernel times of one eager decode step
+    python benchmarks/fp8_probe.py passes OUT.json MODEL [fp8] [TOKENS] [GRIDS]  # ... of a prefill
+        # pass (1250 tokens) and vision-tower calls (46x80,68x120 patches), by kernel kind
 
 Times come from CUDA graphs of repeated calls (launch costs excluded, as in the captured decode
 step). ``gemm`` loops over ONE weight, so weights that fit the GPU's L2 (an H200 has 50 MB) read
@@ -170,9 +172,6 @@ def rows(out: str) -> None:
 
 
 def profile(out: str, model_path: str, quantization: str = "", context: int = 1100) -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     from serve_app.engine._private.runner import ModelRunner
     from serve_app.models import load_model
 
@@ -194,24 +193,96 @@ def profile(out: str, model_path: str, quantization: str = "", context: int = 11
         st[2, :b] = r.block_tables[:b, (context - 1) // r.page_size].long()
         st[3, :b] = (context - 1) % r.page_size
         st[1, :b] = context - 1
-        for _ in range(3):
-            r._decode_forward(st, b)
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(5):
-                r._decode_forward(st, b)
-            torch.cuda.synchronize()
-        agg = {}
-        for e in p.key_averages():
-            t = getattr(e, "self_device_time_total", 0)
-            if t > 0:
-                agg[e.key[:90]] = (round(t / 5, 1), e.count // 5)     # us per step, calls per step
-        res[b] = dict(sorted(agg.items(), key=lambda kv: -kv[1][0]))
-        res[b]["_kernels_us_per_step"] = round(sum(v[0] for v in agg.values()), 1)
+        res[b] = kernel_times(lambda: r._decode_forward(st, b))
         print(b, json.dumps(res[b], indent=0), flush=True)
     json.dump(res, open(out, "w"), indent=1)
 
 
+def kernel_times(fn, reps: int = 5) -> dict:
+    """GPU time per kernel name of one ``fn()`` call (us, calls), longest first, from the torch
+    profiler over ``reps`` calls after 3 warm-ups; ``_kernels_us`` is their sum."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    agg = {}
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", 0)
+        if t > 0:
+            agg[e.key[:90]] = (round(t / reps, 1), e.count // reps)     # us per call, calls per call
+    res = dict(sorted(agg.items(), key=lambda kv: -kv[1][0]))
+    res["_kernels_us"] = round(sum(v[0] for v in agg.values()), 1)
+    return res
+
+
+_KINDS = [("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+          ("fp8 gemm", ("scaled_mm", "f8", "e4m3", "fp8")),
+          ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "ampere", "sm80")),
+          ("quantise", ("quant",)), ("norm", ("norm",)), ("rope", ("rope", "rotary")),
+          ("copy/index", ("copy", "index", "cat", "scatter", "gather"))]
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in _KINDS if any(x in low for x in keys)), "other")
+
+
+@torch.inference_mode()
+def passes(out: str, model_path: str, quantization: str = "", tokens: str = "1250",
+           grids: str = "46x80,68x120") -> None:
+    """Where the GPU time of a prefill pass and of a vision-tower call goes: per kernel and per
+    kind (GEMM, FP8 GEMM, attention, norms, quantisation, RoPE, copies), with the GEMMs' achieved
+    TFLOP/s (decoder or tower block weights only: no LM head, mergers or patch embedding). Eager
+    calls: a graph replays the same kernels without the launch gaps."""
+    from serve_app.engine._private.runner import ModelRunner, PrefillChunk
+    from serve_app.models import load_model
+
+    dev = torch.device("cuda")
+    r = ModelRunner(load_model(model_path, dtype=torch.bfloat16, device="cpu").eval(), dev, 64, 4096,
+                    quantization=quantization or None)
+    r.allocate_kv(64 * 1200)
+    cfg = r.model.config
+    # GEMM weights per token/patch from the config (the runner has fused or quantised the modules)
+    t, v = cfg.text_config, cfg.vision_config
+    hd = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    lm_params = t.num_hidden_layers * (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * hd
+                                       + t.num_attention_heads * hd * t.hidden_size
+                                       + 3 * t.hidden_size * t.intermediate_size)
+    vis_params = v.depth * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+    res: dict = {"gpu": torch.cuda.get_device_name(), "quantization": quantization or None}
+
+    def summarise(key, times, flops):
+        kinds: dict[str, float] = {}
+        for name, v in times.items():
+            if not name.startswith("_"):
+                kinds[_kind(name)] = round(kinds.get(_kind(name), 0.0) + v[0], 1)
+        gemm_us = kinds.get("gemm", 0.0) + kinds.get("fp8 gemm", 0.0)
+        res[key] = {"kernels_us": times["_kernels_us"], "by_kind_us": kinds,
+                    "gemm_tflops": round(flops / gemm_us / 1e6, 1) if gemm_us else None,
+                    "top": dict(list(times.items())[:25])}
+        print(key, json.dumps({k: v for k, v in res[key].items() if k != "top"}), flush=True)
+
+    for n in (int(x) for x in tokens.split(",")):
+        pages = list(range(1, -(-n // r.page_size) + 2))
+        chunk = PrefillChunk(ids=torch.randint(100, 50000, (n,)),
+                             positions=torch.arange(n).view(1, -1).expand(3, -1).contiguous(), start=0,
+                             pages=torch.tensor(pages, device=dev), want_logits=True, pages_host=pages)
+        summarise(f"prefill_{n}", kernel_times(lambda: r.prefill([chunk])), 2 * lm_params * n)
+    for g in grids.split(","):
+        h, w = (int(x) for x in g.split("x"))
+        grid = (1, h, w)
+        ps = cfg.vision_config.patch_size           # compact uint8 patches, as launch_probe sends
+        pix = torch.randint(0, 255, (h * w, 3, ps, ps), dtype=torch.uint8).numpy()
+        summarise(f"vision_{g}", kernel_times(lambda: r.encode_images([pix], [grid])), 2 * vis_params * h * w)
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
-    {"gemm": gemm, "decode": decode, "rows": rows, "profile": profile}[mode](*rest)
+    {"gemm": gemm, "decode": decode, "rows": rows, "profile": profile, "passes": passes}[mode](*rest)

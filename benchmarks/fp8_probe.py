@@ -204,13 +204,15 @@ def kernel_times(fn, reps: int = 5) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as p:
+    sync()
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+    with torch_profile(activities=[activity]) as p:
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
+        sync()
     agg = {}
     for e in p.key_averages():
         t = getattr(e, "self_device_time_total", 0)
@@ -243,9 +245,9 @@ def passes(out: str, model_path: str, quantization: str = "", tokens: str = "125
     from serve_app.engine._private.runner import ModelRunner, PrefillChunk
     from serve_app.models import load_model
 
-    dev = torch.device("cuda")
-    r = ModelRunner(load_model(model_path, dtype=torch.bfloat16, device="cpu").eval(), dev, 64, 4096,
-                    quantization=quantization or None)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a dry run of the code
+    r = ModelRunner(load_model(model_path, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                               device="cpu").eval(), dev, 64, 4096, quantization=quantization or None)
     r.allocate_kv(64 * 1200)
     cfg = r.model.config
     # GEMM weights per token/patch from the config (the runner has fused or quantised the modules)
@@ -255,7 +257,8 @@ def passes(out: str, model_path: str, quantization: str = "", tokens: str = "125
                                        + t.num_attention_heads * hd * t.hidden_size
                                        + 3 * t.hidden_size * t.intermediate_size)
     vis_params = v.depth * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-    res: dict = {"gpu": torch.cuda.get_device_name(), "quantization": quantization or None}
+    res: dict = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
+                 "quantization": quantization or None}
 
     def summarise(key, times, flops):
         kinds: dict[str, float] = {}

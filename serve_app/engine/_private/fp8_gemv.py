@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from serve_app.engine._private import cuda_graphs
+
 
 @triton.jit
 def _tile(N, K, k_per_split, BM: tl.constexpr, BN: tl.constexpr):
@@ -140,16 +142,7 @@ def _graph_time_us(fns: list) -> float:
     the captured decode step). Each should read a different layer's weight: a decode step reads
     every weight once from HBM, while one weight called in a loop would sit in L2 (an FP8 qkv is
     16 MB, an H200's L2 50 MB)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()                                       # compile / warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
+    g, _ = cuda_graphs.capture(lambda _: [fn() for fn in fns], [0])[0]
     g.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")

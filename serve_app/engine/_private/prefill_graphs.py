@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from serve_app.engine._private import cuda_graphs
 from serve_app.engine._private.attention import capturable_impl
 from serve_app.engine._private.runner import PrefillChunk
+from serve_app.engine._private.transfer import PinnedStaging
 
 
 @dataclass
@@ -49,8 +51,7 @@ class PrefillGraphs:
         t, dev, dt = self.buckets[-1], runner.device, runner.dtype
         levels = len(runner.model.config.vision_config.deepstack_visual_indexes)
         self._dev = torch.zeros(self._INT_ROWS, t, dtype=torch.int64, device=dev)
-        self._host = torch.zeros(self._INT_ROWS, t, dtype=torch.int64, pin_memory=runner.is_cuda)
-        self._event = torch.cuda.Event() if runner.is_cuda else None
+        self._up = PinnedStaging((self._INT_ROWS, t), torch.int64, dev, n=1)
         d = self._dev
         self.bufs = StaticBuffers(ids=d[0], pos=d[1:4], page_idx=d[4], page_off=d[5], vidx=d[6],
                                   last=d[7, :1],
@@ -80,9 +81,7 @@ class PrefillGraphs:
         device copies of the image rows); returns the bucket."""
         n = len(c.ids)
         tb = self.bucket_for(n)
-        if self._event is not None:
-            self._event.synchronize()       # the previous upload out of the pinned rows is done
-        h = self._host
+        h = self._up.take()
         h[0, :n] = c.ids
         h[0, n:tb] = 0
         h[1:4, :n] = c.positions
@@ -99,9 +98,7 @@ class PrefillGraphs:
             h[6, :nv] = c.vis_local
         h[6, nv:tb] = tb - 1                                # the sink
         h[7, 0] = n - 1
-        self._dev.copy_(h, non_blocking=self.r.is_cuda)
-        if self._event is not None:
-            self._event.record()
+        self._up.upload(self._dev, h)
         if nv:
             self.bufs.vemb[:nv].copy_(c.vis_embeds)
             for dst, src in zip(self.bufs.deep, c.deepstack):
@@ -125,27 +122,15 @@ class PrefillGraphs:
         flash for the capture (cuDNN plans are built per shape on the host; varlen uploads its
         offsets from the host; fp32 has no flash, so plain SDPA)."""
         r = self.r
-        h = self._host
+        h = self._up.take()
         h.zero_()
         t = self.max_tokens
         h[5] = torch.arange(t) % r.page_size
         # warm-up really runs each bucket: image rows point at row 0, in range of every bucket
-        self._dev.copy_(h)
+        self._up.upload(self._dev, h)
         impl, r.prefill_attn_impl = r.prefill_attn_impl, capturable_impl(r.dtype)
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for tb in reversed(self.buckets):       # warm-up: Triton compiles, cuBLAS handles
-                    r._prefill_static(tb, self.bufs)
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize()
-            pool = torch.cuda.graph_pool_handle()
-            for tb in reversed(self.buckets):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = r._prefill_static(tb, self.bufs)
-                self._graphs[tb] = (g, out)
-            torch.cuda.synchronize()
+            self._graphs = cuda_graphs.capture(lambda tb: r._prefill_static(tb, self.bufs), self.buckets,
+                                               torch.cuda.graph_pool_handle())
         finally:
             r.prefill_attn_impl = impl

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from serve_app.engine._private.attention import (decode_attention_torch, decode_attention_triton,
                                                  num_splits_for, packed_attention, pick_packed_impl,
                                                  prefill_attention, write_kv)
-from serve_app.engine._private import fp8
+from serve_app.engine._private import cuda_graphs, fp8
 from serve_app.engine._private.kv_cache import PagedKVCache
 from serve_app.engine._private.pixels import PixelUpload
 from serve_app.engine._private.vision import VisionEncoder
-from serve_app.engine._private.transfer import upload
+from serve_app.engine._private.transfer import PinnedStaging, upload
 
 
 @dataclass
@@ -105,14 +105,10 @@ class ModelRunner:
         self.block_tables = torch.zeros(max_num_seqs + 1, self.max_pages, dtype=torch.int32, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Decode inputs: rows ids, rope pos, page, offset, live length, slot, tokens generated so
-        # far (the sampler's step). Two pinned host buffers, alternated: the scheduler launches
-        # step N+1 before step N's copy is known to be done, so a buffer is rewritten only after
-        # the event of its previous upload.
+        # far (the sampler's step). The scheduler launches step N+1 before step N's copy is known
+        # to be done: two pinned host buffers in turn.
         self._staging = torch.zeros(7, max_num_seqs, dtype=torch.int64, device=device)
-        self._host = [torch.zeros(7, max_num_seqs, dtype=torch.int64, pin_memory=self.is_cuda)
-                      for _ in range(2)]
-        self._host_events = [torch.cuda.Event() if self.is_cuda else None for _ in range(2)]
-        self._host_turn = 0
+        self._staging_up = PinnedStaging((7, max_num_seqs), torch.int64, device)
         # The token each slot feeds next, written by the sampler on the device: a decode step can
         # be launched before the host has seen the previous step's tokens.
         self.last_tok = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
@@ -121,6 +117,7 @@ class ModelRunner:
         # Packed (varlen) attention for prefill and the vision tower: the fastest implementation
         # that works on this GPU, timed once on representative shapes.
         vc = model.config.vision_config
+        self.patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2   # a float pixel row
         self.vision_attn_impl, vt = pick_packed_impl(
             device, vc.num_heads, vc.num_heads, vc.hidden_size // vc.num_heads, [4096] * 3, False, self.dtype)
         self.prefill_attn_impl, pt = pick_packed_impl(
@@ -247,17 +244,18 @@ class ModelRunner:
         grids = [tuple(int(x) for x in g) for g in grids]
         out: list = [None] * len(grids)
         vg = self._vg
-        if vg is not None:                 # images of a captured grid: one graph replay each
-            for i, g in enumerate(grids):
-                if vg.has(g):
-                    merged, deep = vg.run(g, self.pixels.to_device([pixel_values[i]]))
-                    out[i] = (merged.to(self.dtype), [d.to(self.dtype) for d in deep])
-        rest = [i for i in range(len(grids)) if out[i] is None]
-        if not rest:
+        replay = [i for i, g in enumerate(grids) if vg is not None and vg.has(g)]  # a graph each
+        # The rest batched, equal grids side by side: one attention call per distinct size.
+        order = sorted((i for i in range(len(grids)) if i not in replay), key=lambda i: grids[i][1] * grids[i][2])
+        # One upload for all (each upload through the pinned buffer waits for the one before).
+        rows = [pixel_values[i].shape[0] for i in replay]
+        pv = self.pixels.to_device([pixel_values[i] for i in replay + order])
+        for i, part in zip(replay, pv.split(rows + [pv.shape[0] - sum(rows)])):
+            merged, deep = vg.run(grids[i], part)
+            out[i] = (merged.to(self.dtype), [d.to(self.dtype) for d in deep])
+        if not order:
             return out
-        # Equal grids side by side: one batched attention call per distinct size.
-        order = sorted(rest, key=lambda i: grids[i][1] * grids[i][2])
-        pv = self.pixels.to_device([pixel_values[i] for i in order])
+        pv = pv[sum(rows):]
         sorted_grids = [grids[i] for i in order]
         merged, deep = self.vision(pv, sorted_grids)
         if vg is not None:
@@ -273,9 +271,7 @@ class ModelRunner:
         """Vision-tower graphs per recurring grid (``vision_graphs.VisionGraphs``), captured in
         idle time (:meth:`capture_pending_vision_graph`)."""
         from serve_app.engine._private.vision_graphs import VisionGraphs
-        vc = self.model.config.vision_config
-        patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
-        self._vg = VisionGraphs(self.vision, self.device, max_grids, max_patches, patch_dim)
+        self._vg = VisionGraphs(self.vision, self.device, max_grids, max_patches, self.patch_dim)
 
     def capture_pending_vision_graph(self, busy: bool = False) -> bool:
         return self._vg is not None and self._vg.capture_pending(busy)
@@ -415,9 +411,18 @@ class ModelRunner:
         tokens up to ``max_tokens`` (CUDA graphs on the GPU; on the CPU the same padded function
         runs eagerly, which is what the tests compare against :meth:`prefill`)."""
         from serve_app.engine._private.prefill_graphs import PrefillGraphs
-        self._pg = PrefillGraphs(self, max_tokens, step)
+        pg = PrefillGraphs(self, max_tokens, step)
         if self.is_cuda:
-            self._pg.capture()
+            pg.capture()                   # if this raises, prefill stays eager
+        self._pg = pg
+
+    def graph_stats(self) -> dict:
+        """Prefill buckets, vision graphs, and how often each kind replayed."""
+        pg, vg = self._pg, self._vg
+        return {"prefill_graph_buckets": len(pg.buckets) if pg else 0,
+                "prefill_graph_replays": pg.replays if pg else 0,
+                "vision_graphs": len(vg.graphs) if vg else 0,
+                "vision_graph_replays": vg.replays if vg else 0}
 
     def _prefill_static(self, tb: int, bufs) -> torch.Tensor:
         """Prefill of the first ``tb`` rows of the static buffers ``bufs`` as one causal
@@ -517,20 +522,8 @@ class ModelRunner:
         """Capture the decode step for each batch bucket (largest first, one shared memory pool)."""
         self._staging.zero_()
         self._staging[5].fill_(self.max_num_seqs)        # padding slot: all-zero block table
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for b in sorted(self.buckets, reverse=True):
-                self._decode_forward(self._staging, b)   # warm-up: Triton compile, cuBLAS handles
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        for b in sorted(self.buckets, reverse=True):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                out = self._decode_forward(self._staging, b)
-            self._graphs[b] = (g, out)
-        torch.cuda.synchronize()
+        self._graphs = cuda_graphs.capture(lambda b: self._decode_forward(self._staging, b), self.buckets,
+                                           torch.cuda.graph_pool_handle())
 
     @torch.inference_mode()
     def decode(self, ids: list[int] | None, positions: list[int], pages: list[int], offsets: list[int],
@@ -542,20 +535,14 @@ class ModelRunner:
         ``steps`` (optional) lands in :meth:`step_inputs` for the sampler.
         ``reference=True`` runs the plain torch path instead (GPU self-check in the benchmark)."""
         b = len(slots)
-        turn = self._host_turn
-        self._host_turn ^= 1
-        host, ev = self._host[turn], self._host_events[turn]
-        if ev is not None:
-            ev.synchronize()                  # its previous upload (two launches ago) is done
+        host = self._staging_up.take()
         bb = self.bucket_for(b) if self._graphs else b
         host[:, :bb].zero_()
         host[5, :bb].fill_(self.max_num_seqs)
         for j, vals in enumerate((ids, positions, pages, offsets, lengths, slots, steps)):
             if vals is not None:
                 host[j, :b] = torch.as_tensor(vals, dtype=torch.int64)
-        self._staging[:, :bb].copy_(host[:, :bb], non_blocking=self.is_cuda)
-        if ev is not None:
-            ev.record()
+        self._staging_up.upload(self._staging[:, :bb], host[:, :bb])
         if ids is None:
             torch.index_select(self.last_tok, 0, self._staging[5, :bb], out=self._staging[0, :bb])
         if reference:

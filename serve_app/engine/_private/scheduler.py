@@ -77,8 +77,7 @@ class Scheduler:
         self._emit = emit
         self.eos_ids = eos_ids
         self.info = info
-        vc = runner.model.config.vision_config
-        self.patch_dim = 3 * vc.temporal_patch_size * vc.patch_size ** 2
+        self.patch_dim = runner.patch_dim
         self.vision_budget = vision_patch_budget(config.max_prefill_tokens, runner.merge)
         self.kv = runner.kv
         self.waiting: deque[_Seq] = deque()
@@ -132,23 +131,22 @@ class Scheduler:
             t1 = time.perf_counter()
             runner.capture_graphs()
             info["graph_capture_s"] = round(time.perf_counter() - t1, 2)
-        if config.vision_graph_grids and (device.type != "cuda" or config.cuda_graphs):
+        graphs_ok = device.type != "cuda" or config.cuda_graphs
+        if config.vision_graph_grids and graphs_ok:
             from serve_app.engine._private.vision_graphs import MAX_GRAPH_PATCHES
             runner.setup_vision_graphs(config.vision_graph_grids, min(
                 MAX_GRAPH_PATCHES, vision_patch_budget(config.max_prefill_tokens, runner.merge)))
-        if config.prefill_graph_tokens and (device.type != "cuda" or config.cuda_graphs):
+        if config.prefill_graph_tokens and graphs_ok:
             t1 = time.perf_counter()
             try:
                 runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
-                info["prefill_graph_buckets"] = len(runner._pg.buckets)
             except Exception as e:  # noqa: BLE001 - an optional speed-up: prefill stays eager
-                runner._pg = None
-                info["prefill_graph_buckets"] = 0
                 info["prefill_graph_error"] = repr(e)[:300]
                 logger.warning("prefill graphs not captured; prefill stays eager: %r", e)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.empty_cache()
+            info["prefill_graph_buckets"] = runner.graph_stats()["prefill_graph_buckets"]
             info["prefill_graph_capture_s"] = round(time.perf_counter() - t1, 2)
         if runner.fp8_timings:
             info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}
@@ -507,9 +505,7 @@ class Scheduler:
                 "kv_pages_total": self.kv.capacity_pages if self.kv else 0,
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
-                "prefill_graph_replays": self.runner._pg.replays if self.runner and self.runner._pg else 0,
-                "vision_graphs": len(self.runner._vg.graphs) if self.runner and self.runner._vg else 0,
-                "vision_graph_replays": self.runner._vg.replays if self.runner and self.runner._vg else 0,
+                **(self.runner.graph_stats() if self.runner else {}),
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()}}

@@ -18,6 +18,7 @@ from collections import Counter, OrderedDict
 
 import torch
 
+from serve_app.engine._private import cuda_graphs
 from serve_app.engine._private.attention import capturable_impl
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class VisionGraphs:
         self.seen: Counter = Counter()
         self.pending: OrderedDict[tuple[int, int, int], None] = OrderedDict()
         # grid -> (graph or None on the CPU, static pixels, merged out, deep outs, grid tables)
-        self.graphs: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
+        self.graphs: dict[tuple[int, int, int], tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.failed: set[tuple[int, int, int]] = set()   # capture raised (e.g. out of memory)
         self.replays = 0
@@ -89,15 +90,7 @@ class VisionGraphs:
             if self.device.type != "cuda":
                 graph, (merged, deep) = None, (None, [])
             else:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self.enc(pix, [grid])             # warm-up: compiles, handles, workspaces
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    merged, deep = self.enc(pix, [grid])
-                torch.cuda.synchronize(self.device)
+                graph, (merged, deep) = cuda_graphs.capture(lambda g: self.enc(pix, [g]), [grid], self._pool)[grid]
         finally:
             self.enc.attn_impl = impl
         return graph, pix, merged, deep, tables
@@ -107,7 +100,6 @@ class VisionGraphs:
         """The tower over one image of a captured grid: (merged, [deepstack...]), copies that the
         next replay does not overwrite."""
         graph, pix, merged, deep, _ = self.graphs[grid]
-        self.graphs.move_to_end(grid)
         pix.copy_(pixels)
         self.replays += 1
         if graph is None:                             # CPU: the same static-buffer call, eager

@@ -95,7 +95,7 @@ def test_padded_prefill_with_images_equals_eager(model_dir, dtype):  # noqa: F81
     _assert_close(r.kv.k[:, kv_idx, :, kv_off], k_want, 1e-4)
 
 
-def test_padded_prefill_takes_only_whole_single_prompts(model_dir):  # noqa: F811
+def test_padded_prefill_takes_only_whole_prompts(model_dir):  # noqa: F811
     r = _runner(model_dir)
     r.setup_prefill_graphs(512)
 
@@ -104,31 +104,77 @@ def test_padded_prefill_takes_only_whole_single_prompts(model_dir):  # noqa: F81
                             start=start, pages=torch.zeros(1), want_logits=want, pages_host=[1] if host else None)
 
     takes = r._pg.takes
-    assert takes([chunk(100)]) and takes([chunk(511)])
-    assert not takes([chunk(512)])                      # no sink row left in the largest bucket
-    assert not takes([chunk(10), chunk(10)])             # several requests: eager
-    assert not takes([chunk(10, start=64)])              # a continuation: eager
-    assert not takes([chunk(10, want=False)])            # a first chunk of a longer prompt: eager
-    assert not takes([chunk(10, host=False)])
+    assert takes(chunk(100)) and takes(chunk(511))
+    assert not takes(chunk(512))                        # no sink row left in the largest bucket
+    assert not takes(chunk(10, start=64))               # a continuation: eager
+    assert not takes(chunk(10, want=False))             # a first chunk of a longer prompt: eager
+    assert not takes(chunk(10, host=False))
     with pytest.raises(ValueError):
         r.setup_prefill_graphs(100)
 
 
+def test_mixed_prefill_step_replays_whole_prompts(model_dir):  # noqa: F811
+    """One prefill step with whole prompts (two in one bucket, one in the next), a continuation
+    and the first chunk of a longer prompt: the whole prompts replay graphs, the other two run
+    packed eagerly, and logits (in chunk order) and K/V equal an all-eager step's."""
+    r = _runner(model_dir)
+    g = torch.Generator().manual_seed(7)
+
+    def chunk(n, start=0, want=True, pages=None):
+        pages = pages or r.kv.allocate(r.kv.pages_for(start + n + 8))
+        return PrefillChunk(ids=torch.randint(100, 5000, (n,), generator=g),
+                            positions=torch.arange(start, start + n).view(1, -1).expand(3, -1).contiguous(),
+                            start=start, pages=torch.tensor(pages, device=r.device), want_logits=want,
+                            pages_host=pages), pages
+
+    pb = r.kv.allocate(r.kv.pages_for(80))
+    (b0, _), (a, pa), (c, pc), (d, _), (e, pe) = chunk(40, want=False, pages=pb), chunk(50), chunk(90), \
+        chunk(64, want=False), chunk(300)
+    b1, _ = chunk(30, start=40, pages=pb)
+    step = [a, b1, c, d, e]
+
+    def kv_rows(pages, n):
+        idx = torch.tensor([pages[t // r.page_size] for t in range(n)])
+        off = torch.tensor([t % r.page_size for t in range(n)])
+        return r.kv.k[:, idx, :, off].clone()
+
+    r.prefill([b0])
+    want = r.prefill(step).clone()
+    k_want = [kv_rows(p, n) for p, n in ((pa, 50), (pb, 70), (pc, 90), (pe, 300))]
+    r.kv.k.zero_()
+    r.kv.v.zero_()
+    r.setup_prefill_graphs(512)
+    r.prefill([b0])                                      # a first chunk only: eager
+    assert r._pg.replays == 0
+    got = r.prefill(step)
+    assert r._pg.replays == 3 and got.shape == want.shape == (4, r.vocab)
+    _assert_close(got, want, 1e-4)
+    for k, (p, n) in zip(k_want, ((pa, 50), (pb, 70), (pc, 90), (pe, 300))):
+        _assert_close(kv_rows(p, n), k, 1e-4)
+    assert r._pg.bucket_for(50) == r._pg.bucket_for(90) != r._pg.bucket_for(300)
+
+
 def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F811
-    """Text and image requests, staggered, through the engine with padded prefills: greedy tokens
-    equal HF generate's, and the padded path served the single-request passes."""
+    """Text and image requests through the engine with padded prefills, first staggered, then
+    arriving together (several whole prompts per prefill step, some split by the step's budget):
+    greedy tokens equal HF generate's, and graphs served more prompts than there were steps."""
     rng = np.random.default_rng(21)
     reqs = [_request(i, rng, i % 3, 10) for i in range(6)]
+    burst = [_request(10 + i, rng, i % 3, 10) for i in range(8)]
 
     async def scenario(engine):
         import asyncio
         res = await asyncio.gather(*[_collect(engine, r, 0.15 * i) for i, r in enumerate(reqs)])
-        return res, engine.stats(), engine.health()
+        steps = engine.stats()["prefill_steps"]
+        res += await asyncio.gather(*[_collect(engine, r) for r in burst])
+        return res, engine.stats(), engine.health(), steps
 
-    res, stats, health = _run(_config(model_dir, max_prefill_tokens=256, prefill_graph_tokens=256), scenario)
+    res, stats, health, steps = _run(
+        _config(model_dir, max_prefill_tokens=256, prefill_graph_tokens=256, max_num_seqs=8), scenario)
     assert health["prefill_graph_buckets"] == 1
     assert stats["prefill_graph_replays"] >= 3
-    for req, (toks, _, _) in zip(reqs, res):
+    assert stats["prefill_steps"] - steps < len(burst)          # several prompts in one step
+    for req, (toks, _, _) in zip(reqs + burst, res):
         _assert_greedy(hf_model, req, toks)
 
 

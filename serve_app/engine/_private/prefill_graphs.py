@@ -10,8 +10,13 @@ padding up to the bucket, whose last row is a sink. Real rows never see padding 
 causal and padding comes last). Padding writes its K/V to page 0, which is never handed out,
 or to the request's own slots past its prompt, which decode overwrites before reading. Image
 rows are scattered through a full-length index whose unused entries point at the sink. So one
-graph per bucket serves text and image prompts alike. Chunks that continue a prompt, several
-requests in one pass, and prompts of a bucket's size or more stay eager.
+graph per bucket serves text and image prompts alike.
+
+Several whole prompts in one prefill step replay one graph each, back to back. Their GPU time is
+about that of one packed eager pass (a replay's time is ~proportional to its bucket), without the
+packed pass's ~25 ms of launches; an H200 sweep fell behind at 14.5 QPS when 49 of 116 passes
+packed several requests eagerly (RESULTS.md, "Prefill and vision-tower CUDA graphs"). Chunks that
+continue or begin a longer prompt, and prompts of the largest bucket's size or more, stay eager.
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ class PrefillGraphs:
         t, dev, dt = self.buckets[-1], runner.device, runner.dtype
         levels = len(runner.model.config.vision_config.deepstack_visual_indexes)
         self._dev = torch.zeros(self._INT_ROWS, t, dtype=torch.int64, device=dev)
-        self._up = PinnedStaging((self._INT_ROWS, t), torch.int64, dev, n=1)
+        # Two pinned staging buffers in turn: back-to-back replays do not wait for the previous
+        # upload, which queues behind whatever the GPU still has to do.
+        self._up = PinnedStaging((self._INT_ROWS, t), torch.int64, dev, n=2)
         d = self._dev
         self.bufs = StaticBuffers(ids=d[0], pos=d[1:4], page_idx=d[4], page_off=d[5], vidx=d[6],
                                   last=d[7, :1],
@@ -66,11 +73,8 @@ class PrefillGraphs:
     def max_tokens(self) -> int:
         return self.buckets[-1]
 
-    def takes(self, chunks: list[PrefillChunk]) -> bool:
-        """One request's whole prompt, with a sink row to spare in the largest bucket."""
-        if len(chunks) != 1:
-            return False
-        c = chunks[0]
+    def takes(self, c: PrefillChunk) -> bool:
+        """A request's whole prompt, with a sink row to spare in the largest bucket."""
         return c.start == 0 and c.want_logits and c.pages_host is not None and len(c.ids) < self.max_tokens
 
     def bucket_for(self, n: int) -> int:
@@ -107,7 +111,8 @@ class PrefillGraphs:
 
     @torch.inference_mode()
     def run(self, c: PrefillChunk) -> torch.Tensor:
-        """float32 logits [1, vocab] of the prompt's last token; its K/V written."""
+        """float32 logits [1, vocab] of the prompt's last token; its K/V written. On the GPU the
+        bucket's static output: the next replay of that bucket overwrites it."""
         tb = self._fill(c)
         self.replays += 1
         if tb in self._graphs:

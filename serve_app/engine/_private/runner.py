@@ -290,12 +290,30 @@ class ModelRunner:
     # -------------------------------------------------------------------------------- prefill
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
-        """Run prompt chunks of several requests packed as one sequence; write their KV.
+        """Run prompt chunks of several requests; write their KV.
 
         Returns float32 logits for the chunks with ``want_logits`` (their last token), in order.
+        With prefill graphs, each whole prompt that fits replays its bucket's graph and the other
+        chunks run packed as one eager sequence.
         """
-        if self._pg is not None and self._pg.takes(chunks):
+        graphed = [self._pg.takes(c) for c in chunks] if self._pg is not None else []
+        if not any(graphed):
+            return self._prefill_eager(chunks)
+        if len(chunks) == 1:
             return self._pg.run(chunks[0])
+        rest = [c for c, g in zip(chunks, graphed) if not g]
+        rest_logits = self._prefill_eager(rest) if rest else None
+        out, j = [], 0
+        for c, g in zip(chunks, graphed):
+            if g:                     # cloned: a later replay of the same bucket overwrites it
+                out.append(self._pg.run(c).clone())
+            elif c.want_logits:
+                out.append(rest_logits[j:j + 1])
+                j += 1
+        return torch.cat(out)
+
+    def _prefill_eager(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
+        """:meth:`prefill` as one packed eager pass."""
         dev, p = self.device, self.page_size
         ids = upload(torch.cat([c.ids for c in chunks]), dev)
         pos = upload(torch.cat([c.positions for c in chunks], dim=1), dev)

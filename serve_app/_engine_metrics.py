@@ -19,6 +19,7 @@ _GPU_SECONDS = {"prefill_s_total": "prefill", "decode_s_total": "decode", "visio
 _STEPS = {"prefill_steps": "prefill", "decode_steps": "decode"}
 _REPLAYS = {"prefill_graph_replays": "prefill", "vision_graph_replays": "vision"}
 _IMAGES = {"images_encoded": "encoded", "vision_cache_hits": "cache_hit"}
+_HOST_SECONDS = {"host_step_s_total": "step", "host_cpu_s_total": "cpu", "host_wait_s_total": "wait"}
 
 
 class EngineMetrics:
@@ -45,6 +46,10 @@ class EngineMetrics:
             (_IMAGES, "result", counter("serve_app_vlm_engine_images",
                                         "images through the vision tower, or taken from its cache",
                                         tag_keys=("result",))),
+            (_HOST_SECONDS, "kind", counter("serve_app_vlm_engine_host_seconds",
+                                            "engine thread seconds: in steps (wall), its CPU time, and "
+                                            "waiting for the GPU; step - wait near the wall time: host-bound",
+                                            tag_keys=("kind",))),
         ]
         self._last: dict[str, float] = {}
 

@@ -156,8 +156,9 @@ def test_mixed_prefill_step_replays_whole_prompts(model_dir):  # noqa: F811
 
 def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F811
     """Text and image requests through the engine with padded prefills, first staggered, then
-    arriving together (several whole prompts per prefill step, some split by the step's budget):
-    greedy tokens equal HF generate's, and graphs served more prompts than there were steps."""
+    arriving together (several whole prompts per prefill step): greedy tokens equal HF generate's,
+    graphs served more prompts than there were steps, and no prompt was cut to fill a step's
+    budget (both pieces would have run eagerly): every pass replayed a graph."""
     rng = np.random.default_rng(21)
     reqs = [_request(i, rng, i % 3, 10) for i in range(6)]
     burst = [_request(10 + i, rng, i % 3, 10) for i in range(8)]
@@ -174,6 +175,9 @@ def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F8
     assert health["prefill_graph_buckets"] == 1
     assert stats["prefill_graph_replays"] >= 3
     assert stats["prefill_steps"] - steps < len(burst)          # several prompts in one step
+    assert stats["prefill_eager_passes"] == 0 and stats["prefill_eager_tokens"] == 0
+    assert stats["prefill_graph_replays"] == len(reqs) + len(burst)
+    assert stats["host_step_s_total"] >= stats["host_wait_s_total"] > 0
     for req, (toks, _, _) in zip(reqs + burst, res):
         _assert_greedy(hf_model, req, toks)
 

@@ -225,6 +225,12 @@ def test_engine_breakdown_from_stats_snapshots():
     assert b["decode_ms_per_step"] == pytest.approx(25.0)
     assert b["mean_decode_batch"] == pytest.approx((1010 - 10) / 200)
     assert b["prefill_tokens_per_s"] == pytest.approx(5000.0)
+    assert "host_busy_pct" not in b           # an engine without host timers
+    before["vlm"].update(host_step_s_total=2.0, host_cpu_s_total=1.5, host_wait_s_total=1.0)
+    after["vlm"].update(host_step_s_total=11.0, host_cpu_s_total=7.5, host_wait_s_total=4.0)
+    b = engine_breakdown(before, after, wall_s=10.0)
+    # 9 s in steps, 3 s of them waiting for the GPU: busy 6 of 10 s; CPU 6 of 10 s
+    assert (b["host_busy_pct"], b["host_cpu_pct"]) == (60.0, 60.0)
     hf = engine_breakdown({"vlm": {"engine": "hf-generate", "finished_total": 1}},
                           {"vlm": {"engine": "hf-generate", "finished_total": 4}}, 1.0)
     assert hf == {"engine": "hf-generate", "counters": {"finished_total": 3}}

@@ -42,7 +42,8 @@ def test_engine_metrics_mapping():
               "vision_graph_replays": 0, "images_encoded": 12, "vision_cache_hits": 2, "engine": "x"})
     m.update({"kv_utilization": 0.5, "waiting": 0, "prefilling": 0, "running": 2,
               "prefill_s_total": 2.0, "decode_s_total": 4.0, "prefill_steps": 12, "decode_steps": 450,
-              "prefill_graph_replays": 9, "images_encoded": 12})
+              "prefill_graph_replays": 9, "images_encoded": 12,
+              "host_step_s_total": 3.0, "host_cpu_s_total": 2.5, "host_wait_s_total": 1.0})
     assert made["serve_app_vlm_kv_utilization"].values == {(): 0.5}
     assert made["serve_app_vlm_engine_requests"].values == {
         (("state", "waiting"),): 0, (("state", "prefilling"),): 0, (("state", "running"),): 2}
@@ -52,6 +53,8 @@ def test_engine_metrics_mapping():
     assert made["serve_app_vlm_engine_graph_replays"].values == {(("kind", "prefill"),): 9}
     assert made["serve_app_vlm_engine_images"].values == {(("result", "encoded"),): 12,
                                                           (("result", "cache_hit"),): 2}
+    assert made["serve_app_vlm_engine_host_seconds"].values == {
+        (("kind", "step"),): 3.0, (("kind", "cpu"),): 2.5, (("kind", "wait"),): 1.0}
     # An engine restarted under the replica: its totals start again, the counters never go down.
     m.update({"decode_steps": 5})
     m.update({"decode_steps": 25})
@@ -97,4 +100,6 @@ def test_engine_metrics_exported(client, model_name, metrics_url):
     assert any('kind="decode"' in lab and v >= 7 for lab, v in steps.items())
     states = [lab for lab, _ in _samples(text, "serve_app_vlm_engine_requests")]
     assert any('state="waiting"' in lab for lab in states)
+    host = {lab: v for lab, v in _samples(text, "serve_app_vlm_engine_host_seconds")}
+    assert any('kind="step"' in lab and v > 0 for lab, v in host.items())
     assert _samples(text, "serve_app_vlm_requests")      # the VLM's request counter, same endpoint

@@ -231,7 +231,8 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
         return None
     counters = {}
     for k in ("requests_total", "finished_total", "prompt_tokens_total", "generation_tokens_total",
-              "prefill_steps", "decode_steps", "images_encoded", "vision_cache_hits"):
+              "prefill_steps", "decode_steps", "images_encoded", "vision_cache_hits",
+              "prefill_graph_replays", "prefill_eager_passes", "prefill_eager_tokens"):
         if k in a and k in b:
             counters[k] = a[k] - b[k]
     tb, ta = _engine_times(b), _engine_times(a)
@@ -246,6 +247,13 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
                 "prefill_pct": round(100 * pre / wall_s, 1), "decode_pct": round(100 * dec / wall_s, 1),
                 "vision_pct": round(100 * vis / wall_s, 1) if vis is not None else None,
                 "other_pct": round(100 * max(0.0, wall_s - busy) / wall_s, 1)})
+    host = {k: a[f"host_{k}_s_total"] - b[f"host_{k}_s_total"] for k in ("step", "cpu", "wait")
+            if f"host_{k}_s_total" in a and f"host_{k}_s_total" in b}
+    if len(host) == 3:
+        # the engine thread's share of the wall time launching and bookkeeping (not waiting for
+        # the GPU), and its CPU time: busy near 100 % means the host sets the pace
+        out["host_busy_pct"] = round(100 * (host["step"] - host["wait"]) / wall_s, 1)
+        out["host_cpu_pct"] = round(100 * host["cpu"] / wall_s, 1)
     if counters.get("decode_steps"):
         out["decode_ms_per_step"] = round(1000 * dec / counters["decode_steps"], 3)
         # first tokens come from prefill, so generated - finished tokens came from decode steps

@@ -56,9 +56,9 @@ class PrefillGraphs:
         t, dev, dt = self.buckets[-1], runner.device, runner.dtype
         levels = len(runner.model.config.vision_config.deepstack_visual_indexes)
         self._dev = torch.zeros(self._INT_ROWS, t, dtype=torch.int64, device=dev)
-        # Two pinned staging buffers in turn: back-to-back replays do not wait for the previous
-        # upload, which queues behind whatever the GPU still has to do.
-        self._up = PinnedStaging((self._INT_ROWS, t), torch.int64, dev, n=2)
+        # Pinned staging buffers in turn (256 KB each): the several replays of one step do not
+        # wait for an earlier upload, which queues behind whatever the GPU still has to do.
+        self._up = PinnedStaging((self._INT_ROWS, t), torch.int64, dev, n=8)
         d = self._dev
         self.bufs = StaticBuffers(ids=d[0], pos=d[1:4], page_idx=d[4], page_off=d[5], vidx=d[6],
                                   last=d[7, :1],

@@ -125,6 +125,7 @@ class ModelRunner:
         self.attn_timings = {"vision": vt, "prefill": pt}
         self.vision = VisionEncoder(self.visual, device, self.vision_attn_impl)
         self._pg = None           # PrefillGraphs, when set up (setup_prefill_graphs)
+        self.eager_prefill = {"passes": 0, "tokens": 0}   # packed eager passes (launch-bound)
         self._vg = None           # VisionGraphs, when set up (setup_vision_graphs)
         self.pixels = PixelUpload(device, self.visual.dtype, vc.temporal_patch_size)
 
@@ -314,6 +315,8 @@ class ModelRunner:
 
     def _prefill_eager(self, chunks: list[PrefillChunk]) -> torch.Tensor | None:
         """:meth:`prefill` as one packed eager pass."""
+        self.eager_prefill["passes"] += 1
+        self.eager_prefill["tokens"] += sum(len(c.ids) for c in chunks)
         dev, p = self.device, self.page_size
         ids = upload(torch.cat([c.ids for c in chunks]), dev)
         pos = upload(torch.cat([c.positions for c in chunks], dim=1), dev)
@@ -434,11 +437,18 @@ class ModelRunner:
             pg.capture()                   # if this raises, prefill stays eager
         self._pg = pg
 
+    @property
+    def prefill_graph_tokens(self) -> int:
+        """Prompts shorter than this replay a prefill graph whole (0: no prefill graphs)."""
+        return self._pg.max_tokens if self._pg is not None else 0
+
     def graph_stats(self) -> dict:
         """Prefill buckets, vision graphs, and how often each kind replayed."""
         pg, vg = self._pg, self._vg
         return {"prefill_graph_buckets": len(pg.buckets) if pg else 0,
                 "prefill_graph_replays": pg.replays if pg else 0,
+                "prefill_eager_passes": self.eager_prefill["passes"],
+                "prefill_eager_tokens": self.eager_prefill["tokens"],
                 "vision_graphs": len(vg.graphs) if vg else 0,
                 "vision_graph_replays": vg.replays if vg else 0}
 

@@ -94,6 +94,10 @@ class Scheduler:
                              decode_steps=0, images_encoded=0, vision_cache_hits=0,
                              vision_calls=0, failed_oom_total=0)
         self._time = {"prefill": 0.0, "decode": 0.0, "vision": 0.0}   # GPU seconds on CUDA
+        # Engine-thread seconds: in step() (wall and thread CPU), and of those, waiting for the
+        # GPU. Busy minus waiting near the wall time means the host, not the GPU, sets the pace.
+        self._host = {"step": 0.0, "cpu": 0.0, "wait": 0.0}
+        runner.eager_prefill.update(passes=0, tokens=0)   # start-up's memory profile is not served work
         self._pending: list[tuple[str, Any]] = []
 
     # ------------------------------------------------------------------------------ loading
@@ -232,6 +236,14 @@ class Scheduler:
     # ------------------------------------------------------------------------------- step
     def step(self) -> None:
         """Launch this iteration's GPU work, then take in the previous iteration's tokens."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            self._step()
+        finally:
+            self._host["step"] += time.perf_counter() - t0
+            self._host["cpu"] += time.thread_time() - c0
+
+    def _step(self) -> None:
         self._admit()
         launched = []
         if self.prefilling:
@@ -353,11 +365,17 @@ class Scheduler:
     def _prefill_step(self) -> "_Launch | None":
         timer = StepTimer(self.runner.is_cuda)
         budget = self.config.max_prefill_tokens
+        whole = self.runner.prefill_graph_tokens   # 0: no prefill graphs
         chunks, seqs = [], []
         for s in self.prefilling:
             if budget <= 0:
                 break
-            n = min(len(s.prompt) - s.computed, budget)
+            left = len(s.prompt) - s.computed
+            if chunks and s.computed == 0 and budget < left < whole:
+                # Next step it is a whole prompt that replays a graph; cut here, both of its
+                # pieces would run as launch-bound eager passes.
+                break
+            n = min(left, budget)
             a, b = s.computed, s.computed + n
             c = PrefillChunk(ids=torch.tensor(s.prompt[a:b], dtype=torch.long),
                              positions=s.positions[:, a:b], start=a, pages=s.pages_dev,
@@ -434,7 +452,9 @@ class Scheduler:
 
     def _collect(self, launch: "_Launch") -> None:
         """Wait for a launch's tokens and take them in (stream, stop, finish)."""
+        t0 = time.perf_counter()
         launch.timer.synchronize()
+        self._host["wait"] += time.perf_counter() - t0
         self._time[launch.kind] += launch.timer.seconds()
         left = []
         for kind, t in self._inflight_timers:   # vision / partial prefill chunks that are done
@@ -508,7 +528,8 @@ class Scheduler:
                 **(self.runner.graph_stats() if self.runner else {}),
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
-                **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()}}
+                **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()},
+                **{f"host_{k}_s_total": round(v, 4) for k, v in self._host.items()}}
 
     def _plan_stats(self) -> dict:
         if not self.runner or not self.runner.is_cuda:

@@ -47,8 +47,9 @@ class EngineMetrics:
                                         "images through the vision tower, or taken from its cache",
                                         tag_keys=("result",))),
             (_HOST_SECONDS, "kind", counter("serve_app_vlm_engine_host_seconds",
-                                            "engine thread seconds: in steps (wall), its CPU time, and "
-                                            "waiting for the GPU; step - wait near the wall time: host-bound",
+                                            "engine thread seconds: in steps (wall), its CPU time (CUDA's spin-wait "
+                                            "included), and waiting for the GPU; step - wait near the wall "
+                                            "time: host-bound",
                                             tag_keys=("kind",))),
         ]
         self._last: dict[str, float] = {}

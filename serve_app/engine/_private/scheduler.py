@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from serve_app.engine._private.attention import cudnn_plans
-from serve_app.engine._private.memory import plan_kv_tokens, split_by_budget, vision_patch_budget
+from serve_app.engine._private import startup
+from serve_app.engine._private.memory import split_by_budget, vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine._private.sampler import SlotSampling
 from serve_app.engine._private.timing import StepTimer
@@ -103,64 +104,14 @@ class Scheduler:
     # ------------------------------------------------------------------------------ loading
     @classmethod
     def load(cls, config: EngineConfig, emit: Emit) -> "Scheduler":
-        from serve_app.engine.device import apply_memory_cap, pick_device, pick_dtype
-        from serve_app.models import load_model, load_tokenizer, resolve_model
-
-        path = resolve_model(config.model, config.cache_dir)
-        device = pick_device(config)
-        if device.type == "cuda" and device.index is None:  # the memory cap needs an index
-            device = torch.device("cuda", torch.cuda.current_device())
-        dtype = pick_dtype(config, device)
-        budget = apply_memory_cap(config, device)
-        tokenizer = load_tokenizer(path)
-        # On CUDA load to host first: the runner fuses projections there, then moves the model.
-        model = load_model(path, dtype=dtype, device="cpu" if device.type == "cuda" else device)
-        model.eval()
-        gen = model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        """Resolve, load and set up the model (``startup.load_model_for``), then the runner."""
+        model, tokenizer, device, eos_ids, budget = startup.load_model_for(config)
         return cls.from_model(config, model, tokenizer, emit, device, eos_ids, budget)
 
     @classmethod
     def from_model(cls, config: EngineConfig, model, tokenizer, emit: Emit, device: torch.device,
                    eos_ids: list[int], budget: int | None = None) -> "Scheduler":
-        t0 = time.perf_counter()
-        runner = ModelRunner(model, device, config.max_num_seqs, config.max_model_len,
-                             quantization=config.quantization)
-        if runner.fp8 and device.type == "cuda" and config.cuda_graphs:
-            runner.tune_fp8_decode()     # before KV is sized: its scratch is freed first
-        kv_tokens, info = plan_kv_tokens(config, runner, budget)
-        runner.allocate_kv(kv_tokens)
-        if device.type == "cuda" and config.cuda_graphs:
-            t1 = time.perf_counter()
-            runner.capture_graphs()
-            info["graph_capture_s"] = round(time.perf_counter() - t1, 2)
-        graphs_ok = device.type != "cuda" or config.cuda_graphs
-        if config.vision_graph_grids and graphs_ok:
-            from serve_app.engine._private.vision_graphs import MAX_GRAPH_PATCHES
-            runner.setup_vision_graphs(config.vision_graph_grids, min(
-                MAX_GRAPH_PATCHES, vision_patch_budget(config.max_prefill_tokens, runner.merge)))
-        if config.prefill_graph_tokens and graphs_ok:
-            t1 = time.perf_counter()
-            try:
-                runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
-            except Exception as e:  # noqa: BLE001 - an optional speed-up: prefill stays eager
-                info["prefill_graph_error"] = repr(e)[:300]
-                logger.warning("prefill graphs not captured; prefill stays eager: %r", e)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    torch.cuda.empty_cache()
-            info["prefill_graph_buckets"] = runner.graph_stats()["prefill_graph_buckets"]
-            info["prefill_graph_capture_s"] = round(time.perf_counter() - t1, 2)
-        if runner.fp8_timings:
-            info["fp8_decode_plan"] = {k: v["pick"] for k, v in runner.fp8_timings.items()}
-        if device.type == "cuda":
-            from serve_app.engine._private.sampling_kernel import warm_up
-            info["sampler_warmup_s"] = round(warm_up(config.max_num_seqs, runner.vocab, device), 2)
-        info.update(kv_tokens=kv_tokens, dtype=str(runner.dtype).replace("torch.", ""),
-                    quantization=config.quantization,
-                    device=str(device), page_size=runner.page_size,
-                    startup_s=round(time.perf_counter() - t0, 2))
+        runner, info = startup.build_runner(config, model, device, budget)
         logger.info("continuous engine ready: %s", info)
         return cls(config, runner, tokenizer, emit, eos_ids, info)
 

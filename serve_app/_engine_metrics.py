@@ -18,6 +18,7 @@ _STATES = {"waiting": "waiting", "prefilling": "prefilling", "running": "running
 _GPU_SECONDS = {"prefill_s_total": "prefill", "decode_s_total": "decode", "vision_s_total": "vision"}
 _STEPS = {"prefill_steps": "prefill", "decode_steps": "decode"}
 _REPLAYS = {"prefill_graph_replays": "prefill", "vision_graph_replays": "vision"}
+_EAGER = {"prefill_eager_passes": "prefill"}
 _IMAGES = {"images_encoded": "encoded", "vision_cache_hits": "cache_hit"}
 _HOST_SECONDS = {"host_step_s_total": "step", "host_cpu_s_total": "cpu", "host_wait_s_total": "wait"}
 
@@ -43,6 +44,10 @@ class EngineMetrics:
             (_REPLAYS, "kind", counter("serve_app_vlm_engine_graph_replays",
                                        "prefill passes and vision-tower calls served by CUDA graphs",
                                        tag_keys=("kind",))),
+            (_EAGER, "kind", counter("serve_app_vlm_engine_eager_passes",
+                                     "prefill passes run eagerly (launch-bound) with prefill graphs "
+                                     "available: continuations and prompts too long for a graph",
+                                     tag_keys=("kind",))),
             (_IMAGES, "result", counter("serve_app_vlm_engine_images",
                                         "images through the vision tower, or taken from its cache",
                                         tag_keys=("result",))),

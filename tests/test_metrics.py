@@ -43,7 +43,8 @@ def test_engine_metrics_mapping():
     m.update({"kv_utilization": 0.5, "waiting": 0, "prefilling": 0, "running": 2,
               "prefill_s_total": 2.0, "decode_s_total": 4.0, "prefill_steps": 12, "decode_steps": 450,
               "prefill_graph_replays": 9, "images_encoded": 12,
-              "host_step_s_total": 3.0, "host_cpu_s_total": 2.5, "host_wait_s_total": 1.0})
+              "host_step_s_total": 3.0, "host_cpu_s_total": 2.5, "host_wait_s_total": 1.0,
+              "prefill_eager_passes": 4})
     assert made["serve_app_vlm_kv_utilization"].values == {(): 0.5}
     assert made["serve_app_vlm_engine_requests"].values == {
         (("state", "waiting"),): 0, (("state", "prefilling"),): 0, (("state", "running"),): 2}
@@ -53,6 +54,7 @@ def test_engine_metrics_mapping():
     assert made["serve_app_vlm_engine_graph_replays"].values == {(("kind", "prefill"),): 9}
     assert made["serve_app_vlm_engine_images"].values == {(("result", "encoded"),): 12,
                                                           (("result", "cache_hit"),): 2}
+    assert made["serve_app_vlm_engine_eager_passes"].values == {(("kind", "prefill"),): 4}
     assert made["serve_app_vlm_engine_host_seconds"].values == {
         (("kind", "step"),): 3.0, (("kind", "cpu"),): 2.5, (("kind", "wait"),): 1.0}
     # An engine restarted under the replica: its totals start again, the counters never go down.

@@ -16,8 +16,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._cuda_timing import measure  # noqa: E402
 
 # (name, tokens, q heads, kv heads, head_dim, causal)
 SHAPES = [
@@ -37,19 +42,6 @@ def _call(backend: str, q, k, v, causal: bool):
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                                 enable_gqa=k.shape[1] != q.shape[1])
-
-
-def _time(fn, repeats: int) -> float:
-    """Median GPU ms of ``fn`` (CUDA events around each call)."""
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def probe(repeats: int = 20) -> dict:
@@ -76,7 +68,7 @@ def probe(repeats: int = 20) -> dict:
                 o = _call(be, q, k, v, causal)
                 torch.cuda.synchronize()
                 r["rel_err"] = float((o.float() - ref).norm() / ref.norm())
-                r["eager_ms"] = round(_time(lambda: _call(be, q, k, v, causal), repeats), 4)
+                r["eager_ms"] = measure(lambda: _call(be, q, k, v, causal), repeats + 1, 4)["gpu_ms"]
                 r["tflops"] = round(flops / r["eager_ms"] / 1e9, 1)
             except Exception as e:  # noqa: BLE001 - a backend that declines a shape is a result
                 r["eager_error"] = repr(e)[:300]
@@ -97,7 +89,7 @@ def probe(repeats: int = 20) -> dict:
                 torch.cuda.synchronize()
                 want = _call(be, q, k, v, causal)
                 r["graph_vs_eager_max_abs"] = float((go.float() - want.float()).abs().max())
-                r["graph_ms"] = round(_time(graph.replay, repeats), 4)
+                r["graph_ms"] = measure(graph.replay, repeats + 1, 4)["gpu_ms"]
                 q.copy_(q0)                    # the next backend is checked against ``ref``
             except Exception as e:  # noqa: BLE001
                 r["graph_error"] = repr(e)[:300]

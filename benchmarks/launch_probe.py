@@ -21,29 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._cuda_timing import measure  # noqa: E402
 from benchmarks._host import host_speed  # noqa: E402
 from serve_app.engine._private import fp8  # noqa: E402
 from serve_app.engine._private import kernels as K  # noqa: E402
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk  # noqa: E402
 from serve_app.models import load_model  # noqa: E402
-
-
-def measure(fn, reps: int = 6) -> dict:
-    """Medians over ``reps - 1`` calls (the first is a warm-up) of: host ms to return from
-    ``fn`` without a sync, GPU ms between events around it, wall ms until it is done."""
-    rows = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        t0 = time.perf_counter()
-        fn()
-        t1 = time.perf_counter()
-        b.record()
-        b.synchronize()
-        rows.append(((t1 - t0) * 1e3, a.elapsed_time(b), (time.perf_counter() - t0) * 1e3))
-    med = lambda i: round(sorted(r[i] for r in rows[1:])[len(rows[1:]) // 2], 2)  # noqa: E731
-    return {"host_launch_ms": med(0), "gpu_ms": med(1), "wall_ms": med(2)}
 
 
 def launch_us(fn, n: int = 500) -> float:

@@ -98,7 +98,6 @@ class Scheduler:
         # Engine-thread seconds: in step() (wall and thread CPU), and of those, waiting for the
         # GPU. Busy minus waiting near the wall time means the host, not the GPU, sets the pace.
         self._host = {"step": 0.0, "cpu": 0.0, "wait": 0.0}
-        runner.eager_prefill.update(passes=0, tokens=0)   # start-up's memory profile is not served work
         self._pending: list[tuple[str, Any]] = []
 
     # ------------------------------------------------------------------------------ loading

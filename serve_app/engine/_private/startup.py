@@ -45,6 +45,7 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
     if runner.fp8 and device.type == "cuda" and config.cuda_graphs:
         runner.tune_fp8_decode()     # before KV is sized: its scratch is freed first
     kv_tokens, info = plan_kv_tokens(config, runner, budget)
+    runner.eager_prefill.update(passes=0, tokens=0)   # the memory profile's pass is not served work
     runner.allocate_kv(kv_tokens)
     if device.type == "cuda" and config.cuda_graphs:
         t1 = time.perf_counter()

@@ -26,13 +26,14 @@ def _runner(model_dir: str, dt: torch.dtype | None = None) -> ModelRunner:  # no
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, cpu_tol: float) -> None:
     """fp32 on the CPU: elementwise. bf16 on the GPU: a padded pass has other GEMM shapes, so
-    other rounding in every layer; the relative error of the whole tensor stays at bf16 noise,
-    where a masking or indexing bug would be of order 1."""
+    other rounding in every layer, and the graphs may run another attention kernel than eager
+    (cuDNN against flash: up to 3.6 % measured on an H200); the relative error of the whole
+    tensor stays at bf16 noise, where a masking or indexing bug would be of order 1."""
     if DEVICE == "cpu":
         assert torch.allclose(got, want, rtol=cpu_tol, atol=cpu_tol)
         return
     err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6)).item()
-    assert err < 3e-2, f"relative error {err:.4f}"
+    assert err < 5e-2, f"relative error {err:.4f}"
 
 
 @pytest.mark.parametrize("n", [1, 37, 255, 256, 300])
@@ -90,6 +91,10 @@ def test_padded_prefill_with_images_equals_eager(model_dir, dtype):  # noqa: F81
     r.setup_prefill_graphs(512)
     got = [r.prefill([a]).clone(), r.prefill([b]).clone()]
     assert r._pg.replays == 2
+    if DEVICE == "cuda":    # captured on the first choice (cuDNN where start-up picked it), no fallback
+        from serve_app.engine._private.attention import capturable_impls
+        assert r._pg.attn_impl == capturable_impls(r.dtype, r.prefill_attn_impl)[0]
+        print("prefill graphs:", dtype, "start-up pick", r.prefill_attn_impl, "captured with", r._pg.attn_impl)
     for x, y in zip(got, want):
         _assert_close(x, y, 1e-4)
     _assert_close(r.kv.k[:, kv_idx, :, kv_off], k_want, 1e-4)
@@ -223,6 +228,10 @@ def test_vision_graphs_per_recurring_grid(model_dir):  # noqa: F811
     eager([a3, b])
     assert list(r._vg.pending) == [(1, 4, 6)]             # seen twice; big (80 patches) never
     assert r.capture_pending_vision_graph() and not r.capture_pending_vision_graph()
+    if DEVICE == "cuda":
+        from serve_app.engine._private.attention import capturable_impls
+        assert r._vg.attn_impl == capturable_impls(r.dtype, r.vision_attn_impl)[0]
+        print("vision graphs: start-up pick", r.vision_attn_impl, "captured with", r._vg.attn_impl)
     got = eager([a1, b, a2, big])
     assert r._vg.replays == 2
     for (e, d), (we, wd) in zip([got[0], got[2], got[1], got[3]], want):
@@ -288,3 +297,47 @@ def test_engine_with_vision_graphs_matches_hf(model_dir, hf_model):  # noqa: F81
     assert stats["vision_graphs"] == 1 and stats["vision_graph_replays"] == 2
     for req, (toks, _, _) in zip(first + later, res):
         _assert_greedy(hf_model, req, toks)
+
+
+def test_graph_captures_pin_cudnn_then_flash():
+    """Captures try cuDNN (no plan gate: the warm-up builds it) where start-up picked cuDNN,
+    then flash; fp32 gets plain SDPA. A failed try falls through to the next, the attention
+    setting is restored either way, and if all fail the last error is raised."""
+    from serve_app.engine._private.attention import capturable_impls, capture_pinned
+    assert capturable_impls(torch.bfloat16, "cudnn") == ["cudnn_ungated", "flash"]
+    assert capturable_impls(torch.float16, "flash") == ["flash"]
+    assert capturable_impls(torch.float32, "cudnn") == ["sdpa"]
+
+    class Owner:
+        attn = "cudnn"
+
+    o, seen = Owner(), []
+
+    def cudnn_fails():
+        seen.append(o.attn)
+        if o.attn == "cudnn_ungated":
+            raise RuntimeError("cuDNN declined the capture (test)")
+        return "graphs"
+
+    assert capture_pinned(o, "attn", torch.bfloat16, cudnn_fails) == ("graphs", "flash")
+    assert seen == ["cudnn_ungated", "flash"] and o.attn == "cudnn"
+
+    def all_fail():
+        raise torch.OutOfMemoryError(f"out of memory with {o.attn} (test)")
+
+    with pytest.raises(torch.OutOfMemoryError, match="with flash"):
+        capture_pinned(o, "attn", torch.bfloat16, all_fail)
+    assert o.attn == "cudnn"
+
+
+def test_packed_attention_cudnn_ungated_is_cudnn_without_the_plan_gate(monkeypatch):
+    """``cudnn_ungated`` calls cuDNN even for a shape without a plan (a capture's warm-up builds
+    it), where gated ``cudnn`` runs flash and queues the plan."""
+    from serve_app.engine._private import attention
+    used = []
+    monkeypatch.setattr(attention, "_sdpa", lambda use, *a: (used.append(use), a[0])[1])
+    q = torch.randn(6, 4, 8)
+    lens = [3, 3]
+    attention.packed_attention(q, q, q, lens, False, 0.3, "cudnn")
+    attention.packed_attention(q, q, q, lens, False, 0.3, "cudnn_ungated")
+    assert used == ["flash", "cudnn"]

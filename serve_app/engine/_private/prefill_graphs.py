@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from serve_app.engine._private import cuda_graphs
-from serve_app.engine._private.attention import capturable_impl
+from serve_app.engine._private.attention import capture_pinned
 from serve_app.engine._private.runner import PrefillChunk
 from serve_app.engine._private.transfer import PinnedStaging
 
@@ -68,6 +68,7 @@ class PrefillGraphs:
                                   pages=torch.zeros(1, dtype=torch.int64, device=dev))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
+        self.attn_impl: str | None = None   # what the captures' attention ran on
 
     @property
     def max_tokens(self) -> int:
@@ -133,9 +134,5 @@ class PrefillGraphs:
         h[5] = torch.arange(t) % r.page_size
         # warm-up really runs each bucket: image rows point at row 0, in range of every bucket
         self._up.upload(self._dev, h)
-        impl, r.prefill_attn_impl = r.prefill_attn_impl, capturable_impl(r.dtype)
-        try:
-            self._graphs = cuda_graphs.capture(lambda tb: r._prefill_static(tb, self.bufs), self.buckets,
-                                               torch.cuda.graph_pool_handle())
-        finally:
-            r.prefill_attn_impl = impl
+        self._graphs, self.attn_impl = capture_pinned(r, "prefill_attn_impl", r.dtype, lambda: cuda_graphs.capture(
+            lambda tb: r._prefill_static(tb, self.bufs), self.buckets, torch.cuda.graph_pool_handle()))

@@ -450,7 +450,9 @@ class ModelRunner:
                 "prefill_eager_passes": self.eager_prefill["passes"],
                 "prefill_eager_tokens": self.eager_prefill["tokens"],
                 "vision_graphs": len(vg.graphs) if vg else 0,
-                "vision_graph_replays": vg.replays if vg else 0}
+                "vision_graph_replays": vg.replays if vg else 0,
+                "prefill_graph_attention": pg.attn_impl if pg else None,
+                "vision_graph_attention": vg.attn_impl if vg else None}
 
     def _prefill_static(self, tb: int, bufs) -> torch.Tensor:
         """Prefill of the first ``tb`` rows of the static buffers ``bufs`` as one causal

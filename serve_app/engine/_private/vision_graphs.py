@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict
 import torch
 
 from serve_app.engine._private import cuda_graphs
-from serve_app.engine._private.attention import capturable_impl
+from serve_app.engine._private.attention import capture_pinned
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class VisionGraphs:
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.failed: set[tuple[int, int, int]] = set()   # capture raised (e.g. out of memory)
         self.replays = 0
+        self.attn_impl: str | None = None   # what the last capture's attention ran on
         self._last_capture = float("-inf")
 
     def note(self, grids: list[tuple[int, int, int]]) -> None:
@@ -85,14 +86,11 @@ class VisionGraphs:
         t, h, w = grid
         pix = torch.zeros(t * h * w, self.patch_dim, dtype=self.enc.dtype, device=self.device)
         tables = self.enc._grid_tables(grid)          # held here: the LRU must not free them
-        impl, self.enc.attn_impl = self.enc.attn_impl, capturable_impl(self.enc.dtype)
-        try:
-            if self.device.type != "cuda":
-                graph, (merged, deep) = None, (None, [])
-            else:
-                graph, (merged, deep) = cuda_graphs.capture(lambda g: self.enc(pix, [g]), [grid], self._pool)[grid]
-        finally:
-            self.enc.attn_impl = impl
+        if self.device.type != "cuda":
+            return None, pix, None, [], tables
+        graphs, self.attn_impl = capture_pinned(self.enc, "attn_impl", self.enc.dtype, lambda: cuda_graphs.capture(
+            lambda g: self.enc(pix, [g]), [grid], self._pool))
+        graph, (merged, deep) = graphs[grid]
         return graph, pix, merged, deep, tables
 
     @torch.inference_mode()

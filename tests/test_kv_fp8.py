@@ -5,7 +5,6 @@ decode attention) the FP8 cache are checked against the torch path on a GPU."""
 
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ from serve_app.engine._private import runner as runner_mod
 from serve_app.engine._private.kv_cache import PagedKVCache
 from serve_app.engine._private.runner import ModelRunner
 from serve_app.engine.config import EngineConfig
-from serve_app.engine.continuous import ContinuousEngine
 
-from test_engine import DEVICE, _collect, _request, model_dir  # noqa: F401  (fixture)
+from test_engine import DEVICE, _request, _staggered_cpu_tokens, model_dir  # noqa: F401  (fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 E4M3 = torch.float8_e4m3fn
@@ -75,18 +73,7 @@ def test_engine_fp8_kv_equals_e4m3_rounded_32bit_kv(model_dir, monkeypatch):  # 
     reqs = [_request(i, rng, i % 3, int(rng.integers(4, 20))) for i in range(6)]
 
     def run(kv_dtype):
-        async def main():
-            cfg = EngineConfig(model=model_dir, engine="continuous", device="cpu", dtype="float32",
-                               max_num_seqs=4, max_model_len=512, max_prefill_tokens=64,
-                               kv_cache_dtype=kv_dtype)
-            engine = ContinuousEngine(cfg)
-            await engine.start()
-            try:
-                res = await asyncio.gather(*[_collect(engine, r, 0.03 * i) for i, r in enumerate(reqs)])
-                return [t for t, _, _ in res], engine.health()
-            finally:
-                await engine.shutdown()
-        return asyncio.run(main())
+        return _staggered_cpu_tokens(model_dir, reqs, kv_cache_dtype=kv_dtype)
 
     got, health = run("fp8")
     assert health["kv_dtype"] == "float8_e4m3fn"

@@ -34,7 +34,7 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
     """One request's ``[kv_heads, length, head_dim]`` from a layer's ``[pages, kv, P, D]`` pool
     (in the cache's dtype: callers upcast an FP8 cache)."""
-    g = cache.index_select(0, pages)                       # [n, kv, P, D]
+    g = _bytes(cache).index_select(0, pages).view(cache.dtype)   # [n, kv, P, D]
     n, kv, p, d = g.shape
     return g.permute(1, 0, 2, 3).reshape(kv, n * p, d)[:, :length]
 
@@ -42,8 +42,14 @@ def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Te
 def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              page_idx: torch.Tensor, offset: torch.Tensor) -> None:
     """Store ``k``/``v`` ``[T, kv, D]`` at (page, offset) per token."""
-    cache_k[page_idx, :, offset] = to_cache_dtype(k, cache_k.dtype)
-    cache_v[page_idx, :, offset] = to_cache_dtype(v, cache_v.dtype)
+    _bytes(cache_k)[page_idx, :, offset] = _bytes(to_cache_dtype(k, cache_k.dtype))
+    _bytes(cache_v)[page_idx, :, offset] = _bytes(to_cache_dtype(v, cache_v.dtype))
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as uint8 (the same bytes): indexing kernels take every integer type, not
+    every torch build's float8; other dtypes as they are."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
 
 
 def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

@@ -105,9 +105,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton.jit
 def _to_kv(x, PTR, KV_FP8: tl.constexpr):
     """A K/V row as the cache stores it (``attention.to_cache_dtype``): FP8 clamped to +-448."""
+    # One return: Triton also compiles the statements after a constexpr-taken early return, and
+    # rejects the function for returning two types.
     if KV_FP8:
-        return tl.clamp(x.to(tl.float32), -448.0, 448.0).to(PTR.dtype.element_ty)
-    return x
+        y = tl.clamp(x.to(tl.float32), -448.0, 448.0).to(PTR.dtype.element_ty)
+    else:
+        y = x
+    return y
 
 
 @triton.jit

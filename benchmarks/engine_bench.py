@@ -100,6 +100,14 @@ def hf_baseline(path: str, n: int, out_tokens: int, check_tokens: int) -> dict:
 
 
 # --------------------------------------------------------------------------------- checks
+def _fill_random(cache: torch.Tensor, layer: int, pages: torch.Tensor, g=None) -> None:
+    """Random 16-bit rows into ``pages`` of one layer, stored as the cache stores them (an FP8
+    cache: clamped e4m3, written through its bytes: randn and indexing have no float8 kernels)."""
+    from serve_app.engine._private.attention import _bytes, to_cache_dtype
+    x = torch.randn(len(pages), *cache.shape[2:], generator=g, device=cache.device, dtype=torch.bfloat16)
+    _bytes(cache[layer])[pages] = _bytes(to_cache_dtype(x, cache.dtype))
+
+
 def attention_check(runner) -> dict:
     """Triton split-K decode attention vs the torch reference, fresh random data."""
     from serve_app.engine._private.attention import decode_attention_torch, decode_attention_triton
@@ -108,18 +116,16 @@ def attention_check(runner) -> dict:
     lens = [1, 17, 300, 1100, 2049]
     pages_needed = [-(-n // runner.page_size) for n in lens]
     pages = kv.allocate(sum(pages_needed))
-    k = torch.randn(len(pages), *kv.k.shape[2:], generator=g, device="cuda", dtype=kv.k.dtype)
-    v = torch.randn(len(pages), *kv.k.shape[2:], generator=g, device="cuda", dtype=kv.k.dtype)
     idx = torch.tensor(pages, device="cuda")
-    kv.k[0, idx] = k
-    kv.v[0, idx] = v
+    _fill_random(kv.k, 0, idx, g)
+    _fill_random(kv.v, 0, idx, g)
     rows, o = [], 0
     bt = torch.zeros(len(lens), runner.max_pages, dtype=torch.int32, device="cuda")
     for i, n in enumerate(pages_needed):
         rows.append(idx[o:o + n])
         bt[i, :n] = idx[o:o + n].int()
         o += n
-    q = torch.randn(len(lens), runner.num_heads, runner.head_dim, generator=g, device="cuda", dtype=kv.k.dtype)
+    q = torch.randn(len(lens), runner.num_heads, runner.head_dim, generator=g, device="cuda", dtype=torch.bfloat16)
     ref = decode_attention_torch(q.float(), kv.k[0].float(), kv.v[0].float(), rows, lens, runner.scale)
     out = {}
     for splits in (1, 4, 16):
@@ -151,8 +157,8 @@ def decode_microbench(runner, batches: list[int], context: int, iters: int = 50)
             runner.set_block_table(s, pages)
         flat = torch.tensor([p for ps in all_pages for p in ps], device="cuda")
         for layer in range(kv.k.shape[0]):  # never time over zeros
-            kv.k[layer, flat] = torch.randn_like(kv.k[layer, flat])
-            kv.v[layer, flat] = torch.randn_like(kv.v[layer, flat])
+            _fill_random(kv.k, layer, flat)
+            _fill_random(kv.v, layer, flat)
         ids = [1000 + s for s in range(b)]
         pos = [context - 50] * b
         pg = [all_pages[s][context // runner.page_size] for s in range(b)]

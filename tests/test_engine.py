@@ -137,6 +137,15 @@ def _run(config: EngineConfig, scenario):
     return asyncio.run(main())
 
 
+def _staggered_cpu_tokens(model_dir: str, reqs: list[EngineRequest], **config) -> tuple[list, dict]:
+    """Greedy tokens of ``reqs`` arriving 30 ms apart on a small fp32 CPU engine (4 slots,
+    64-token chunks), and its health info: the runs that emulation tests compare."""
+    async def scenario(engine):
+        res = await asyncio.gather(*[_collect(engine, r, 0.03 * i) for i, r in enumerate(reqs)])
+        return [t for t, _, _ in res], engine.health()
+    return _run(_config(model_dir, device="cpu", **config), scenario)
+
+
 def test_greedy_matches_hf_generate_staggered(model_dir, hf_model, tokenizer):
     """10 requests (0/1/2 images, prompts chunked past 64 tokens), 4 slots, joining mid-batch."""
     rng = np.random.default_rng(1)

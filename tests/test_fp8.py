@@ -19,7 +19,7 @@ from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.continuous import ContinuousEngine
 
-from test_engine import DEVICE, _collect, _request, model_dir  # noqa: F401  (fixture)
+from test_engine import DEVICE, _collect, _request, _staggered_cpu_tokens, model_dir  # noqa: F401  (fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -120,18 +120,7 @@ def test_engine_fp8_equals_fake_quantised_engine(model_dir, monkeypatch):  # noq
     reqs = [_request(i, rng, i % 3, int(rng.integers(4, 20))) for i in range(6)]
 
     def run(quant):
-        async def main():
-            cfg = EngineConfig(model=model_dir, engine="continuous", device="cpu", dtype="float32",
-                               max_num_seqs=4, max_model_len=512, max_prefill_tokens=64,
-                               quantization=quant)
-            engine = ContinuousEngine(cfg)
-            await engine.start()
-            try:
-                res = await asyncio.gather(*[_collect(engine, r, 0.03 * i) for i, r in enumerate(reqs)])
-                return [t for t, _, _ in res], engine.health()
-            finally:
-                await engine.shutdown()
-        return asyncio.run(main())
+        return _staggered_cpu_tokens(model_dir, reqs, quantization=quant)
 
     got, health = run("fp8")
     assert health.get("quantization") == "fp8"

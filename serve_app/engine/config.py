@@ -30,6 +30,11 @@ class EngineConfig(BaseModel):
         None, description="continuous engine: 'fp8' runs the decoder layers' linears as FP8 GEMMs "
                           "(per-channel weight and per-token activation scales, quantised at load; "
                           "GPUs with FP8 tensor cores, or the CPU); None keeps the model's dtype")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="continuous engine: 'fp8' stores K/V as e4m3 without scales (clamped to "
+                            "+-448): half the bytes per token, so twice the KV tokens in a budget and half "
+                            "the cache bytes a decode step reads; attention math stays 16-bit. 'auto': the "
+                            "model's dtype. Values beyond the e4m3 range are clipped")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
@@ -51,4 +56,6 @@ class EngineConfig(BaseModel):
     def _check(self) -> "EngineConfig":
         if self.quantization and self.engine != "continuous":
             raise ValueError(f"quantization={self.quantization!r} needs engine='continuous'")
+        if self.kv_cache_dtype != "auto" and self.engine != "continuous":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs engine='continuous'")
         return self

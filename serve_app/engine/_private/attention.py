@@ -22,9 +22,23 @@ from serve_app.engine._private.transfer import upload
 logger = logging.getLogger(__name__)
 
 
+FP8_MAX = 448.0          # largest finite float8_e4m3fn
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the KV cache stores it: an FP8 cache keeps e4m3 values without scales,
+    clamped to the finite range (a cast would turn overflow into NaN on some paths)."""
+    if x.dtype == dtype:
+        return x
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
+
+
 def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
-    """One request's ``[kv_heads, length, head_dim]`` from a layer's ``[pages, kv, P, D]`` pool."""
-    g = cache.index_select(0, pages)                       # [n, kv, P, D]
+    """One request's ``[kv_heads, length, head_dim]`` from a layer's ``[pages, kv, P, D]`` pool
+    (in the cache's dtype: callers upcast an FP8 cache)."""
+    g = _bytes(cache).index_select(0, pages).view(cache.dtype)   # [n, kv, P, D]
     n, kv, p, d = g.shape
     return g.permute(1, 0, 2, 3).reshape(kv, n * p, d)[:, :length]
 
@@ -32,8 +46,14 @@ def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Te
 def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              page_idx: torch.Tensor, offset: torch.Tensor) -> None:
     """Store ``k``/``v`` ``[T, kv, D]`` at (page, offset) per token."""
-    cache_k[page_idx, :, offset] = k
-    cache_v[page_idx, :, offset] = v
+    _bytes(cache_k)[page_idx, :, offset] = _bytes(to_cache_dtype(k, cache_k.dtype))
+    _bytes(cache_v)[page_idx, :, offset] = _bytes(to_cache_dtype(v, cache_v.dtype))
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as uint8 (the same bytes): indexing kernels take every integer type, not
+    every torch build's float8; other dtypes as they are."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
 
 
 def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -51,8 +71,8 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         out = F.scaled_dot_product_attention(qh, k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
                                              scale=scale, enable_gqa=True)
     else:
-        k = torch.cat([gather_kv(cache_k, pages, start), k_new.transpose(0, 1)], dim=1)
-        v = torch.cat([gather_kv(cache_v, pages, start), v_new.transpose(0, 1)], dim=1)
+        k = torch.cat([gather_kv(cache_k, pages, start).to(k_new.dtype), k_new.transpose(0, 1)], dim=1)
+        v = torch.cat([gather_kv(cache_v, pages, start).to(v_new.dtype), v_new.transpose(0, 1)], dim=1)
         s = start + t
         mask = (torch.arange(s, device=q.device)[None, :]
                 <= torch.arange(start, s, device=q.device)[:, None])
@@ -298,8 +318,8 @@ def decode_attention_torch(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torc
     """q [B, H, D] (one new token per row, already in the cache) -> [B, H, D]."""
     outs = []
     for i, (pages, n) in enumerate(zip(block_tables, lengths)):
-        k = gather_kv(cache_k, pages, n).unsqueeze(0)
-        v = gather_kv(cache_v, pages, n).unsqueeze(0)
+        k = gather_kv(cache_k, pages, n).unsqueeze(0).to(q.dtype)
+        v = gather_kv(cache_v, pages, n).unsqueeze(0).to(q.dtype)
         o = F.scaled_dot_product_attention(q[i][None, :, None], k, v, scale=scale, enable_gqa=True)
         outs.append(o[0, :, 0])
     return torch.stack(outs)
@@ -339,8 +359,9 @@ def _build_triton_kernel():
             nmask = offs_n < end
             page = tl.load(BT + b * s_btb + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
             row = page * s_kp + kvh * s_kh + (offs_n % PAGE) * s_ks
-            k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-            v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            # an FP8 cache is upcast on load: the bytes read halve, the math stays 16-bit
+            k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
+            v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -103,10 +103,22 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def _to_kv(x, PTR, KV_FP8: tl.constexpr):
+    """A K/V row as the cache stores it (``attention.to_cache_dtype``): FP8 clamped to +-448."""
+    # One return: Triton also compiles the statements after a constexpr-taken early return, and
+    # rejects the function for returning two types.
+    if KV_FP8:
+        y = tl.clamp(x.to(tl.float32), -448.0, 448.0).to(PTR.dtype.element_ty)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
 def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC, KO,
                          s_qkv, s_qo_b, s_qo_h, s_kp, s_kh, s_ks, s_cos, s_ko_b, s_ko_h, eps,
                          HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HB: tl.constexpr,
-                         WRITE_K: tl.constexpr):
+                         WRITE_K: tl.constexpr, KV_FP8: tl.constexpr):
     # One program: HB heads of one token (all q or all k: HB divides HQ and HK), so the token's
     # cos/sin rows and the norm weight are loaded once and each load is HB rows wide.
     b = tl.program_id(0).to(tl.int64)
@@ -145,15 +157,15 @@ def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC, KO,
         page = tl.load(PAGE + b)
         off = tl.load(OFF + b)
         dst = page * s_kp + kh[:, None] * s_kh + off * s_ks + half[None, :]
-        tl.store(KC + dst, o1)
-        tl.store(KC + dst + D // 2, o2)
+        tl.store(KC + dst, _to_kv(o1, KC, KV_FP8))
+        tl.store(KC + dst + D // 2, _to_kv(o2, KC, KV_FP8))
         if WRITE_K:
             ko = KO + b * s_ko_b + kh[:, None] * s_ko_h + half[None, :]
             tl.store(ko, o1)
             tl.store(ko + D // 2, o2)
         vsrc = QKV + b * s_qkv + (HQ + HK + kh)[:, None] * D + half[None, :]
-        tl.store(VC + dst, tl.load(vsrc))
-        tl.store(VC + dst + D // 2, tl.load(vsrc + D // 2))
+        tl.store(VC + dst, _to_kv(tl.load(vsrc), VC, KV_FP8))
+        tl.store(VC + dst + D // 2, _to_kv(tl.load(vsrc + D // 2), VC, KV_FP8))
 
 
 def _heads_per_program(hq: int, hk: int, rows: int) -> int:
@@ -180,7 +192,8 @@ def qk_norm_rope_store(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, co
         qkv, qn, kn, cos, sin, pos, page, off, q, cache_k, cache_v, ko,
         qkv.stride(0), q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         cos.stride(0), ko.stride(0), ko.stride(1), eps, HQ=hq, HK=hk, D=d, HB=hb,
-        WRITE_K=k_out is not None, num_warps=max(1, min(4, hb // 2)))
+        WRITE_K=k_out is not None, KV_FP8=cache_k.dtype == torch.float8_e4m3fn,
+        num_warps=max(1, min(4, hb // 2)))
     return q
 
 

@@ -15,8 +15,7 @@ class PagedKVCache:
         if num_pages < 2:
             raise ValueError("KV cache needs at least 2 pages")
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (_zeros(shape, dtype, device) for _ in range(2))
         self.page_size = page_size
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, 0, -1))
@@ -48,3 +47,10 @@ class PagedKVCache:
 
     def utilization(self) -> float:
         return 1.0 - len(self._free) / self.capacity_pages
+
+
+def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; an FP8 pool is made as zero bytes (+0.0 in e4m3), which needs no float8 fill kernel."""
+    if dtype == torch.float8_e4m3fn:
+        return torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)

@@ -56,7 +56,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int,
-                 page_size: int = 16, fuse: bool | None = None, quantization: str | None = None):
+                 page_size: int = 16, fuse: bool | None = None, quantization: str | None = None,
+                 kv_cache_dtype: str = "auto"):
         self.model = model
         self.device = device
         cfg = model.config
@@ -65,6 +66,10 @@ class ModelRunner:
         self.visual = model.model.visual
         self.lm_head = model.lm_head
         self.dtype = self.lm_head.weight.dtype
+        if kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r} (supported: 'auto', 'fp8')")
+        # 'fp8': e4m3 K/V without scales (see config.kv_cache_dtype); 'auto': the model's dtype
+        self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else self.dtype
         self.num_layers = tc.num_hidden_layers
         self.num_heads = tc.num_attention_heads
         self.num_kv_heads = tc.num_key_value_heads
@@ -167,10 +172,10 @@ class ModelRunner:
     def allocate_kv(self, num_tokens: int) -> None:
         pages = -(-num_tokens // self.page_size) + 1
         self.kv = PagedKVCache(self.num_layers, pages, self.page_size, self.num_kv_heads,
-                               self.head_dim, self.dtype, self.device)
+                               self.head_dim, self.kv_dtype, self.device)
 
     def kv_bytes_per_token(self) -> int:
-        return PagedKVCache.bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+        return PagedKVCache.bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.kv_dtype)
 
     def set_block_table(self, slot: int, pages: list[int]) -> None:
         row = torch.zeros(self.max_pages, dtype=torch.int32)

@@ -246,3 +246,16 @@ def test_fused_store_rounds_like_torch():
         assert (diff <= step + 1e-12).all()
         assert (diff > 0).float().mean() < 0.02
     assert caches[E4M3][2].float().max() == 448.0
+
+
+def test_fp8_cache_needs_an_fp8_gpu(model_dir, monkeypatch):  # noqa: F811
+    """An A10 (8.6) has no e4m3 conversions for the Triton store and decode attention: start-up
+    says so instead of failing inside a kernel compile."""
+    from serve_app.engine._private import fp8
+    from serve_app.models import load_model
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    assert "8.6" in fp8.supported(torch.device("cuda"))
+    model = load_model(model_dir, dtype=torch.float32, device="cpu").eval()
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8'.*NVIDIA A10 is 8\.6"):
+        ModelRunner(model, torch.device("cuda"), 2, 256, kv_cache_dtype="fp8")

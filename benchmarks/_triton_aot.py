@@ -132,7 +132,7 @@ def fp8_engine_launches() -> None:
         K.rms_norm(_cpu(rows, HIDDEN), _cpu(HIDDEN), 1e-6, residual=_cpu(rows, HIDDEN), quant=True)
         K.silu_mul(_cpu(rows, 2 * MLP), quant=True)
     q, scale = _cpu(4096, HIDDEN, dtype=E4M3), _cpu(1, 4096, dtype=torch.float32)
-    for m in (1, 16, 64):
+    for m in (16, 32, 64):                                  # the plan's row tiles
         for config in fp8_gemv.candidates(HIDDEN):
             x = (_cpu(m, HIDDEN, dtype=E4M3), _cpu(m, 1, dtype=torch.float32)) if fp8_gemv.takes_fp8(config) \
                 else _cpu(m, HIDDEN)

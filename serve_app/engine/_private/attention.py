@@ -354,14 +354,16 @@ def _build_triton_kernel():
         l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
         qk_scale = scale * 1.4426950408889634
+        Kh = K + kvh * s_kh           # the head's offset once, not in every [BLOCK_N, D] address
+        Vh = V + kvh * s_kh
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             page = tl.load(BT + b * s_btb + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
-            row = page * s_kp + kvh * s_kh + (offs_n % PAGE) * s_ks
+            row = page * s_kp + (offs_n % PAGE) * s_ks
             # an FP8 cache is upcast on load: the bytes read halve, the math stays 16-bit
-            k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
-            v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
+            k = tl.load(Kh + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
+            v = tl.load(Vh + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -385,25 +387,36 @@ def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
     return int(max(1, min(16, want)))
 
 
+# (BLOCK_N, num_warps) of the split-K decode kernel: the tokens a program loads per iteration
+# and its warps. (64, 4) is the engine's; compiled for sm_90 it holds 255 registers and spills
+# (16-bit cache), so the others trade tile size for occupancy. benchmarks/decode_attn_probe.py
+# times them on a GPU.
+DECODE_CONFIG = (64, 4)
+DECODE_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
+
+
 def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                             block_tables: torch.Tensor, lengths: torch.Tensor, scale: float,
-                            splits: int, page_size: int) -> torch.Tensor:
-    """q [B, H, D]; cache [pages, kv, P, D]; block_tables [B, max_pages] int32; lengths [B] int32."""
+                            splits: int, page_size: int,
+                            config: tuple[int, int] | None = None) -> torch.Tensor:
+    """q [B, H, D]; cache [pages, kv, P, D]; block_tables [B, max_pages] int32; lengths [B] int32;
+    ``config``: (BLOCK_N, num_warps), :data:`DECODE_CONFIG` when left out."""
     global _triton_kernel
     if _triton_kernel is None:
         _triton_kernel = _build_triton_kernel()
     b, h, d = q.shape
     kv = cache_k.shape[1]
     group = h // kv
+    block_n, warps = config or DECODE_CONFIG
     o = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     _triton_kernel[(b, kv, splits)](
         q, cache_k, cache_v, block_tables, lengths, o, lse,
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        scale, GROUP=group, GROUP_PAD=max(16, group), D=d, PAGE=page_size, BLOCK_N=64, SPLITS=splits,
+        scale, GROUP=group, GROUP_PAD=max(16, group), D=d, PAGE=page_size, BLOCK_N=block_n, SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2)
+        num_warps=warps, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)
     from serve_app.engine._private.kernels import merge_splits

@@ -7,7 +7,7 @@ cuBLASLt's FP8 GEMMs inside the tower and a captured vision graph."""
 
 from __future__ import annotations
 
-import copy
+import asyncio
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from serve_app.engine._private import fp8
 from serve_app.engine._private.runner import ModelRunner
 from serve_app.engine.config import EngineConfig
 
-from test_engine import (DEVICE, _config, _image_request, _run, model_dir)  # noqa: F401  (fixture)
+from test_engine import DEVICE, _collect, _config, _image_request, _run, model_dir  # noqa: F401  (fixture)
 
 GRIDS = [(1, 6, 8), (1, 4, 4)]
 
@@ -105,9 +105,6 @@ def test_engine_serves_images_with_fp8_tower(model_dir):  # noqa: F811
     reqs = [_image_request(i, rng, [4, 6], 6) for i in range(3)]
 
     async def scenario(engine):
-        import asyncio
-
-        from test_engine import _collect
         res = await asyncio.gather(*[_collect(engine, r) for r in reqs])
         return [t for t, _, _ in res], engine.health()
 

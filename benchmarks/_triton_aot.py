@@ -128,6 +128,8 @@ def fp8_engine_launches() -> None:
     SiLU, every decode GEMM config the start-up plan times, and the e4m3 KV cache's store and
     attention."""
     bf16_engine_launches(kv_dtype=E4M3)
+    K.quantize_rows(_cpu(64, 1024))                        # the vision tower's linears (vision_quantization)
+    K.quantize_rows(_cpu(64, 4096))
     for rows in (1, 300):
         K.quantize_rows(_cpu(rows, HIDDEN))
         K.rms_norm(_cpu(rows, HIDDEN), _cpu(HIDDEN), 1e-6, residual=_cpu(rows, HIDDEN), quant=True)

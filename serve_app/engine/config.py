@@ -30,6 +30,10 @@ class EngineConfig(BaseModel):
         None, description="continuous engine: 'fp8' runs the decoder layers' linears as FP8 GEMMs "
                           "(per-channel weight and per-token activation scales, quantised at load; "
                           "GPUs with FP8 tensor cores, or the CPU); None keeps the model's dtype")
+    vision_quantization: Literal["fp8"] | None = Field(
+        None, description="continuous engine: 'fp8' runs the vision tower's linears (qkv, proj, MLP) as "
+                          "FP8 GEMMs, quantised as quantization='fp8' quantises the decoder's; the patch "
+                          "embedding and the mergers stay in the model's dtype. None: the model's dtype")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="continuous engine: 'fp8' stores K/V as e4m3 without scales (clamped to "
                             "+-448): half the bytes per token, so twice the KV tokens in a budget and half "
@@ -56,6 +60,8 @@ class EngineConfig(BaseModel):
     def _check(self) -> "EngineConfig":
         if self.quantization and self.engine != "continuous":
             raise ValueError(f"quantization={self.quantization!r} needs engine='continuous'")
+        if self.vision_quantization and self.engine != "continuous":
+            raise ValueError(f"vision_quantization={self.vision_quantization!r} needs engine='continuous'")
         if self.kv_cache_dtype != "auto" and self.engine != "continuous":
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs engine='continuous'")
         return self

@@ -33,7 +33,7 @@ HIDDEN, HQ, HK, D, MLP, VOCAB, PAGE = 2560, 32, 8, 128, 9728, 151936, 16
 def _signature(fn, args, kwargs):
     """The launch's ``(signature, constexprs, options)`` as ``JITFunction.run`` derives them."""
     kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
     signature, constexprs = {}, {}
     for i, p in enumerate(fn.params):
         if i < len(args):

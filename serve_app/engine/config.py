@@ -40,6 +40,9 @@ class EngineConfig(BaseModel):
                             "the cache bytes a decode step reads; attention math stays 16-bit. 'auto': the "
                             "model's dtype. Values beyond the e4m3 range are clipped")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
+    pdl: bool = Field(False, description="continuous engine, Hopper+ GPUs: launch the engine's Triton kernels "
+                                         "with programmatic dependent launch, so each may be scheduled while "
+                                         "the one before it drains (a decode step is ~400 small kernels)")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a 256-token bucket (0: off). An eager "
@@ -62,6 +65,8 @@ class EngineConfig(BaseModel):
             raise ValueError(f"quantization={self.quantization!r} needs engine='continuous'")
         if self.vision_quantization and self.engine != "continuous":
             raise ValueError(f"vision_quantization={self.vision_quantization!r} needs engine='continuous'")
+        if self.pdl and self.engine != "continuous":
+            raise ValueError("pdl needs engine='continuous'")
         if self.kv_cache_dtype != "auto" and self.engine != "continuous":
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs engine='continuous'")
         return self

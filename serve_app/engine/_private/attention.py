@@ -332,12 +332,15 @@ def _build_triton_kernel():
     import triton
     import triton.language as tl
 
+    from serve_app.engine._private.kernels import _pdl_enter
+
     @triton.jit
     def kernel(Q, K, V, BT, LENS, O, LSE,
                s_qb, s_qh, s_kp, s_kh, s_ks, s_btb, s_ob, s_oh, s_os, s_lb, s_lh,
                scale,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr):
+               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -401,6 +404,7 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
                             config: tuple[int, int] | None = None) -> torch.Tensor:
     """q [B, H, D]; cache [pages, kv, P, D]; block_tables [B, max_pages] int32; lengths [B] int32;
     ``config``: (BLOCK_N, num_warps), :data:`DECODE_CONFIG` when left out."""
+    from serve_app.engine._private import kernels as K
     global _triton_kernel
     if _triton_kernel is None:
         _triton_kernel = _build_triton_kernel()
@@ -416,7 +420,7 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         scale, GROUP=group, GROUP_PAD=max(16, group), D=d, PAGE=page_size, BLOCK_N=block_n, SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=warps, num_stages=2)
+        **K._pdl(), num_warps=warps, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)
     from serve_app.engine._private.kernels import merge_splits

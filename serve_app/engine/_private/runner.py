@@ -57,7 +57,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int,
                  page_size: int = 16, fuse: bool | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto", vision_quantization: str | None = None):
+                 kv_cache_dtype: str = "auto", vision_quantization: str | None = None,
+                 pdl: bool = False):
         self.model = model
         self.device = device
         cfg = model.config
@@ -71,6 +72,11 @@ class ModelRunner:
         if kv_cache_dtype == "fp8" and (why := fp8.supported(device)):
             # the Triton store and decode attention convert to and from e4m3 (sm_89+)
             raise ValueError(f"kv_cache_dtype='fp8': {why}")
+        if pdl:       # griddepcontrol is a Hopper instruction; the flag is the kernels module's
+            if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+                raise ValueError("pdl needs a GPU of compute capability 9.0+ (Hopper, Blackwell)")
+            from serve_app.engine._private import kernels
+            kernels.PDL = True
         # 'fp8': e4m3 K/V without scales (see config.kv_cache_dtype); 'auto': the model's dtype
         self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else self.dtype
         self.num_layers = tc.num_hidden_layers

@@ -15,6 +15,7 @@ from serve_app.engine._private.runner import ModelRunner
 from serve_app.engine.config import EngineConfig
 
 from test_engine import DEVICE, model_dir  # noqa: F401  (fixture)
+from test_kv_fp8 import _runner_with_random_kv
 
 
 def test_config_and_device_checks(model_dir):  # noqa: F811
@@ -33,23 +34,7 @@ def test_decode_step_bits_equal_with_and_without_pdl(model_dir, monkeypatch, qua
     from serve_app.engine._private import kernels
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("PDL needs sm_90+")
-    from serve_app.models import load_model
-    model = load_model(model_dir, dtype=torch.bfloat16, device="cpu").eval()
-    r = ModelRunner(model, torch.device("cuda"), 8, 256, quantization=quantization)
-    if r.fp8:
-        r.tune_fp8_decode()                  # the Triton decode GEMMs, as the engine plans them
-    r.allocate_kv(8 * 96)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    b, ctx = 5, 70
-    pages = []
-    for s in range(b):
-        pages.append(r.kv.allocate(r.kv.pages_for(ctx + 1)))
-        r.set_block_table(s, pages[-1])
-    for layer in range(r.kv.k.shape[0]):
-        r.kv.k[layer].copy_(torch.randn(r.kv.k[layer].shape, generator=g, device="cuda"))
-        r.kv.v[layer].copy_(torch.randn(r.kv.v[layer].shape, generator=g, device="cuda"))
-    args = ([1000 + 7 * s for s in range(b)], [ctx] * b, [pages[s][ctx // r.page_size] for s in range(b)],
-            [ctx % r.page_size] * b, [ctx + 1] * b, list(range(b)))
+    r, args = _runner_with_random_kv(model_dir, "auto", quantization=quantization)
     k0, v0 = r.kv.k.clone(), r.kv.v.clone()
 
     def step(graphs: bool) -> torch.Tensor:

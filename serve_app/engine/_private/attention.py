@@ -332,7 +332,10 @@ def _build_triton_kernel():
     import triton
     import triton.language as tl
 
+    # a module global, not a closure variable: Triton's interpreter resolves only globals (this
+    # module imports no Triton at its top: the CPU engine uses it without Triton)
     from serve_app.engine._private.kernels import _pdl_enter
+    globals()["_pdl_enter"] = _pdl_enter
 
     @triton.jit
     def kernel(Q, K, V, BT, LENS, O, LSE,

@@ -242,7 +242,8 @@ def passes(out: str, model_path: str, quantization: str = "", tokens: str = "125
     kind (GEMM, FP8 GEMM, attention, norms, quantisation, RoPE, copies), with the GEMMs' achieved
     TFLOP/s (decoder or tower block weights only: no LM head, mergers or patch embedding). Eager
     calls: a graph replays the same kernels without the launch gaps."""
-    from serve_app.engine._private.runner import ModelRunner, PrefillChunk
+    from benchmarks.launch_probe import prompt_chunk
+    from serve_app.engine._private.runner import ModelRunner
     from serve_app.models import load_model
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a dry run of the code
@@ -272,10 +273,7 @@ def passes(out: str, model_path: str, quantization: str = "", tokens: str = "125
         print(key, json.dumps({k: v for k, v in res[key].items() if k != "top"}), flush=True)
 
     for n in (int(x) for x in tokens.split(",")):
-        pages = list(range(1, -(-n // r.page_size) + 2))
-        chunk = PrefillChunk(ids=torch.randint(100, 50000, (n,)),
-                             positions=torch.arange(n).view(1, -1).expand(3, -1).contiguous(), start=0,
-                             pages=torch.tensor(pages, device=dev), want_logits=True, pages_host=pages)
+        chunk = prompt_chunk(n, r.page_size, dev)
         summarise(f"prefill_{n}", kernel_times(lambda: r.prefill([chunk])), 2 * lm_params * n)
     for g in grids.split(","):
         h, w = (int(x) for x in g.split("x"))

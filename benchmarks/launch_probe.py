@@ -29,6 +29,15 @@ from serve_app.engine._private.runner import ModelRunner, PrefillChunk  # noqa: 
 from serve_app.models import load_model  # noqa: E402
 
 
+def prompt_chunk(n: int, page_size: int, device: torch.device) -> PrefillChunk:
+    """A whole text prompt of ``n`` random tokens on pages 1.. (page 0 is the padding sink), as
+    the scheduler hands it to prefill (graph-eligible: ``pages_host`` given)."""
+    pages = list(range(1, -(-n // page_size) + 2))
+    return PrefillChunk(ids=torch.randint(100, 50000, (n,)),
+                        positions=torch.arange(n).view(1, -1).expand(3, -1).contiguous(), start=0,
+                        pages=torch.tensor(pages, device=device), want_logits=True, pages_host=pages)
+
+
 def launch_us(fn, n: int = 500) -> float:
     """Host us per call of ``fn`` (compiled and warm first), calls queued without syncs."""
     for _ in range(3):
@@ -53,10 +62,7 @@ def main(out: str, model_path: str, quantization: str = "") -> None:
     res: dict = {"gpu": torch.cuda.get_device_name(), "quantization": quantization or None,
                  "host": host_speed(), "queued_work_ms": queue_ms}
     for n in (300, 1250, 2500):
-        ids = torch.randint(100, 50000, (n,))
-        pos = torch.arange(n).view(1, -1).expand(3, -1).contiguous()
-        chunk = PrefillChunk(ids=ids, positions=pos, start=0, pages=torch.arange(-(-n // 16) + 1, device=dev),
-                             want_logits=True)
+        chunk = prompt_chunk(n, r.page_size, dev)
         res[f"prefill_{n}"] = measure(lambda: r.prefill([chunk]))
 
         def queued():
@@ -68,10 +74,7 @@ def main(out: str, model_path: str, quantization: str = "") -> None:
     if hasattr(r, "setup_prefill_graphs"):
         r.setup_prefill_graphs(4096)
         for n in (300, 1250, 2500):
-            pages = list(range(1, -(-n // 16) + 2))
-            chunk = PrefillChunk(ids=torch.randint(100, 50000, (n,)),
-                                 positions=torch.arange(n).view(1, -1).expand(3, -1).contiguous(), start=0,
-                                 pages=torch.tensor(pages, device=dev), want_logits=True, pages_host=pages)
+            chunk = prompt_chunk(n, r.page_size, dev)
             res[f"prefill_graph_{n}"] = measure(lambda: r.prefill([chunk]))
         r._pg = None
     for grid in [(1, 30, 40), (1, 46, 80), (1, 68, 120)]:

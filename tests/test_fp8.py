@@ -244,22 +244,9 @@ def test_fp8_decode_step_with_each_kernel_kind(model_dir):  # noqa: F811
     "swap8" computes cuBLASLt W8A8's products (e4m3 x e4m3, the same scales), so their logits
     agree closely; "a16" keeps activations in bf16. All stay near the plain torch path (this
     sharp random model amplifies rounding: W8A8 itself is ~0.13 off it in norm)."""
-    from serve_app.models import load_model
+    from test_kv_fp8 import _runner_with_random_kv
 
-    model = load_model(model_dir, dtype=torch.bfloat16, device="cpu").eval()
-    r = ModelRunner(model, torch.device("cuda"), 8, 256, quantization="fp8")
-    r.allocate_kv(8 * 96)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    b, ctx = 5, 70
-    pages = []
-    for s in range(b):
-        pages.append(r.kv.allocate(r.kv.pages_for(ctx + 1)))
-        r.set_block_table(s, pages[-1])
-    for layer in range(r.kv.k.shape[0]):       # never on zeros
-        r.kv.k[layer].copy_(torch.randn(r.kv.k[layer].shape, generator=g, device="cuda"))
-        r.kv.v[layer].copy_(torch.randn(r.kv.v[layer].shape, generator=g, device="cuda"))
-    args = ([1000 + 7 * s for s in range(b)], [ctx] * b, [pages[s][ctx // r.page_size] for s in range(b)],
-            [ctx % r.page_size] * b, [ctx + 1] * b, list(range(b)))
+    r, args = _runner_with_random_kv(model_dir, quantization="fp8")
     ref = r.decode(*args, reference=True)
     got = {}
     for kind, cfg in {"swap8": (64, 128, 2, 4, 3, "swap8"), "a16": (32, 128, 2, 4, 3), "w8a8": None}.items():

@@ -17,12 +17,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from serve_app.engine._private.fp8 import FP8, FP8_MAX
 from serve_app.engine._private.transfer import upload
 
 logger = logging.getLogger(__name__)
-
-
-FP8_MAX = 448.0          # largest finite float8_e4m3fn
 
 
 def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -30,7 +28,7 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     clamped to the finite range (a cast would turn overflow into NaN on some paths)."""
     if x.dtype == dtype:
         return x
-    if dtype == torch.float8_e4m3fn:
+    if dtype == FP8:
         x = x.clamp(-FP8_MAX, FP8_MAX)
     return x.to(dtype)
 
@@ -53,7 +51,7 @@ def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: t
 def _bytes(x: torch.Tensor) -> torch.Tensor:
     """An FP8 tensor as uint8 (the same bytes): indexing kernels take every integer type, not
     every torch build's float8; other dtypes as they are."""
-    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+    return x.view(torch.uint8) if x.dtype == FP8 else x
 
 
 def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -198,19 +196,18 @@ def capture_pinned(owner, attr: str, dtype: torch.dtype, do_capture: Callable[[]
     saved = getattr(owner, attr)
     impls = capturable_impls(dtype, saved)
     try:
-        for i, impl in enumerate(impls):
+        for impl, fallback in zip(impls, impls[1:]):
             setattr(owner, attr, impl)
             try:
                 return do_capture(), impl
             except Exception as e:  # noqa: BLE001 - the next implementation may capture
-                if i == len(impls) - 1:
-                    raise
-                logger.warning("CUDA graph capture with %s attention failed, trying %s: %r", impl, impls[i + 1], e)
+                logger.warning("CUDA graph capture with %s attention failed, trying %s: %r", impl, fallback, e)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
+        setattr(owner, attr, impls[-1])          # the last one's error is the caller's
+        return do_capture(), impls[-1]
     finally:
         setattr(owner, attr, saved)
-    raise AssertionError("unreachable")
 
 
 def _flash(q, k, v, causal, scale):

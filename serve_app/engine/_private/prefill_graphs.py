@@ -124,9 +124,9 @@ class PrefillGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """One graph per bucket, largest first, sharing one memory pool. Attention is pinned to
-        flash for the capture (cuDNN plans are built per shape on the host; varlen uploads its
-        offsets from the host; fp32 has no flash, so plain SDPA)."""
+        """One graph per bucket, largest first, sharing one memory pool, with attention pinned to
+        a capturable implementation (``attention.capture_pinned``: cuDNN where start-up picked
+        it, else flash; fp32 plain SDPA)."""
         r = self.r
         h = self._up.take()
         h.zero_()

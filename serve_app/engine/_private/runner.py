@@ -77,7 +77,7 @@ class ModelRunner:
             from serve_app.engine._private import kernels
             kernels.PDL = True
         # 'fp8': e4m3 K/V without scales (see config.kv_cache_dtype); 'auto': the model's dtype
-        self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else self.dtype
+        self.kv_dtype = fp8.FP8 if kv_cache_dtype == "fp8" else self.dtype
         self.num_layers = tc.num_hidden_layers
         self.num_heads = tc.num_attention_heads
         self.num_kv_heads = tc.num_key_value_heads

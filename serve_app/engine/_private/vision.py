@@ -69,8 +69,7 @@ class VisionEncoder:
         """Block ``i``'s linear ``name``: FP8 when quantised, else the module's weights."""
         if not self.fp8:
             return F.linear(x, lin.weight, lin.bias)
-        y = fp8_mod.linear(x, self._fp8_w[i][name], x.dtype)
-        return y if lin.bias is None else y.add_(lin.bias)
+        return fp8_mod.linear(x, self._fp8_w[i][name], x.dtype, lin.bias)
 
     @property
     def dtype(self) -> torch.dtype:

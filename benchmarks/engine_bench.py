@@ -16,7 +16,6 @@ import asyncio
 import datetime as dt
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -476,7 +475,7 @@ def markdown(res: dict) -> str:
                   f"{pp['vision_bf16_rel_err']:.1e}; logits new vs previous path: rel. error "
                   f"{pp['logits_new_vs_previous']['rel_err']:.1e}, argmax agreement "
                   f"{pp['logits_new_vs_previous']['argmax_agree']:.2f}."]
-    lines += ["", f"Checks: Triton decode attention rel. error vs fp32 torch: "
+    lines += ["", "Checks: Triton decode attention rel. error vs fp32 torch: "
               + ", ".join(f"{k} {v:.1e}" for k, v in e["attention_check"].items())]
     if "fused_vs_reference" in e:
         f = e["fused_vs_reference"]

@@ -339,8 +339,7 @@ def _build_triton_kernel():
                s_qb, s_qh, s_kp, s_kh, s_ks, s_btb, s_ob, s_oh, s_os, s_lb, s_lh,
                scale,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, FMA: tl.constexpr = False,
-               PDL: tl.constexpr = False):
+               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
         _pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -368,19 +367,13 @@ def _build_triton_kernel():
             # an FP8 cache is upcast on load: the bytes read halve, the math stays 16-bit
             k = tl.load(Kh + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
             v = tl.load(Vh + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
-            if FMA:     # the group's few heads on CUDA cores: no MMA tile padded to 16 rows
-                s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if FMA:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -397,14 +390,22 @@ def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
     return int(max(1, min(16, want)))
 
 
-# (BLOCK_N, num_warps[, "fma"]) of the split-K decode kernel: the tokens a program loads per
-# iteration, its warps, and whether the group's q heads (4 for Qwen3-VL-4B) multiply on CUDA
-# cores instead of in an MMA tile padded to 16 rows. (64, 4) is the engine's; compiled for sm_90
-# it holds 255 registers and spills (16-bit cache), so the others trade tile size for occupancy.
-# benchmarks/decode_attn_probe.py times them on a GPU.
+# (BLOCK_N, num_warps) of the split-K decode kernel: the tokens a program loads per iteration, and
+# its warps. Compiled for sm_90, (64, 4) holds 255 registers and spills over a 16-bit cache, yet
+# it timed fastest or within 5 % of it at batch 10-64 on an H200 (benchmarks/decode_attn_probe.py,
+# RESULTS.md), except over an FP8 cache in one split (batch >= 64), where (32, 4) took 97 us a
+# call to its 118. CUDA-core variants for the group's 4 q heads (no MMA tile padded to 16 rows)
+# were 2-6x slower there and were dropped.
 DECODE_CONFIG = (64, 4)
-DECODE_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8), (16, 4, "fma"), (32, 4, "fma"),
-                  (32, 8, "fma")]
+DECODE_CONFIG_FP8_ONE_SPLIT = (32, 4)
+DECODE_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
+
+
+def decode_config_for(cache_dtype: torch.dtype, splits: int) -> tuple[int, int]:
+    """The measured config for a cache dtype and split count (see :data:`DECODE_CONFIG`)."""
+    if splits == 1 and cache_dtype.itemsize == 1:
+        return DECODE_CONFIG_FP8_ONE_SPLIT
+    return DECODE_CONFIG
 
 
 def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -412,7 +413,7 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
                             splits: int, page_size: int,
                             config: tuple | None = None) -> torch.Tensor:
     """q [B, H, D]; cache [pages, kv, P, D]; block_tables [B, max_pages] int32; lengths [B] int32;
-    ``config``: (BLOCK_N, num_warps[, "fma"]), :data:`DECODE_CONFIG` when left out."""
+    ``config``: (BLOCK_N, num_warps), :func:`decode_config_for` the cache when left out."""
     from serve_app.engine._private import kernels as K
     global _triton_kernel
     if _triton_kernel is None:
@@ -420,16 +421,15 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     b, h, d = q.shape
     kv = cache_k.shape[1]
     group = h // kv
-    block_n, warps, *kind = config or DECODE_CONFIG
-    fma = kind == ["fma"]
+    block_n, warps = config or decode_config_for(cache_k.dtype, splits)
     o = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     _triton_kernel[(b, kv, splits)](
         q, cache_k, cache_v, block_tables, lengths, o, lse,
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        scale, GROUP=group, GROUP_PAD=1 << (group - 1).bit_length() if fma else max(16, group), D=d,
-        PAGE=page_size, BLOCK_N=block_n, SPLITS=splits, FMA=fma,
+        scale, GROUP=group, GROUP_PAD=max(16, group), D=d,
+        PAGE=page_size, BLOCK_N=block_n, SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         **K._pdl(), num_warps=warps, num_stages=2)
     if splits == 1:

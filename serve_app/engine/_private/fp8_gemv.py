@@ -168,9 +168,6 @@ def candidates(k: int) -> list[tuple]:
     if k >= 8192:
         out += [(32, 256, s, 4, 3) for s in (4, 8)]
     out += [(64, bk, s, 4, st, "swap8") for bk in (128, 256) for s in (1, 2, 4, 8) for st in (3, 4)]
-    # 8 warps: at sm_90 the 4-warp tiles of BK 256 (and of 64 rows at BK 128) hold 255 registers
-    # and spill 336-688 bytes (benchmarks/kernel_resources.py --fp8); 8 warps do not spill them
-    out += [(64, bk, s, 8, 3, "swap8") for bk in (128, 256) for s in (1, 2, 4, 8)]
     return [c for c in out if -(-k // c[1]) >= c[2]]
 
 

@@ -33,7 +33,7 @@ HIDDEN, HQ, HK, D, MLP, VOCAB, PAGE = 2560, 32, 8, 128, 9728, 151936, 16
 def _signature(fn, args, kwargs):
     """The launch's ``(signature, constexprs, options)`` as ``JITFunction.run`` derives them."""
     kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
     signature, constexprs = {}, {}
     for i, p in enumerate(fn.params):
         if i < len(args):
@@ -113,9 +113,10 @@ def bf16_engine_launches(kv_dtype=BF16) -> None:
         K.silu_mul(_cpu(rows, 2 * MLP))
     K.vision_rope_(_cpu(64, 3 * 16 * 64), _cpu(64, 64, dtype=torch.float32), _cpu(64, 64, dtype=torch.float32), 16, 64)
     ck, cv = _cpu(4, HK, PAGE, D, dtype=kv_dtype), _cpu(4, HK, PAGE, D, dtype=kv_dtype)
-    for batch, splits in ((4, 4), (64, 1)):
-        attention.decode_attention_triton(_cpu(batch, HQ, D), ck, cv, torch.zeros(batch, 4, dtype=torch.int32),
-                                          torch.ones(batch, dtype=torch.int32), D ** -0.5, splits, PAGE)
+    for config in attention.DECODE_CONFIGS:
+        for batch, splits in ((4, 4), (64, 1)):
+            attention.decode_attention_triton(_cpu(batch, HQ, D), ck, cv, torch.zeros(batch, 4, dtype=torch.int32),
+                                              torch.ones(batch, dtype=torch.int32), D ** -0.5, splits, PAGE, config)
     for b in (1, 5, 64):                                    # the split count changes with the batch
         ones = torch.ones(b)
         sampling_kernel.sample_rows(_cpu(b, VOCAB, dtype=torch.float32), 0.7 * ones, 0.9 * ones,
@@ -127,6 +128,8 @@ def fp8_engine_launches() -> None:
     SiLU, every decode GEMM config the start-up plan times, and the e4m3 KV cache's store and
     attention."""
     bf16_engine_launches(kv_dtype=E4M3)
+    K.quantize_rows(_cpu(64, 1024))                        # the vision tower's linears (vision_quantization)
+    K.quantize_rows(_cpu(64, 4096))
     for rows in (1, 300):
         K.quantize_rows(_cpu(rows, HIDDEN))
         K.rms_norm(_cpu(rows, HIDDEN), _cpu(HIDDEN), 1e-6, residual=_cpu(rows, HIDDEN), quant=True)

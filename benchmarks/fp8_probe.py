@@ -4,7 +4,7 @@
     python benchmarks/fp8_probe.py decode OUT.json [8,16,32] # decode sizes: every FP8 kernel kind's best config
     python benchmarks/fp8_probe.py rows OUT.json             # the row kernels (norm, SiLU, quant) per num_warps
     python benchmarks/fp8_probe.py profile OUT.json MODEL [fp8]  # kernel times of one eager decode step
-    python benchmarks/fp8_probe.py passes OUT.json MODEL [fp8] [TOKENS] [GRIDS]  # ... of a prefill
+    python benchmarks/fp8_probe.py passes OUT.json MODEL [fp8|fp8+vision] [TOKENS] [GRIDS]  # ... of a prefill
         # pass (1250 tokens) and vision-tower calls (46x80,68x120 patches), by kernel kind
 
 Times come from CUDA graphs of repeated calls (launch costs excluded, as in the captured decode
@@ -247,8 +247,10 @@ def passes(out: str, model_path: str, quantization: str = "", tokens: str = "125
     from serve_app.models import load_model
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # CPU: a dry run of the code
+    # "fp8+vision": the vision tower's linears in FP8 too (engine.vision_quantization)
     r = ModelRunner(load_model(model_path, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                               device="cpu").eval(), dev, 64, 4096, quantization=quantization or None)
+                               device="cpu").eval(), dev, 64, 4096, quantization=quantization.split("+")[0] or None,
+                    vision_quantization="fp8" if quantization == "fp8+vision" else None)
     r.allocate_kv(64 * 1200)
     cfg = r.model.config
     # GEMM weights per token/patch from the config (the runner has fused or quantised the modules)

@@ -189,29 +189,34 @@ def test_fused_decode_on_fp8_cache_matches_torch_path(model_dir):  # noqa: F811
 
 
 @cuda
-def test_triton_decode_attention_reads_fp8_cache():
-    """Split-K decode attention over an FP8 cache equals the torch reference over that cache."""
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, E4M3], ids=["bf16", "fp8"])
+def test_triton_decode_attention_every_config(kv_dtype):
+    """Split-K decode attention, in every (BLOCK_N, num_warps) the probe times, over a 16-bit and
+    an FP8 cache with scattered pages, equals the torch reference over that cache."""
     torch.manual_seed(0)
     b, h, kv, d, page = 4, 16, 4, 128, 16
-    lens = [37, 130, 5, 64]
+    lens = [37, 130, 5, 300]
     pages_per = [-(-n // page) for n in lens]
-    cache_k = attention.to_cache_dtype(torch.randn(sum(pages_per) + 1, kv, page, d, device="cuda") * 2, E4M3)
-    cache_v = attention.to_cache_dtype(torch.randn(sum(pages_per) + 1, kv, page, d, device="cuda"), E4M3)
-    tables, start = [], 1
+    cache_k = attention.to_cache_dtype(torch.randn(sum(pages_per) + 1, kv, page, d, device="cuda") * 2, kv_dtype)
+    cache_v = attention.to_cache_dtype(torch.randn(sum(pages_per) + 1, kv, page, d, device="cuda"), kv_dtype)
+    perm = torch.randperm(sum(pages_per), device="cuda") + 1
+    tables, start = [], 0
     for n in pages_per:
-        tables.append(torch.arange(start, start + n, device="cuda"))
+        tables.append(perm[start:start + n])
         start += n
     bt = torch.zeros(b, max(pages_per), dtype=torch.int32, device="cuda")
     for i, t in enumerate(tables):
         bt[i, :len(t)] = t
     q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
     want = attention.decode_attention_torch(q, cache_k, cache_v, tables, lens, d ** -0.5)
-    for splits in (1, 4):
-        got = attention.decode_attention_triton(q, cache_k, cache_v, bt,
-                                                torch.tensor(lens, dtype=torch.int32, device="cuda"),
-                                                d ** -0.5, splits, page)
-        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        assert err < 1e-2, (splits, err)
+    assert {attention.DECODE_CONFIG, attention.DECODE_CONFIG_FP8_ONE_SPLIT} <= set(attention.DECODE_CONFIGS)
+    for config in attention.DECODE_CONFIGS:
+        for splits in (1, 4):
+            got = attention.decode_attention_triton(q, cache_k, cache_v, bt,
+                                                    torch.tensor(lens, dtype=torch.int32, device="cuda"),
+                                                    d ** -0.5, splits, page, config)
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            assert err < 1e-2, (config, splits, err)
 
 
 @cuda

@@ -54,3 +54,21 @@ def test_resources_reads_registers_and_spills():
     fn, sig, const, opts = next(v for v in seen.values() if v[0].__name__ == "_silu_mul_kernel")
     r = aot.resources(aot.compile_launch(fn, sig, const, opts, 90))
     assert 0 < r["registers"] <= 255 and r["stack_bytes"] >= 0 and r["shared_bytes"] >= 0
+
+
+def test_pdl_variants_compile_for_hopper(monkeypatch):
+    """engine.pdl: every taking-part kernel with its griddepcontrol wait/launch (sm_90 PTX) and
+    the launch attribute; both FP8 decode GEMM kinds, attention and the row kernels."""
+    from serve_app.engine._private import kernels
+    monkeypatch.setattr(kernels, "PDL", True)
+    with aot.recorded_launches() as seen:
+        aot.fp8_engine_launches()
+    pdl = {fn.__name__ for fn, _sig, const, opts in seen.values()
+           if opts.get("launch_pdl") and const.get((fn.arg_names.index("PDL"),)) is True}
+    assert {"_rms_kernel", "_qk_norm_rope_kernel", "kernel", "_merge_splits_kernel", "_silu_mul_quant_kernel",
+            "_quant_rows_kernel", "_w8a8_swap_kernel", "_w8a16_kernel"} <= pdl, pdl
+    for fn, sig, const, opts in seen.values():
+        k = aot.compile_launch(fn, sig, const, opts, 90)
+        if fn.__name__ in pdl:
+            assert "griddepcontrol.wait" in k.asm["ptx"], fn.__name__
+

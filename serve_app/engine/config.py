@@ -30,12 +30,19 @@ class EngineConfig(BaseModel):
         None, description="continuous engine: 'fp8' runs the decoder layers' linears as FP8 GEMMs "
                           "(per-channel weight and per-token activation scales, quantised at load; "
                           "GPUs with FP8 tensor cores, or the CPU); None keeps the model's dtype")
+    vision_quantization: Literal["fp8"] | None = Field(
+        None, description="continuous engine: 'fp8' runs the vision tower's linears (qkv, proj, MLP) as "
+                          "FP8 GEMMs, quantised as quantization='fp8' quantises the decoder's; the patch "
+                          "embedding and the mergers stay in the model's dtype. None: the model's dtype")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="continuous engine: 'fp8' stores K/V as e4m3 without scales (clamped to "
                             "+-448): half the bytes per token, so twice the KV tokens in a budget and half "
                             "the cache bytes a decode step reads; attention math stays 16-bit. 'auto': the "
                             "model's dtype. Values beyond the e4m3 range are clipped")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
+    pdl: bool = Field(False, description="continuous engine, Hopper+ GPUs: launch the engine's Triton kernels "
+                                         "with programmatic dependent launch, so each may be scheduled while "
+                                         "the one before it drains (a decode step is ~400 small kernels)")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a 256-token bucket (0: off). An eager "
@@ -56,6 +63,10 @@ class EngineConfig(BaseModel):
     def _check(self) -> "EngineConfig":
         if self.quantization and self.engine != "continuous":
             raise ValueError(f"quantization={self.quantization!r} needs engine='continuous'")
+        if self.vision_quantization and self.engine != "continuous":
+            raise ValueError(f"vision_quantization={self.vision_quantization!r} needs engine='continuous'")
+        if self.pdl and self.engine != "continuous":
+            raise ValueError("pdl needs engine='continuous'")
         if self.kv_cache_dtype != "auto" and self.engine != "continuous":
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs engine='continuous'")
         return self

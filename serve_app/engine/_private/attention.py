@@ -329,12 +329,18 @@ def _build_triton_kernel():
     import triton
     import triton.language as tl
 
+    # a module global, not a closure variable: Triton's interpreter resolves only globals (this
+    # module imports no Triton at its top: the CPU engine uses it without Triton)
+    from serve_app.engine._private.kernels import _pdl_enter
+    globals()["_pdl_enter"] = _pdl_enter
+
     @triton.jit
     def kernel(Q, K, V, BT, LENS, O, LSE,
                s_qb, s_qh, s_kp, s_kh, s_ks, s_btb, s_ob, s_oh, s_os, s_lb, s_lh,
                scale,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr):
+               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -351,14 +357,16 @@ def _build_triton_kernel():
         l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
         qk_scale = scale * 1.4426950408889634
+        Kh = K + kvh * s_kh           # the head's offset once, not in every [BLOCK_N, D] address
+        Vh = V + kvh * s_kh
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end
             page = tl.load(BT + b * s_btb + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
-            row = page * s_kp + kvh * s_kh + (offs_n % PAGE) * s_ks
+            row = page * s_kp + (offs_n % PAGE) * s_ks
             # an FP8 cache is upcast on load: the bytes read halve, the math stays 16-bit
-            k = tl.load(K + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
-            v = tl.load(V + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
+            k = tl.load(Kh + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
+            v = tl.load(Vh + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -382,25 +390,48 @@ def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
     return int(max(1, min(16, want)))
 
 
+# (BLOCK_N, num_warps) of the split-K decode kernel: the tokens a program loads per iteration, and
+# its warps. Compiled for sm_90, (64, 4) holds 255 registers and spills over a 16-bit cache, yet
+# it timed fastest or within 5 % of it at batch 10-64 on an H200 (benchmarks/decode_attn_probe.py,
+# RESULTS.md), except over an FP8 cache in one split (batch >= 64), where (32, 4) took 97 us a
+# call to its 118. CUDA-core variants for the group's 4 q heads (no MMA tile padded to 16 rows)
+# were 2-6x slower there and were dropped.
+DECODE_CONFIG = (64, 4)
+DECODE_CONFIG_FP8_ONE_SPLIT = (32, 4)
+DECODE_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
+
+
+def decode_config_for(cache_dtype: torch.dtype, splits: int) -> tuple[int, int]:
+    """The measured config for a cache dtype and split count (see :data:`DECODE_CONFIG`)."""
+    if splits == 1 and cache_dtype.itemsize == 1:
+        return DECODE_CONFIG_FP8_ONE_SPLIT
+    return DECODE_CONFIG
+
+
 def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                             block_tables: torch.Tensor, lengths: torch.Tensor, scale: float,
-                            splits: int, page_size: int) -> torch.Tensor:
-    """q [B, H, D]; cache [pages, kv, P, D]; block_tables [B, max_pages] int32; lengths [B] int32."""
+                            splits: int, page_size: int,
+                            config: tuple | None = None) -> torch.Tensor:
+    """q [B, H, D]; cache [pages, kv, P, D]; block_tables [B, max_pages] int32; lengths [B] int32;
+    ``config``: (BLOCK_N, num_warps), :func:`decode_config_for` the cache when left out."""
+    from serve_app.engine._private import kernels as K
     global _triton_kernel
     if _triton_kernel is None:
         _triton_kernel = _build_triton_kernel()
     b, h, d = q.shape
     kv = cache_k.shape[1]
     group = h // kv
+    block_n, warps = config or decode_config_for(cache_k.dtype, splits)
     o = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     _triton_kernel[(b, kv, splits)](
         q, cache_k, cache_v, block_tables, lengths, o, lse,
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        scale, GROUP=group, GROUP_PAD=max(16, group), D=d, PAGE=page_size, BLOCK_N=64, SPLITS=splits,
+        scale, GROUP=group, GROUP_PAD=max(16, group), D=d,
+        PAGE=page_size, BLOCK_N=block_n, SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2)
+        **K._pdl(), num_warps=warps, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)
     from serve_app.engine._private.kernels import merge_splits

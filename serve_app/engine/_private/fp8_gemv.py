@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from serve_app.engine._private import cuda_graphs
+from serve_app.engine._private.kernels import _pdl, _pdl_enter
 
 
 @triton.jit
@@ -40,7 +41,9 @@ def _tile(N, K, k_per_split, BM: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     rn, nmask, rm, k0, k1 = _tile(N, K, k_per_split, BM, BN)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for kk in range(0, k_per_split, BK):      # (not range(k0, k1): the interpreter wants scalars)
@@ -60,8 +63,10 @@ def _w8a16_kernel(X, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
 
 @triton.jit
 def _w8a8_swap_kernel(X, XS, W, WS, Y, M, N, K, s_xm, s_wn, s_ys, s_ym, k_per_split,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PARTIAL: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """``y.T = (w @ xq.T) * ws * xs.T`` with e4m3 ``w`` and ``xq``: weight rows on the MMA's M side."""
+    _pdl_enter(PDL)
     rn, nmask, rm, k0, k1 = _tile(N, K, k_per_split, BM, BN)
     mmask = rm < M
     acc = tl.zeros([BN, BM], dtype=tl.float32)
@@ -125,7 +130,7 @@ def linear(x, q: torch.Tensor, scale: torch.Tensor, config: tuple, partial: bool
     else:
         y = torch.empty(1, m, n, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(n, bn), splits)
-    common = dict(BM=bm, BN=bn, BK=bk, PARTIAL=splits > 1, num_warps=warps, num_stages=stages)
+    common = dict(BM=bm, BN=bn, BK=bk, PARTIAL=splits > 1, num_warps=warps, num_stages=stages, **_pdl())
     if kind == "swap8":
         _w8a8_swap_kernel[grid](x, xs, q, scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0),
                                 y.stride(1), k_per, **common)

@@ -10,6 +10,26 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# Programmatic dependent launch (Hopper+): a kernel of the step may be scheduled while the one
+# before it drains, and waits (griddepcontrol.wait) before it touches memory. A decode step is
+# ~400 small kernels, each with a launch and a tail. Set by the runner (engine.pdl).
+PDL = False
+
+
+def _pdl() -> dict:
+    """Launch arguments of a kernel that takes part: its PDL constexpr and the launch attribute."""
+    return {"PDL": True, "launch_pdl": True} if PDL else {}
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    """First statement of a taking-part kernel: wait for the kernel before (all its writes are
+    then visible, and it no longer reads what this one writes), then let the next one launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def row_warps(elements: int) -> int:
@@ -21,7 +41,9 @@ def row_warps(elements: int) -> int:
 
 @triton.jit
 def _rms_kernel(X, R, W, Y, RO, S, stride_x, stride_r, stride_y, stride_ro, stride_part, n, eps,
-                HAS_RES: tl.constexpr, QUANT: tl.constexpr, NPART: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_RES: tl.constexpr, QUANT: tl.constexpr, NPART: tl.constexpr, BLOCK: tl.constexpr,
+                PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n
@@ -79,13 +101,14 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tenso
     _rms_kernel[(rows,)](x, r, w, y, ro, s, x.stride(-2), r.stride(0), y.stride(0), ro.stride(0),
                          x.stride(0) if nparts else 0, n, eps, HAS_RES=residual is not None,
                          QUANT=quant, NPART=nparts, BLOCK=triton.next_power_of_2(n),
-                         num_warps=row_warps(n * max(1, nparts)))
+                         **_pdl(), num_warps=row_warps(n * max(1, nparts)))
     out = (y, s) if quant else y
     return (out, ro) if residual is not None else out
 
 
 @triton.jit
-def _quant_rows_kernel(X, Q, S, stride_x, stride_q, n, BLOCK: tl.constexpr):
+def _quant_rows_kernel(X, Q, S, stride_x, stride_q, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n
@@ -98,7 +121,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, n = x.shape
     q, s = _fp8_out(rows, n, x.device)
     _quant_rows_kernel[(rows,)](x, q, s, x.stride(0), q.stride(0), n,
-                                BLOCK=triton.next_power_of_2(n), num_warps=row_warps(n))
+                                BLOCK=triton.next_power_of_2(n), **_pdl(), num_warps=row_warps(n))
     return q, s
 
 
@@ -118,7 +141,8 @@ def _to_kv(x, PTR, KV_FP8: tl.constexpr):
 def _qk_norm_rope_kernel(QKV, QN, KN, COS, SIN, POS, PAGE, OFF, QO, KC, VC, KO,
                          s_qkv, s_qo_b, s_qo_h, s_kp, s_kh, s_ks, s_cos, s_ko_b, s_ko_h, eps,
                          HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HB: tl.constexpr,
-                         WRITE_K: tl.constexpr, KV_FP8: tl.constexpr):
+                         WRITE_K: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     # One program: HB heads of one token (all q or all k: HB divides HQ and HK), so the token's
     # cos/sin rows and the norm weight are loaded once and each load is HB rows wide.
     b = tl.program_id(0).to(tl.int64)
@@ -193,7 +217,7 @@ def qk_norm_rope_store(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, co
         qkv.stride(0), q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         cos.stride(0), ko.stride(0), ko.stride(1), eps, HQ=hq, HK=hk, D=d, HB=hb,
         WRITE_K=k_out is not None, KV_FP8=cache_k.dtype == torch.float8_e4m3fn,
-        num_warps=max(1, min(4, hb // 2)))
+        **_pdl(), num_warps=max(1, min(4, hb // 2)))
     return q
 
 
@@ -225,7 +249,8 @@ def vision_rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads:
 
 
 @triton.jit
-def _silu_mul_kernel(GU, Y, s_gu, s_y, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, Y, s_gu, s_y, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < n
@@ -237,10 +262,11 @@ def _silu_mul_kernel(GU, Y, s_gu, s_y, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_quant_kernel(GU, Q, S, s_gu, s_q, n, BLOCK: tl.constexpr):
+def _silu_mul_quant_kernel(GU, Q, S, s_gu, s_q, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """One whole row per program, in one pass: the row's absolute maximum needs all of it, and
     a decode step has only a few rows, so each program must not loop over its row twice (a
     two-pass version took 6.5 us per call at 8 rows on an H200)."""
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n
@@ -261,17 +287,18 @@ def silu_mul(gu: torch.Tensor, quant: bool = False):
     if quant:
         q, s = _fp8_out(rows, n, gu.device)
         _silu_mul_quant_kernel[(rows,)](gu, q, s, gu.stride(0), q.stride(0), n,
-                                        BLOCK=triton.next_power_of_2(n), num_warps=row_warps(n))
+                                        BLOCK=triton.next_power_of_2(n), **_pdl(), num_warps=row_warps(n))
         return q, s
     y = torch.empty(rows, n, dtype=gu.dtype, device=gu.device)
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](gu, y, gu.stride(0), y.stride(0), n, BLOCK=block,
-                                                    num_warps=4)
+                                                    **_pdl(), num_warps=4)
     return y
 
 
 @triton.jit
 def _merge_splits_kernel(O, LSE, Y, s_ob, s_oh, s_os, s_lb, s_lh, s_yb, s_yh,
-                         S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr):
+                         S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     sp = tl.arange(0, S_PAD)
@@ -292,5 +319,5 @@ def merge_splits(o: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torc
     y = torch.empty(b, h, d, dtype=dtype, device=o.device)
     _merge_splits_kernel[(b, h)](o, lse, y, o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
                                  lse.stride(1), y.stride(0), y.stride(1), S=s,
-                                 S_PAD=triton.next_power_of_2(s), D=d, num_warps=1)
+                                 S_PAD=triton.next_power_of_2(s), D=d, **_pdl(), num_warps=1)
     return y

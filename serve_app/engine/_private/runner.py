@@ -57,7 +57,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class ModelRunner:
     def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int,
                  page_size: int = 16, fuse: bool | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", vision_quantization: str | None = None,
+                 pdl: bool = False):
         self.model = model
         self.device = device
         cfg = model.config
@@ -71,6 +72,11 @@ class ModelRunner:
         if kv_cache_dtype == "fp8" and (why := fp8.supported(device)):
             # the Triton store and decode attention convert to and from e4m3 (sm_89+)
             raise ValueError(f"kv_cache_dtype='fp8': {why}")
+        if pdl:       # griddepcontrol is a Hopper instruction; the flag is the kernels module's
+            if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+                raise ValueError("pdl needs a GPU of compute capability 9.0+ (Hopper, Blackwell)")
+            from serve_app.engine._private import kernels
+            kernels.PDL = True
         # 'fp8': e4m3 K/V without scales (see config.kv_cache_dtype); 'auto': the model's dtype
         self.kv_dtype = fp8.FP8 if kv_cache_dtype == "fp8" else self.dtype
         self.num_layers = tc.num_hidden_layers
@@ -92,10 +98,11 @@ class ModelRunner:
         # separate ones so fp32 results stay identical to HF.
         self.fuse = self.is_cuda if fuse is None else fuse
         self.fused_prefill = True      # GPU: fused prefill layers (False: the plain torch layers)
-        if quantization not in (None, "fp8"):
-            raise ValueError(f"unknown quantization {quantization!r} (supported: 'fp8')")
-        if quantization == "fp8" and (why := fp8.supported(device)):
-            raise ValueError(why)
+        for name, value in (("quantization", quantization), ("vision_quantization", vision_quantization)):
+            if value not in (None, "fp8"):
+                raise ValueError(f"unknown {name} {value!r} (supported: 'fp8')")
+            if value == "fp8" and (why := fp8.supported(device)):
+                raise ValueError(f"{name}='fp8': {why}")
         self.fp8 = quantization == "fp8"   # the decoder layers' linears as FP8 GEMMs
         # FP8 decode: per (projection, row tile) a Triton kernel's config (fp8_gemv: "a16" or
         # "swap8"), or None for cuBLASLt W8A8; timed at start-up, before KV is sized. Empty: W8A8
@@ -131,7 +138,8 @@ class ModelRunner:
         self.prefill_attn_impl, pt = pick_packed_impl(
             device, self.num_heads, self.num_kv_heads, self.head_dim, [1024, 1024], True, self.dtype)
         self.attn_timings = {"vision": vt, "prefill": pt}
-        self.vision = VisionEncoder(self.visual, device, self.vision_attn_impl)
+        self.vision = VisionEncoder(self.visual, device, self.vision_attn_impl,
+                                    fp8=vision_quantization == "fp8")
         self._pg = None           # PrefillGraphs, when set up (setup_prefill_graphs)
         self.eager_prefill = {"passes": 0, "tokens": 0}   # packed eager passes (launch-bound)
         self._vg = None           # VisionGraphs, when set up (setup_vision_graphs)

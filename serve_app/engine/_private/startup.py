@@ -41,7 +41,8 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
     """The model runner with its KV cache and graphs, and the start-up info."""
     t0 = time.perf_counter()
     runner = ModelRunner(model, device, config.max_num_seqs, config.max_model_len,
-                         quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype)
+                         quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
+                         vision_quantization=config.vision_quantization, pdl=config.pdl)
     if runner.fp8 and device.type == "cuda" and config.cuda_graphs:
         runner.tune_fp8_decode()     # before KV is sized: its scratch is freed first
     kv_tokens, info = plan_kv_tokens(config, runner, budget)
@@ -75,7 +76,8 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
         info["sampler_warmup_s"] = round(warm_up(config.max_num_seqs, runner.vocab, device), 2)
     info.update(kv_tokens=kv_tokens, dtype=str(runner.dtype).replace("torch.", ""),
                 kv_dtype=str(runner.kv_dtype).replace("torch.", ""),
-                quantization=config.quantization,
+                quantization=config.quantization, vision_quantization=config.vision_quantization,
+                pdl=config.pdl,
                 device=str(device), page_size=runner.page_size,
                 startup_s=round(time.perf_counter() - t0, 2))
     return runner, info

@@ -12,6 +12,11 @@ interpolation and rotary tables on every call. Here:
 * on the GPU the rotary embedding is one Triton kernel per layer, in place on the fused qkv rows.
 
 Mergers (final and deepstack) are HF's modules, unchanged.
+
+With ``fp8``, each block's four linears (qkv, proj, fc1, fc2: most of the tower's GEMM FLOPs) run
+as FP8 GEMMs with per-channel weight and per-token activation scales, as the decoder's do
+(``fp8.linear``); their bf16 weights are freed. fc1 then loses the GELU epilogue (GELU is its
+own kernel).
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from serve_app.engine._private import fp8 as fp8_mod
 from serve_app.engine._private.attention import packed_attention
 
 _GRID_CACHE_SIZE = 64
 
 
 class VisionEncoder:
-    def __init__(self, visual: torch.nn.Module, device: torch.device, attn_impl: str = "sdpa"):
+    def __init__(self, visual: torch.nn.Module, device: torch.device, attn_impl: str = "sdpa",
+                 fp8: bool = False):
         self.v = visual
         cfg = visual.config
         self.device = device
@@ -43,6 +50,26 @@ class VisionEncoder:
         self.gelu_epilogue = (device.type == "cuda" and getattr(cfg, "hidden_act", "") == "gelu_pytorch_tanh"
                               and hasattr(torch, "_addmm_activation"))
         self._grids: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, ...]] = OrderedDict()
+        self.fp8 = fp8
+        self._fp8_w: list[dict[str, fp8_mod.Fp8Weight]] = [self._quantize(blk) for blk in visual.blocks] if fp8 else []
+
+    @staticmethod
+    def _linears(blk) -> dict[str, torch.nn.Linear]:
+        return {"qkv": blk.attn.qkv, "proj": blk.attn.proj, "fc1": blk.mlp.linear_fc1, "fc2": blk.mlp.linear_fc2}
+
+    def _quantize(self, blk) -> dict[str, "fp8_mod.Fp8Weight"]:
+        """One block's linears as FP8 weights, each bf16 original freed before the next."""
+        out = {}
+        for name, lin in self._linears(blk).items():
+            out[name] = fp8_mod.quantize_weight(lin.weight, f"v_{name}")
+            lin.weight.data = torch.empty(0, dtype=lin.weight.dtype, device=lin.weight.device)
+        return out
+
+    def _lin(self, x: torch.Tensor, i: int, name: str, lin: torch.nn.Linear) -> torch.Tensor:
+        """Block ``i``'s linear ``name``: FP8 when quantised, else the module's weights."""
+        if not self.fp8:
+            return F.linear(x, lin.weight, lin.bias)
+        return fp8_mod.linear(x, self._fp8_w[i][name], x.dtype, lin.bias)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,17 +129,17 @@ class VisionEncoder:
         for i, blk in enumerate(v.blocks):
             a = blk.attn
             hs = F.layer_norm(x, (self.dim,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
-            qkv = F.linear(hs, a.qkv.weight, a.qkv.bias)
+            qkv = self._lin(hs, i, "qkv", a.qkv)
             q, k, val = self._rope_(qkv, cos, sin)
             o = packed_attention(q, k, val, lens, causal=False, scale=a.scaling, impl=self.attn_impl)
-            x = x + F.linear(o.reshape(n, self.dim), a.proj.weight, a.proj.bias)
+            x = x + self._lin(o.reshape(n, self.dim), i, "proj", a.proj)
             hs = F.layer_norm(x, (self.dim,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
             m = blk.mlp
-            if self.gelu_epilogue:    # fc1 + bias + GELU(tanh) in one cuBLASLt GEMM
+            if self.gelu_epilogue and not self.fp8:    # fc1 + bias + GELU(tanh) in one cuBLASLt GEMM
                 a1 = torch._addmm_activation(m.linear_fc1.bias, hs, m.linear_fc1.weight.t(), use_gelu=True)
             else:
-                a1 = m.act_fn(m.linear_fc1(hs))
-            x = x + m.linear_fc2(a1)
+                a1 = m.act_fn(self._lin(hs, i, "fc1", m.linear_fc1))
+            x = x + self._lin(a1, i, "fc2", m.linear_fc2)
             j = self.deep_index.get(i)
             if j is not None:
                 deep.append(v.deepstack_merger_list[j](x))

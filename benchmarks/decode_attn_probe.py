@@ -1,0 +1,108 @@
+"""Split-K decode attention configs at the engine's decode shapes, timed as a step runs them (GPU).
+
+Why: at the app's decode batch (~10 rows of ~1.3k tokens) a step reads ~1.9 GB of 16-bit KV,
+~0.45 ms at an H200's copy rate, and its 36 attention calls are a large part of the 3.4 ms
+step. Compiled for sm_90, the engine's config (BLOCK_N 64, 4 warps) holds 255 registers and
+spills (`cuobjdump -res-usage`), which caps occupancy in a kernel that should be bound by memory.
+This times every ``attention.DECODE_CONFIGS`` entry per (KV dtype, batch, context): 36 layers'
+caches in turn inside one CUDA graph, pages scattered, the engine's split rule, with each
+config's error against the torch reference.
+
+    python benchmarks/decode_attn_probe.py OUT_JSON [BATCHES=1,10,32,64] [CONTEXT=1300]
+
+Without CUDA it writes the configs it would time and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._cuda_timing import measure  # noqa: E402
+from serve_app.engine._private import attention  # noqa: E402
+
+LAYERS, HQ, HK, D, PAGE = 36, 32, 8, 128, 16        # Qwen3-VL-4B's text model, the engine's pages
+
+
+def _caches(batch: int, context: int, dtype: torch.dtype, g: torch.Generator):
+    """Per layer (k, v) caches [pages, HK, PAGE, D] of ``batch`` rows, and scattered tables."""
+    per = -(-context // PAGE)
+    pages = batch * per + 1
+    layers = []
+    for _ in range(LAYERS):
+        k = torch.randn(pages, HK, PAGE, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        v = torch.randn(pages, HK, PAGE, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        layers.append((attention.to_cache_dtype(k, dtype), attention.to_cache_dtype(v, dtype)))
+    perm = torch.randperm(pages - 1, device="cuda", generator=g) + 1
+    tables = [perm[i * per:(i + 1) * per] for i in range(batch)]
+    bt = torch.stack(tables).int()
+    return layers, tables, bt
+
+
+def probe(out: str, batches: list[int], context: int) -> dict:
+    res: dict = {"configs": attention.DECODE_CONFIGS, "engine_config": attention.DECODE_CONFIG,
+                 "batches": batches, "context": context, "layers": LAYERS}
+    if not torch.cuda.is_available():
+        res["note"] = "no CUDA: nothing timed"
+        Path(out).write_text(json.dumps(res, indent=1))
+        return res
+    props = torch.cuda.get_device_properties(0)
+    res.update(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scale = D ** -0.5
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for b in batches:
+            layers, tables, bt = _caches(b, context, dtype, g)
+            lens = torch.full((b,), context, dtype=torch.int32, device="cuda")
+            q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            splits = attention.num_splits_for(b, HK, props.multi_processor_count)
+            kv_bytes = b * context * HK * D * layers[0][0].element_size() * 2 * LAYERS
+            want = attention.decode_attention_torch(q, *layers[0], tables, [context] * b, scale).float()
+            row = {"splits": splits, "kv_gb_per_step": round(kv_bytes / 1e9, 3)}
+            for config in attention.DECODE_CONFIGS:
+                def step(config=config):
+                    for k, v in layers:
+                        attention.decode_attention_triton(q, k, v, bt, lens, scale, splits, PAGE, config)
+                r: dict = {}
+                try:
+                    got = attention.decode_attention_triton(q, *layers[0], bt, lens, scale, splits, PAGE, config)
+                    r["rel_err"] = float((got.float() - want).norm() / want.norm())
+                    step()                                    # compile outside the capture
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step()
+                    ms = measure(graph.replay, 8, 4)["gpu_ms"]
+                    r.update(step_ms=ms, us_per_call=round(1e3 * ms / LAYERS, 2),
+                             gb_per_s=round(kv_bytes / ms / 1e6, 1))
+                except Exception as e:  # noqa: BLE001 - a config that fails is a result
+                    r["error"] = repr(e)[:300]
+                row[str(config)] = r
+            best = min((c for c in row if c.startswith("(") and "step_ms" in row[c]),
+                       key=lambda c: row[c]["step_ms"], default=None)
+            row["best"] = best
+            res[f"{str(dtype).replace('torch.', '')}_b{b}"] = row
+            print(dtype, b, json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    Path(out).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    batches = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1, 10, 32, 64]
+    context = int(sys.argv[3]) if len(sys.argv) > 3 else 1300
+    t0 = time.time()
+    res = probe(sys.argv[1], batches, context)
+    print("wall_s", round(time.time() - t0, 1), "configs", res["configs"])
+
+
+if __name__ == "__main__":
+    main()

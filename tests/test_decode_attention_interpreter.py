@@ -1,0 +1,74 @@
+"""The split-K decode attention kernel in every config, run by Triton's CPU interpreter against
+the torch reference: scattered pages, ragged lengths, 1 and 3 splits.
+
+fp32 q over an fp32 and an e4m3 cache (upcast on load), for every config: the interpreter does
+not emulate a bf16 ``tl.dot`` faithfully (garbage for bf16 operands, where the GPU test of the
+same configs passes), so 16-bit math is the GPU test's part. The interpreter runs in a
+subprocess (TRITON_INTERPRET is read when kernels are defined), with one patch: under NumPy 2.4
+its ``__index__`` of a loaded scalar fails on a 1-element array (the kernel's loop bounds)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r'''
+import numpy as np, torch
+import triton.runtime.interpreter as interp
+_orig = interp._patch_lang_tensor
+def _patched(tensor, scope):
+    _orig(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+interp._patch_lang_tensor = _patched
+from serve_app.engine._private import attention as A
+torch.manual_seed(0)
+b, h, kv, d, page = 3, 8, 2, 128, 16
+lens = [37, 130, 5]
+per = [-(-n // page) for n in lens]
+worst = 0.0
+for dt in (torch.float32, torch.float8_e4m3fn):
+    ck = A.to_cache_dtype(torch.randn(sum(per) + 1, kv, page, d) * 2, dt)
+    cv = A.to_cache_dtype(torch.randn(sum(per) + 1, kv, page, d), dt)
+    perm = torch.randperm(sum(per)) + 1
+    tables, start = [], 0
+    for n in per:
+        tables.append(perm[start:start + n]); start += n
+    bt = torch.zeros(b, max(per), dtype=torch.int32)
+    for i, t in enumerate(tables):
+        bt[i, :len(t)] = t
+    q = torch.randn(b, h, d)
+    want = A.decode_attention_torch(q.float(), ck.float(), cv.float(), tables, lens, d ** -0.5)
+    for cfg in A.DECODE_CONFIGS + [None]:          # None: decode_config_for's pick
+        for splits in (1, 3):
+            got = A.decode_attention_triton(q, ck, cv, bt, torch.tensor(lens, dtype=torch.int32), d ** -0.5,
+                                            splits, page, cfg)
+            err = ((got.float() - want).norm() / want.norm()).item()
+            assert err < 1e-5, (dt, cfg, splits, err)
+            worst = max(worst, err)
+print("ok", len(A.DECODE_CONFIGS), "configs, worst relative error", worst)
+'''
+
+
+def test_every_decode_attention_config_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout.startswith("ok"), r.stdout
+
+
+def test_decode_config_pick():
+    """The measured picks: (32, 4) only over an FP8 cache in one split, (64, 4) elsewhere."""
+    import torch
+
+    from serve_app.engine._private import attention as A
+    assert A.decode_config_for(torch.float8_e4m3fn, 1) == A.DECODE_CONFIG_FP8_ONE_SPLIT == (32, 4)
+    assert A.decode_config_for(torch.float8_e4m3fn, 4) == A.DECODE_CONFIG == (64, 4)
+    assert A.decode_config_for(torch.bfloat16, 1) == A.DECODE_CONFIG

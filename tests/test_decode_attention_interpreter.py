@@ -1,5 +1,5 @@
 """The split-K decode attention kernel in every config, run by Triton's CPU interpreter against
-the torch reference: scattered pages, ragged lengths, 1 and 3 splits.
+the torch reference: scattered pages, ragged lengths, 1 and 4 splits.
 
 fp32 q over an fp32 and an e4m3 cache (upcast on load), for every config: the interpreter does
 not emulate a bf16 ``tl.dot`` faithfully (garbage for bf16 operands, where the GPU test of the
@@ -45,7 +45,7 @@ for dt in (torch.float32, torch.float8_e4m3fn):
     q = torch.randn(b, h, d)
     want = A.decode_attention_torch(q.float(), ck.float(), cv.float(), tables, lens, d ** -0.5)
     for cfg in A.DECODE_CONFIGS + [None]:          # None: decode_config_for's pick
-        for splits in (1, 3):
+        for splits in (1, 4):
             got = A.decode_attention_triton(q, ck, cv, bt, torch.tensor(lens, dtype=torch.int32), d ** -0.5,
                                             splits, page, cfg)
             err = ((got.float() - want).norm() / want.norm()).item()
@@ -65,10 +65,14 @@ def test_every_decode_attention_config_in_the_interpreter():
 
 
 def test_decode_config_pick():
-    """The measured picks: (32, 4) only over an FP8 cache in one split, (64, 4) elsewhere."""
+    """The measured picks: (32, 4) over an FP8 cache in one split, (128, 8) over a 16-bit cache
+    in 4+ splits, (64, 4) elsewhere."""
     import torch
 
     from serve_app.engine._private import attention as A
-    assert A.decode_config_for(torch.float8_e4m3fn, 1) == A.DECODE_CONFIG_FP8_ONE_SPLIT == (32, 4)
-    assert A.decode_config_for(torch.float8_e4m3fn, 4) == A.DECODE_CONFIG == (64, 4)
-    assert A.decode_config_for(torch.bfloat16, 1) == A.DECODE_CONFIG
+    e4m3, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    assert A.decode_config_for(e4m3, 1) == A.DECODE_CONFIG_FP8_ONE_SPLIT == (32, 4)
+    assert A.decode_config_for(e4m3, 4) == A.decode_config_for(e4m3, 16) == A.DECODE_CONFIG == (64, 4)
+    assert A.decode_config_for(bf16, 1) == A.decode_config_for(bf16, 2) == A.DECODE_CONFIG
+    assert A.decode_config_for(bf16, 4) == A.DECODE_CONFIG_16BIT_MANY_SPLITS == (128, 8)
+    assert A.decode_config_for(torch.float32, 16) == (128, 8)

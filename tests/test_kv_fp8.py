@@ -209,7 +209,8 @@ def test_triton_decode_attention_every_config(kv_dtype):
         bt[i, :len(t)] = t
     q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
     want = attention.decode_attention_torch(q, cache_k, cache_v, tables, lens, d ** -0.5)
-    assert {attention.DECODE_CONFIG, attention.DECODE_CONFIG_FP8_ONE_SPLIT} <= set(attention.DECODE_CONFIGS)
+    picks = {attention.decode_config_for(dt, s) for dt in (torch.bfloat16, E4M3) for s in (1, 2, 4, 16)}
+    assert picks <= set(attention.DECODE_CONFIGS)
     for config in attention.DECODE_CONFIGS:
         for splits in (1, 4):
             got = attention.decode_attention_triton(q, cache_k, cache_v, bt,

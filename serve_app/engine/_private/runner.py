@@ -72,11 +72,13 @@ class ModelRunner:
         if kv_cache_dtype == "fp8" and (why := fp8.supported(device)):
             # the Triton store and decode attention convert to and from e4m3 (sm_89+)
             raise ValueError(f"kv_cache_dtype='fp8': {why}")
-        if pdl:       # griddepcontrol is a Hopper instruction; the flag is the kernels module's
-            if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-                raise ValueError("pdl needs a GPU of compute capability 9.0+ (Hopper, Blackwell)")
+        if pdl and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0)):
+            raise ValueError("pdl needs a GPU of compute capability 9.0+ (Hopper, Blackwell)")
+        if device.type == "cuda":
+            # griddepcontrol is a Hopper instruction. The flag is the kernels module's, so one per
+            # process (a replica has one runner): the latest runner's setting holds.
             from serve_app.engine._private import kernels
-            kernels.PDL = True
+            kernels.PDL = pdl
         # 'fp8': e4m3 K/V without scales (see config.kv_cache_dtype); 'auto': the model's dtype
         self.kv_dtype = fp8.FP8 if kv_cache_dtype == "fp8" else self.dtype
         self.num_layers = tc.num_hidden_layers

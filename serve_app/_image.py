@@ -203,6 +203,16 @@ def _looks_like_text(head: bytes) -> bool:
     return bool(s) and sum(c.isprintable() or c.isspace() for c in s) >= 0.95 * len(s)
 
 
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+def parser_reason(e: Exception) -> str:
+    """A parser's message as a client may read it: without object reprs (``<_io.BytesIO object at
+    0x..>``: memory addresses of this process), and capped in length."""
+    msg = " ".join(_OBJECT_REPR.sub("", str(e)).split()) or type(e).__name__
+    return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Open (header only) and check size, pixel count and aspect ratio before any pixel decode."""
     if not data:
@@ -214,9 +224,10 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ServeAppError(f"image is too large to decode safely: {e}", 413, "image_too_large") from None
+        raise ServeAppError(f"image is too large to decode safely: {parser_reason(e)}", 413,
+                            "image_too_large") from None
     except Exception as e:  # untrusted input: any parser failure is the client's corrupt file
-        raise ServeAppError(f"invalid {fmt} image: {e}", 400, "invalid_image") from None
+        raise ServeAppError(f"invalid {fmt} image: {parser_reason(e)}", 400, "invalid_image") from None
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ServeAppError(f"invalid {fmt} image: size {w}x{h}", 400, "invalid_image")
@@ -240,9 +251,10 @@ def load_image(im: Image.Image) -> Image.Image:
         im.seek(0)
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ServeAppError(f"image is too large to decode safely: {e}", 413, "image_too_large") from None
+        raise ServeAppError(f"image is too large to decode safely: {parser_reason(e)}", 413,
+                            "image_too_large") from None
     except Exception as e:
-        raise ServeAppError(f"invalid {im.format} image (truncated or corrupt): {e}", 400,
+        raise ServeAppError(f"invalid {im.format} image (truncated or corrupt): {parser_reason(e)}", 400,
                             "invalid_image") from None
     return im
 
@@ -300,7 +312,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     except ServeAppError:
         raise
     except Exception as e:
-        raise ServeAppError(f"invalid {im.format} image: {e}", 400, "invalid_image") from None
+        raise ServeAppError(f"invalid {im.format} image: {parser_reason(e)}", 400, "invalid_image") from None
 
 
 # ---------------------------------------------------------------------------------------------

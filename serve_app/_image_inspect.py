@@ -11,7 +11,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from serve_app._image import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR, ImageLimits,
+from serve_app._image import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, FACTOR, ImageLimits, parser_reason,
                               image_id_for, load_image, open_image, smart_resize, to_rgb)
 from serve_app.errors import ServeAppError
 
@@ -140,7 +140,7 @@ def inspect_image(data: bytes, limits: ImageLimits, min_pixels: int = DEFAULT_MI
     except ServeAppError:
         raise
     except Exception as e:
-        raise ServeAppError(f"invalid {fmt} image: {e}", 400, "invalid_image") from None
+        raise ServeAppError(f"invalid {fmt} image: {parser_reason(e)}", 400, "invalid_image") from None
     exif = exif_summary(im)
     if exif["orientation"] in (5, 6, 7, 8):
         w, h = h, w  # what the model sees after EXIF orientation

@@ -61,12 +61,9 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
-        if self.quantization and self.engine != "continuous":
-            raise ValueError(f"quantization={self.quantization!r} needs engine='continuous'")
-        if self.vision_quantization and self.engine != "continuous":
-            raise ValueError(f"vision_quantization={self.vision_quantization!r} needs engine='continuous'")
-        if self.pdl and self.engine != "continuous":
-            raise ValueError("pdl needs engine='continuous'")
-        if self.kv_cache_dtype != "auto" and self.engine != "continuous":
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs engine='continuous'")
+        if self.engine != "continuous":       # the options only the continuous engine has, and their off
+            for name, off in (("quantization", None), ("vision_quantization", None), ("kv_cache_dtype", "auto"),
+                              ("pdl", False)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
         return self

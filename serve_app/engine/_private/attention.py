@@ -437,5 +437,4 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         **K._pdl(), num_warps=warps, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)
-    from serve_app.engine._private.kernels import merge_splits
-    return merge_splits(o, lse, q.dtype)
+    return K.merge_splits(o, lse, q.dtype)

@@ -162,6 +162,11 @@ def test_greedy_matches_hf_generate_staggered(model_dir, hf_model, tokenizer):
     assert stats["finished_total"] == 10 and stats["running"] == 0
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
     assert any(len(r.prompt_token_ids) > 64 for r in reqs)  # chunked prefill was exercised
+    # every request's first token and end were timed once, into the engine's latency buckets
+    for name in ("ttft", "e2e"):
+        assert sum(stats[f"{name}_bucket_counts"]) == 10 and stats[f"{name}_s_total"] > 0
+        assert len(stats[f"{name}_bucket_counts"]) == len(stats[f"{name}_bucket_bounds_s"]) + 1
+    assert stats["e2e_s_total"] > stats["ttft_s_total"]
     for req, (toks, text, last) in zip(reqs, results):
         ref = _hf_greedy(hf_model, req)
         assert toks == ref, req.request_id

@@ -235,6 +235,23 @@ def test_engine_breakdown_from_stats_snapshots():
                           {"vlm": {"engine": "hf-generate", "finished_total": 4}}, 1.0)
     assert hf == {"engine": "hf-generate", "counters": {"finished_total": 3}}
     assert engine_breakdown(None, after, 1.0) is None
+    assert "engine_ttft_mean_ms" not in b      # an engine without TTFT buckets
+
+
+def test_engine_latency_from_bucket_counts():
+    bounds = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
+    before = {"vlm": {"engine": "continuous", "ttft_s_total": 1.0, "ttft_bucket_bounds_s": bounds,
+                      "ttft_bucket_counts": [5, 0, 0, 0, 0, 0, 0]}}
+    # 100 more first tokens: 90 in (0.05, 0.1], 5 in (0.2, 0.4], 3 in (0.4, 0.8], 2 over 1.6 s
+    after = {"vlm": {"engine": "continuous", "ttft_s_total": 21.0, "ttft_bucket_bounds_s": bounds,
+                     "ttft_bucket_counts": [5, 90, 0, 5, 3, 0, 2]}}
+    b = engine_breakdown(before, after, wall_s=10.0)
+    assert b["engine_ttft_mean_ms"] == 200.0
+    assert (b["engine_ttft_p50_le_ms"], b["engine_ttft_p95_le_ms"]) == (100, 400)
+    assert "engine_e2e_mean_ms" not in b       # no e2e buckets in these snapshots
+    after["vlm"]["ttft_bucket_counts"] = [5, 90, 0, 0, 0, 0, 10]
+    assert engine_breakdown(before, after, 10.0)["engine_ttft_p95_le_ms"] is None   # past the last bound
+    assert "engine_ttft_mean_ms" not in engine_breakdown(before, before, 10.0)      # nothing new
 
 
 def test_markdown_table_and_plot(tmp_path):

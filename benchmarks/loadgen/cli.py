@@ -345,8 +345,9 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
                      f"{s.get('first_miss', '-')} | {s.get('max_achieved_qps', '-')} | {note} |")
     lines += ["", "Engine time per step (from /v1/stats; 'other' = scheduling and idle):", "",
               "| engine | load | prefill s | decode s | other % | decode ms/step | mean decode batch | "
-              "prefill tok/s | prefill graph replays / eager passes | engine thread busy / CPU % |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "prefill tok/s | prefill graph replays / eager passes | engine thread busy / CPU % | "
+              "engine TTFT mean / P95 under ms | engine e2e mean / P95 under ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         for st in s["steps"]:
             et = st.get("engine_time") or {}
@@ -356,7 +357,9 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
                              f"{et['decode_s']} | {et['other_pct']} | {et.get('decode_ms_per_step', '-')} | "
                              f"{et.get('mean_decode_batch', '-')} | {et.get('prefill_tokens_per_s', '-')} | "
                              f"{c.get('prefill_graph_replays', '-')} / {c.get('prefill_eager_passes', '-')} | "
-                             f"{et.get('host_busy_pct', '-')} / {et.get('host_cpu_pct', '-')} |")
+                             f"{et.get('host_busy_pct', '-')} / {et.get('host_cpu_pct', '-')} | "
+                             f"{et.get('engine_ttft_mean_ms', '-')} / {et.get('engine_ttft_p95_le_ms', '-')} | "
+                             f"{et.get('engine_e2e_mean_ms', '-')} / {et.get('engine_e2e_p95_le_ms', '-')} |")
     starts = [(s["engine"], s["engine_info"]) for s in sweeps if s.get("engine_info")]
     if starts:
         keys = ("startup_s", "graph_capture_s", "prefill_graph_capture_s", "kv_tokens", "quantization")

@@ -236,7 +236,8 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
         if k in a and k in b:
             counters[k] = a[k] - b[k]
     tb, ta = _engine_times(b), _engine_times(a)
-    out: dict[str, Any] = {"engine": a.get("engine"), "counters": counters}
+    out: dict[str, Any] = {"engine": a.get("engine"), "counters": counters,
+                           **engine_latency(b, a, "ttft"), **engine_latency(b, a, "e2e")}
     if ta.prefill_s is None or ta.decode_s is None:
         return out
     pre, dec = ta.prefill_s - tb.prefill_s, ta.decode_s - tb.decode_s
@@ -262,6 +263,31 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
     if counters.get("prompt_tokens_total") and pre > 0:
         out["prefill_tokens_per_s"] = round(counters["prompt_tokens_total"] / pre, 1)
     return out
+
+
+def engine_latency(b: dict[str, Any], a: dict[str, Any], name: str) -> dict[str, Any]:
+    """One of the engine's latency bucket sets (``ttft``: arrival in the engine -> first token;
+    ``e2e``: -> last token) between two snapshots: the mean, and the bucket bounds under which 50 %
+    and 95 % fall (``None`` past the last bound). Against the client's figures this says whether a
+    tail is made in the engine or in front of it (router, Preprocess, Ingress, proxy)."""
+    key, bounds = f"{name}_bucket_counts", a.get(f"{name}_bucket_bounds_s")
+    if not bounds or key not in b or key not in a:
+        return {}
+    counts = [x - y for x, y in zip(a[key], b[key])]
+    n = sum(counts)
+    if n <= 0:
+        return {}
+
+    def bound_at(q: float) -> int | None:
+        seen = 0
+        for bound, c in zip(list(bounds) + [None], counts):
+            seen += c
+            if seen >= q * n:
+                return None if bound is None else round(1000 * bound)
+        return None
+    total = a[f"{name}_s_total"] - b[f"{name}_s_total"]
+    return {f"engine_{name}_mean_ms": round(1000 * total / n, 1),
+            f"engine_{name}_p50_le_ms": bound_at(0.5), f"engine_{name}_p95_le_ms": bound_at(0.95)}
 
 
 # -------------------------------------------------------------------------------- markdown

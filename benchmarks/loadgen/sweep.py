@@ -188,6 +188,12 @@ def step_line(step: dict[str, Any]) -> str:
         vis = "-" if et.get("vision_pct") is None else f"{et['vision_pct']:.0f}"
         split = (f" prefill/vision/decode/other {et['prefill_pct']:.0f}/{vis}/{et['decode_pct']:.0f}/"
                  f"{et['other_pct']:.0f}%")
+    if et.get("engine_ttft_mean_ms") is not None:
+        split += (f" engine TTFT mean {et['engine_ttft_mean_ms']:.0f} ms, P95 <= "
+                  f"{et['engine_ttft_p95_le_ms'] or 'inf'} ms")
+    if et.get("engine_e2e_mean_ms") is not None:
+        split += (f", engine e2e mean {et['engine_e2e_mean_ms']:.0f} ms, P95 <= "
+                  f"{et['engine_e2e_p95_le_ms'] or 'inf'} ms")
     verdict = ""
     if "slo_violations" in step:
         verdict = " SLO ok" if not step["slo_violations"] else " SLO MISS: " + "; ".join(step["slo_violations"])

@@ -24,6 +24,7 @@ import torch
 
 from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private import startup
+from serve_app.engine._private.latency import E2E_BOUNDS_S, TTFT_BOUNDS_S, LatencyBuckets
 from serve_app.engine._private.memory import split_by_budget, vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine._private.sampler import SlotSampling
@@ -99,6 +100,8 @@ class Scheduler:
         # GPU. Busy minus waiting near the wall time means the host, not the GPU, sets the pace.
         self._host = {"step": 0.0, "cpu": 0.0, "wait": 0.0}
         self._pending: list[tuple[str, Any]] = []
+        self._ttft = LatencyBuckets("ttft", TTFT_BOUNDS_S)
+        self._e2e = LatencyBuckets("e2e", E2E_BOUNDS_S)
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
@@ -419,6 +422,7 @@ class Scheduler:
                 continue                        # stopped or cancelled after this was launched
             if s.first_token_at is None:
                 s.first_token_at = now
+                self._ttft.observe(now - s.arrival)
             self._accept(s, tok)
 
 
@@ -442,6 +446,8 @@ class Scheduler:
         self._out(s.rid, TokenDelta(s.rid, text, toks, len(s.prompt), len(s.out), reason))
         self._release(s)
         self.counters["cancelled_total" if reason == "cancelled" else "finished_total"] += 1
+        if reason != "cancelled":
+            self._e2e.observe(time.monotonic() - s.arrival)
         self.counters["generation_tokens_total"] += len(s.out)
 
     def _fail_oom(self, s: _Seq, during: str) -> None:
@@ -476,6 +482,7 @@ class Scheduler:
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
                 **(self.runner.graph_stats() if self.runner else {}),
+                **self._ttft.stats(), **self._e2e.stats(),
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()},

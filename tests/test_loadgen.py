@@ -252,6 +252,10 @@ def test_engine_latency_from_bucket_counts():
     after["vlm"]["ttft_bucket_counts"] = [5, 90, 0, 0, 0, 0, 10]
     assert engine_breakdown(before, after, 10.0)["engine_ttft_p95_le_ms"] is None   # past the last bound
     assert "engine_ttft_mean_ms" not in engine_breakdown(before, before, 10.0)      # nothing new
+    before["vlm"].update(gc_collections=[100, 10, 1], gc_pause_s_total=0.5, gc_pause_max_s=0.2)
+    after["vlm"].update(gc_collections=[150, 14, 3], gc_pause_s_total=0.9, gc_pause_max_s=0.25)
+    b = engine_breakdown(before, after, 10.0)
+    assert (b["gc_collections"], b["gc_pause_s"], b["gc_pause_max_s"]) == ([50, 4, 2], 0.4, 0.25)
 
 
 def test_markdown_table_and_plot(tmp_path):

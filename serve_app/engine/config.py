@@ -53,6 +53,10 @@ class EngineConfig(BaseModel):
         0, ge=0, description="continuous engine: keep up to this many CUDA graphs of the vision tower, "
                              "one per image grid seen twice, captured while idle (0: off). An eager "
                              "vision call costs 10-20 ms of host launches, a replay ~1 ms. deployments.gpu.yaml sets 16")
+    gc_freeze: bool = Field(True, description="continuous engine: after start-up, freeze the objects alive "
+                                              "then (gc.freeze), so Python's full collections walk only what "
+                                              "serving made. One full collection over the start-up objects "
+                                              "stalls the engine thread for 0.1-0.3 s")
     vision_cache_mb: int = Field(256, ge=0, description="LRU of vision embeddings by image id")
     cache_dir: str | None = Field(None, description="where built-in models are written")
     kv_cache_tokens: int | None = Field(

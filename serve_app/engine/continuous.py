@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 
 import torch
 
+from serve_app.engine._private import gc_control
 from serve_app.engine._private.scheduler import Scheduler
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.protocol import EngineRequest, TokenDelta, merge_deltas, validate_images
@@ -49,6 +50,10 @@ class ContinuousEngine:
         self._loop = asyncio.get_running_loop()
         self._sched = await asyncio.to_thread(Scheduler.load, self.config, self._emit)
         self.tokenizer = self._sched.tokenizer
+        gc_control.watch()
+        if self.config.gc_freeze:
+            n = gc_control.freeze_startup_objects()
+            logger.info("froze %d start-up objects out of the garbage collector's walk", n)
         self._thread = threading.Thread(target=self._run, name="continuous-engine", daemon=True)
         self._thread.start()
         self._ready = True
@@ -64,6 +69,8 @@ class ContinuousEngine:
         if self._sched is not None:
             self._sched.close()
         self._sched = None
+        if self.config.gc_freeze:
+            gc_control.unfreeze()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -81,7 +88,7 @@ class ContinuousEngine:
         base = {"engine": "continuous", "streams_open": len(self._streams)}
         if self._sched is None:
             return base
-        return {**base, **self._sched.stats()}
+        return {**base, **self._sched.stats(), **gc_control.PAUSES.stats()}
 
     # ----------------------------------------------------------------------------- requests
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:

@@ -6,9 +6,11 @@ Ray. The first item of every stream is an empty "accepted" delta carrying the pr
 which lets the ingress answer 4xx instead of a broken 200 stream.
 
 Every streamed item costs the replica's event loop (and the GIL the engine thread needs), so with
-``stream_interval_ms`` the deltas of a request are merged and sent at most once per interval, as Ray
-Serve LLM's ``stream_batching_interval_ms`` does: the first text goes out at once (TTFT unchanged)
-and the final delta is never held back.
+``stream_interval_ms`` the engine merges a request's deltas and hands them over at most once per
+interval, as Ray Serve LLM's ``stream_batching_interval_ms`` does: the first text goes out at once
+(TTFT unchanged) and the final delta is never held back (``engine.protocol.DeltaCoalescer``). The
+continuous engine merges where its thread's outputs reach the loop, so a stream's task wakes once
+per interval rather than once per decode step.
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any, AsyncGenerator, AsyncIterator, Sequence
+from typing import Any, AsyncGenerator, Sequence
 
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from serve_app.engine import EngineConfig, EngineRequest, ImageInput, SamplingParams, TokenDelta
 from serve_app.engine import create_engine
-from serve_app.engine.protocol import merge_deltas
 from serve_app.errors import ServeAppError
 from serve_app import _engine_metrics
 from serve_app._prompt import PromptBuilder
@@ -32,37 +33,6 @@ from serve_app._prompt import PromptBuilder
 logger = logging.getLogger("ray.serve")
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
-
-
-async def coalesce_deltas(stream: AsyncIterator[TokenDelta], interval_s: float,
-                          clock=time.monotonic) -> AsyncGenerator[TokenDelta, None]:
-    """Re-stream ``stream`` with its deltas merged into at most one item per ``interval_s``.
-
-    Deltas pass through unchanged until one carrying text has gone out (so time to first token is
-    not delayed); after that they are held and sent merged once ``interval_s`` has passed since the
-    last item. The rule is checked when a delta arrives, with no timer task: the engine emits a
-    delta per decode step, so a held token waits at most the interval plus one step. A finished
-    delta flushes at once; held deltas are sent before an exception from ``stream`` is re-raised.
-    Closing this generator does not close ``stream``: the caller owns it.
-    """
-    pending: list[TokenDelta] = []
-    last_sent, text_sent = 0.0, False
-    try:
-        async for delta in stream:
-            pending.append(delta)
-            now = clock()
-            if delta.finish_reason is not None or not text_sent or now - last_sent >= interval_s:
-                out = merge_deltas(pending)
-                pending = []
-                text_sent = text_sent or bool(out.text)
-                last_sent = now
-                yield out
-    except Exception:
-        if pending:
-            yield merge_deltas(pending)
-        raise
-    if pending:  # the engine ended without a finished delta (not expected): lose nothing
-        yield merge_deltas(pending)
 
 
 @serve.deployment(name="VLM", max_ongoing_requests=64, health_check_period_s=10,
@@ -140,15 +110,15 @@ class VLM:
                        sampling: dict[str, Any]) -> AsyncGenerator[TokenDelta, None]:
         t0 = time.perf_counter()
         ids = self.prompts.build(messages, images)
-        request = EngineRequest(request_id, ids, list(images), self._sampling(sampling, len(ids)))
+        request = EngineRequest(request_id, ids, list(images), self._sampling(sampling, len(ids)),
+                                stream_interval_s=self.stream_interval_s)
         yield TokenDelta(request_id, "", [], len(ids), 0, None)  # accepted
         stream = self.engine.generate(request)
-        deltas = coalesce_deltas(stream, self.stream_interval_s) if self.stream_interval_s else stream
         finish, n_gen, first = None, 0, True
         self._running += 1
         self._m_running.set(self._running)
         try:
-            async for delta in deltas:
+            async for delta in stream:
                 if first and delta.token_ids:
                     self._m_ttft.observe(time.perf_counter() - t0)
                     first = False
@@ -158,8 +128,6 @@ class VLM:
             finish = "error"   # e.g. gpu_out_of_memory: counted apart from client cancels
             raise
         finally:
-            if deltas is not stream:
-                await deltas.aclose()
             await stream.aclose()  # on client disconnect this cancels the engine request
             self._running -= 1
             self._m_running.set(self._running)

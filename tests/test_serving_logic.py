@@ -161,7 +161,7 @@ class _Clock:
 
 
 def _coalesced(items, interval_s):
-    from serve_app.vlm import coalesce_deltas
+    from serve_app.engine.protocol import coalesce_deltas
 
     clock = _Clock()
 
@@ -243,3 +243,32 @@ def test_engine_import_path_builds_a_custom_engine(tiny_model_path):
         create_engine(EngineConfig(engine="serve_app.engine.config:EngineConfig"))
     with pytest.raises(pydantic.ValidationError):
         EngineConfig(engine="not an engine")
+
+
+def test_continuous_engine_dispatch_holds_merges_and_flushes_before_an_error():
+    """The continuous engine applies the stream interval where its thread's outputs reach the
+    loop: held deltas are not queued (the consumer is not woken), and go out merged before an
+    error."""
+    from serve_app.engine.config import EngineConfig
+    from serve_app.engine.continuous import ContinuousEngine
+    from serve_app.engine.protocol import DeltaCoalescer
+
+    async def main():
+        engine = ContinuousEngine(EngineConfig(engine="continuous", device="cpu"))
+        clock = _Clock()
+        q: asyncio.Queue = asyncio.Queue()
+        engine._streams["r"] = (q, DeltaCoalescer(1.0, clock))
+        engine._streams["plain"] = (plain := asyncio.Queue(), None)
+        got = []
+        for t, item in [(0.0, _delta(1)), (0.1, _delta(2)), (0.2, _delta(3))]:
+            clock.now = t
+            engine._dispatch([("r", item), ("plain", item)])
+            got.append(q.qsize())
+        boom = ServeAppError("engine failed", 503, "engine_failed")
+        engine._dispatch([("r", boom), ("gone", _delta(9))])   # a stream already closed: dropped
+        items = [q.get_nowait() for _ in range(q.qsize())]
+        return got, items, plain.qsize(), boom
+    got, items, n_plain, boom = asyncio.run(main())
+    assert got == [1, 1, 1]                    # first text at once; 2 and 3 held (no wake-up)
+    assert [i.token_ids if isinstance(i, TokenDelta) else i for i in items] == [[1], [2, 3], boom]
+    assert n_plain == 3                        # no interval: one item per step

@@ -22,7 +22,8 @@ import torch
 from serve_app.engine._private import gc_control
 from serve_app.engine._private.scheduler import Scheduler
 from serve_app.engine.config import EngineConfig
-from serve_app.engine.protocol import EngineRequest, TokenDelta, merge_deltas, validate_images
+from serve_app.engine.protocol import (DeltaCoalescer, EngineRequest, TokenDelta, merge_deltas,
+                                       validate_images)
 from serve_app.errors import ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class ContinuousEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._streams: dict[str, asyncio.Queue] = {}
+        # request id -> (its queue on the loop, its coalescer when it asked for a stream interval)
+        self._streams: dict[str, tuple[asyncio.Queue, DeltaCoalescer | None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
         self._error: BaseException | None = None
@@ -64,7 +66,7 @@ class ContinuousEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
-        for rid, q in list(self._streams.items()):
+        for rid, (q, _) in list(self._streams.items()):
             q.put_nowait(ServeAppError("engine shut down", 503, "engine_shutdown"))
         if self._sched is not None:
             self._sched.close()
@@ -105,7 +107,8 @@ class ContinuousEngine:
             raise ServeAppError(str(e), 400, "invalid_image") from e
         self._sched.check_request(request)  # raises ServeAppError (400) for what can never run
         out: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = out
+        interval = request.stream_interval_s
+        self._streams[rid] = (out, DeltaCoalescer(interval) if interval > 0 else None)
         self._inbox.put(("add", request, time.monotonic()))
         self._wake.set()
         done, held = False, None
@@ -153,10 +156,24 @@ class ContinuousEngine:
             self._loop.call_soon_threadsafe(self._dispatch, items)
 
     def _dispatch(self, items) -> None:
+        """On the loop, once per engine iteration: each stream's delta goes to its queue, or is
+        held and merged (stream interval), so its consumer is not woken for every decode step."""
         for rid, item in items:
-            q = self._streams.get(rid)
-            if q is not None:
+            stream = self._streams.get(rid)
+            if stream is None:
+                continue
+            q, merger = stream
+            if merger is None:
                 q.put_nowait(item)
+            elif isinstance(item, BaseException):
+                held = merger.drain()
+                if held is not None:
+                    q.put_nowait(held)
+                q.put_nowait(item)
+            else:
+                out = merger.offer(item)
+                if out is not None:
+                    q.put_nowait(out)
 
     def _run(self) -> None:
         sched = self._sched

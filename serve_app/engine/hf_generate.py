@@ -22,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.device import apply_memory_cap, pick_device, pick_dtype
-from serve_app.engine.protocol import EngineRequest, TokenDelta, validate_images
+from serve_app.engine.protocol import EngineRequest, TokenDelta, coalesce_deltas, validate_images
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,18 @@ class HFGenerateEngine:
             job.cancel.set()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        stream = self._generate(request)
+        merged = coalesce_deltas(stream, request.stream_interval_s) if request.stream_interval_s > 0 else stream
+        try:
+            async for delta in merged:
+                yield delta
+        finally:
+            if merged is not stream:
+                await merged.aclose()
+            await stream.aclose()
+
+    async def _generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        """One delta per step of HF ``generate`` (its streamer's token ids, detokenised here)."""
         if not self._ready:
             raise RuntimeError("engine is not started")
         validate_images(request.images, self._patch_dim)

@@ -9,8 +9,9 @@ async stream of :class:`TokenDelta` per request. Two implementations exist:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, Sequence, runtime_checkable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -74,6 +75,9 @@ class EngineRequest:
     prompt_token_ids: list[int]
     images: list[ImageInput] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Merge the stream's deltas into at most one item per interval (first text and the end go out
+    # at once; :class:`DeltaCoalescer`). 0: one item per engine step.
+    stream_interval_s: float = 0.0
 
 
 @dataclass
@@ -108,6 +112,63 @@ def merge_deltas(deltas: Sequence[TokenDelta]) -> TokenDelta:
                       last.num_generated_tokens, last.finish_reason)
 
 
+class DeltaCoalescer:
+    """The rule for merging one stream's deltas, as Ray Serve LLM's ``stream_batching_interval_ms``.
+
+    Deltas pass through until one carrying text has gone out (time to first token is not
+    delayed); after that they are held and sent merged once ``interval_s`` has passed since the
+    last item sent. A finished delta flushes at once. The rule is checked when a delta arrives,
+    with no timer: an engine makes a delta per step, so a held token waits at most the interval
+    plus one step. The continuous engine applies it where the engine thread's outputs reach the
+    event loop, so a consumer is woken once per interval, not once per decode step.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.interval_s, self.clock = interval_s, clock
+        self.pending: list[TokenDelta] = []
+        self.last_sent, self.text_sent = 0.0, False
+
+    def offer(self, delta: TokenDelta) -> TokenDelta | None:
+        """Take a delta; return what to send now (merged with held ones), or None to hold it."""
+        self.pending.append(delta)
+        now = self.clock()
+        if delta.finish_reason is None and self.text_sent and now - self.last_sent < self.interval_s:
+            return None
+        out = merge_deltas(self.pending)
+        self.pending = []
+        self.text_sent = self.text_sent or bool(out.text)
+        self.last_sent = now
+        return out
+
+    def drain(self) -> TokenDelta | None:
+        """The held deltas as one (before an error is passed on), or None."""
+        if not self.pending:
+            return None
+        out, self.pending = merge_deltas(self.pending), []
+        return out
+
+
+async def coalesce_deltas(stream: AsyncIterator[TokenDelta], interval_s: float,
+                          clock: Callable[[], float] = time.monotonic) -> AsyncGenerator[TokenDelta, None]:
+    """Re-stream ``stream`` under :class:`DeltaCoalescer`'s rule (for an engine that streams one
+    delta per step itself). Held deltas are sent before an exception from ``stream`` is re-raised.
+    Closing this generator does not close ``stream``: the caller owns it."""
+    merger = DeltaCoalescer(interval_s, clock)
+    try:
+        async for delta in stream:
+            out = merger.offer(delta)
+            if out is not None:
+                yield out
+    except Exception:
+        held = merger.drain()
+        if held is not None:
+            yield held
+        raise
+    held = merger.drain()
+    if held is not None:       # the engine ended without a finished delta (not expected): lose nothing
+        yield held
+
+
 @runtime_checkable
 class Engine(Protocol):
     """Generation engine. All methods are called from one asyncio event loop."""
@@ -118,7 +179,8 @@ class Engine(Protocol):
         """Load weights and warm up; after it returns ``health()`` is ready."""
 
     def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
-        """Submit a request and stream its deltas. Closing the iterator early cancels it."""
+        """Submit a request and stream its deltas, merged per ``request.stream_interval_s``.
+        Closing the iterator early cancels it."""
 
     async def cancel(self, request_id: str) -> None:
         """Stop a request and free its resources; its stream ends with ``finish_reason='cancelled'``."""

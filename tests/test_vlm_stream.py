@@ -23,10 +23,12 @@ MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 SAMPLING = {"max_tokens": 16, "temperature": 1.0, "seed": 7, "ignore_eos": True}
 
 
-@pytest.mark.parametrize("engine", ["continuous", "hf-generate"])
-def test_stream_interval_merges_without_changing_output(tiny_model_path, engine):
+@pytest.mark.parametrize("engine, extra", [("continuous", {}), ("hf-generate", {}),
+                                           ("continuous", {"separate_process": True})],
+                         ids=["continuous", "hf-generate", "continuous-separate-process"])
+def test_stream_interval_merges_without_changing_output(tiny_model_path, engine, extra):
     cfg = {"model": tiny_model_path, "engine": engine, "device": "cpu", "dtype": "float32",
-           "max_model_len": 1024, "max_num_seqs": 4}
+           "max_model_len": 1024, "max_num_seqs": 4, **extra}
 
     async def main():
         vlm = _VLM.__new__(_VLM)

@@ -20,6 +20,9 @@ def create_engine(config: EngineConfig) -> Engine:
         from serve_app.engine.hf_generate import HFGenerateEngine
         return HFGenerateEngine(config)
     if config.engine == "continuous":
+        if config.separate_process:
+            from serve_app.engine.process import ProcessEngine
+            return ProcessEngine(config)
         from serve_app.engine.continuous import ContinuousEngine
         return ContinuousEngine(config)
     if ":" in config.engine:  # module:Class, like Serve's import_path

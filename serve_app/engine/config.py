@@ -53,6 +53,10 @@ class EngineConfig(BaseModel):
         0, ge=0, description="continuous engine: keep up to this many CUDA graphs of the vision tower, "
                              "one per image grid seen twice, captured while idle (0: off). An eager "
                              "vision call costs 10-20 ms of host launches, a replay ~1 ms. deployments.gpu.yaml sets 16")
+    separate_process: bool = Field(
+        False, description="continuous engine: run the scheduler and the model in a child process of "
+                           "the replica, so the replica's event loop (every stream through Ray) does "
+                           "not share the engine thread's GIL. Requests and outputs cross a pipe")
     gc_freeze: bool = Field(True, description="continuous engine: after start-up, freeze the objects alive "
                                               "then (gc.freeze), so Python's full collections walk only what "
                                               "serving made. One full collection over the start-up objects "
@@ -67,7 +71,7 @@ class EngineConfig(BaseModel):
     def _check(self) -> "EngineConfig":
         if self.engine != "continuous":       # the options only the continuous engine has, and their off
             for name, off in (("quantization", None), ("vision_quantization", None), ("kv_cache_dtype", "auto"),
-                              ("pdl", False)):
+                              ("pdl", False), ("separate_process", False)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
         return self

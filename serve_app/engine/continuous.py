@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator
 
 import torch
 
-from serve_app.engine._private import gc_control
+from serve_app.engine._private import engine_loop, gc_control
+from serve_app.engine._private.limits import RequestLimits
 from serve_app.engine._private.scheduler import Scheduler
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.protocol import (DeltaCoalescer, EngineRequest, TokenDelta, merge_deltas,
@@ -45,13 +46,14 @@ class ContinuousEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
         self._error: BaseException | None = None
-        self._start_info: dict = {}
+        self._limits: RequestLimits | None = None    # checked on the loop before queueing
 
     # ---------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._sched = await asyncio.to_thread(Scheduler.load, self.config, self._emit)
         self.tokenizer = self._sched.tokenizer
+        self._limits = self._sched.limits
         gc_control.watch()
         if self.config.gc_freeze:
             n = gc_control.freeze_startup_objects()
@@ -94,7 +96,7 @@ class ContinuousEngine:
 
     # ----------------------------------------------------------------------------- requests
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
-        if not self._ready or self._sched is None:
+        if not self._ready or self._limits is None:
             raise ServeAppError("engine is not ready", 503, "engine_not_ready")
         if self._error is not None:
             raise ServeAppError("engine failed; the replica will restart", 503, "engine_failed")
@@ -102,15 +104,14 @@ class ContinuousEngine:
         if rid in self._streams:
             raise ServeAppError(f"duplicate request id {rid!r}", 409, "duplicate_request_id")
         try:
-            validate_images(request.images, self._sched.patch_dim)
+            validate_images(request.images, self._limits.patch_dim)
         except ValueError as e:
             raise ServeAppError(str(e), 400, "invalid_image") from e
-        self._sched.check_request(request)  # raises ServeAppError (400) for what can never run
+        self._limits.check(request)  # raises ServeAppError (400) for what can never run
         out: asyncio.Queue = asyncio.Queue()
         interval = request.stream_interval_s
         self._streams[rid] = (out, DeltaCoalescer(interval) if interval > 0 else None)
-        self._inbox.put(("add", request, time.monotonic()))
-        self._wake.set()
+        self._submit("add", request, time.monotonic())
         done, held = False, None
         try:
             while True:
@@ -142,11 +143,14 @@ class ContinuousEngine:
         finally:
             self._streams.pop(rid, None)
             if not done:  # consumer left early (client gone, task cancelled): free its slot
-                self._inbox.put(("cancel", rid, None))
-                self._wake.set()
+                self._submit("cancel", rid, None)
 
     async def cancel(self, request_id: str) -> None:
-        self._inbox.put(("cancel", request_id, None))
+        self._submit("cancel", request_id, None)
+
+    def _submit(self, kind: str, a, b) -> None:
+        """To the engine thread: ``("add", request, arrival)`` or ``("cancel", request_id, None)``."""
+        self._inbox.put((kind, a, b))
         self._wake.set()
 
     # ------------------------------------------------------------------ engine thread side
@@ -176,26 +180,8 @@ class ContinuousEngine:
                     q.put_nowait(out)
 
     def _run(self) -> None:
-        sched = self._sched
         try:
-            with torch.inference_mode():
-                while not self._stop.is_set():
-                    while True:
-                        try:
-                            kind, a, b = self._inbox.get_nowait()
-                        except queue.Empty:
-                            break
-                        if kind == "add":
-                            sched.add(a, b)
-                        else:
-                            sched.cancel(a)
-                    if not sched.has_work():
-                        if sched.idle_work():
-                            continue
-                        self._wake.wait(0.05)
-                        self._wake.clear()
-                        continue
-                    sched.step()
+            engine_loop.run(self._sched, self._inbox, self._wake, self._stop)
         except BaseException as e:  # the replica is broken: fail everyone, health() raises
             logger.exception("continuous engine loop failed")
             self._error = e

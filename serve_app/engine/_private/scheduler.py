@@ -24,6 +24,7 @@ import torch
 
 from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private import startup
+from serve_app.engine._private.limits import RequestLimits
 from serve_app.engine._private.latency import E2E_BOUNDS_S, TTFT_BOUNDS_S, LatencyBuckets
 from serve_app.engine._private.memory import split_by_budget, vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
@@ -82,6 +83,9 @@ class Scheduler:
         self.patch_dim = runner.patch_dim
         self.vision_budget = vision_patch_budget(config.max_prefill_tokens, runner.merge)
         self.kv = runner.kv
+        self.limits = RequestLimits(config.max_model_len, runner.merge, runner.image_token_id,
+                                    self.vision_budget, self.kv.page_size, self.kv.capacity_pages,
+                                    runner.patch_dim)
         self.waiting: deque[_Seq] = deque()
         self.prefilling: list[_Seq] = []
         self.running: list[_Seq] = []
@@ -122,43 +126,15 @@ class Scheduler:
         self.runner = None
 
     # --------------------------------------------------------------------------- requests
-    def _max_new(self, req: EngineRequest) -> int:
-        return max(0, min(req.sampling.max_tokens, self.config.max_model_len - len(req.prompt_token_ids)))
-
     def check_request(self, req: EngineRequest) -> None:
-        """Reject (400) what can never run; everything else waits for room."""
-        n = len(req.prompt_token_ids)
-        if n == 0:
-            raise ServeAppError("prompt is empty", 400, "empty_prompt")
-        if n >= self.config.max_model_len:
-            raise ServeAppError(f"prompt has {n} tokens; this model serves at most "
-                                f"{self.config.max_model_len - 1} prompt tokens", 400,
-                                "context_length_exceeded")
-        want = sum(im.num_tokens(self.runner.merge) for im in req.images)
-        have = list(req.prompt_token_ids).count(self.runner.image_token_id)
-        if want != have:
-            raise ServeAppError(f"prompt has {have} image tokens but the images need {want}", 400,
-                                "image_token_mismatch")
-        for im in req.images:
-            t, h, w = im.grid_thw
-            if t * h * w > self.vision_budget:
-                raise ServeAppError(
-                    f"an image has {t * h * w} patches ({h}x{w}); this engine encodes at most "
-                    f"{self.vision_budget} per vision pass (max_prefill_tokens x "
-                    f"{self.runner.merge ** 2}): send a smaller image", 400, "image_too_large")
-        if req.sampling.max_tokens < 1:
-            raise ServeAppError("max_tokens must be at least 1", 400, "invalid_max_tokens", "max_tokens")
-        pages = self.kv.pages_for(n + self._max_new(req))
-        if pages > self.kv.capacity_pages:
-            raise ServeAppError(f"request needs {n + self._max_new(req)} tokens of KV cache; this "
-                                f"replica holds {self.kv.capacity_pages * self.kv.page_size}", 400,
-                                "context_length_exceeded")
+        """Reject (400) what can never run (:class:`RequestLimits`); everything else waits."""
+        self.limits.check(req)
 
     def add(self, req: EngineRequest, arrival: float) -> None:
         sp = req.sampling
         stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.eos_ids))
         seed = sp.seed if sp.seed is not None else random.getrandbits(62)
-        seq = _Seq(req=req, arrival=arrival, prompt=list(req.prompt_token_ids), max_new=self._max_new(req),
+        seq = _Seq(req=req, arrival=arrival, prompt=list(req.prompt_token_ids), max_new=self.limits.max_new(req),
                    stop_ids=stop_ids, ban_ids=sorted(stop_ids),
                    seed=seed, detok=IncrementalDetokenizer(self.tokenizer, sp.stop))
         self.by_id[req.request_id] = seq

@@ -1,0 +1,94 @@
+"""The child side of ``engine.separate_process``: the scheduler and its loop in a process of their own.
+
+Messages on one duplex pipe. Parent -> child: ``("add", request, arrival)``, ``("cancel", id,
+None)``, ``("stop", None, None)``. Child -> parent: ``("ready", info)`` or ``("failed", error)``
+once at start-up, then ``("out", items)`` per engine iteration (the same items the in-process engine
+hands its event loop), ``("stats", dict)`` at most every ``STATS_INTERVAL_S`` while busy and once
+when it goes idle, and ``("crashed", message)`` if the loop dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+STATS_INTERVAL_S = 0.25
+
+
+def portable_error(e: BaseException) -> BaseException:
+    """``e`` if it survives pickling (ServeAppError does), else a RuntimeError with its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - any unpicklable error becomes its message
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def main(config_json: str, conn) -> None:
+    """Entry point of the engine process (``multiprocessing`` spawn target)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-process %(message)s")
+    from serve_app.engine._private import engine_loop, gc_control
+    from serve_app.engine._private.scheduler import Scheduler
+    from serve_app.engine.config import EngineConfig
+
+    lock = threading.Lock()
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    config = EngineConfig.model_validate_json(config_json)
+    try:
+        sched = Scheduler.load(config, lambda items: send(("out", items)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        send(("failed", portable_error(e)))
+        conn.close()
+        return
+    gc_control.watch()
+    if config.gc_freeze:
+        gc_control.freeze_startup_objects()
+    send(("ready", {"limits": sched.limits, "describe": sched.describe()}))
+
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    wake, stop = threading.Event(), threading.Event()
+
+    def receive() -> None:
+        try:
+            while True:
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    break
+                inbox.put(msg)
+                wake.set()
+        except (EOFError, OSError):
+            pass                                  # the parent is gone: stop too
+        stop.set()
+        wake.set()
+
+    threading.Thread(target=receive, name="engine-process-inbox", daemon=True).start()
+    state = {"last": 0.0, "dirty": True}
+
+    def stats() -> dict:
+        return {**sched.stats(), **gc_control.PAUSES.stats()}
+
+    def tick(busy: bool) -> None:
+        now = time.monotonic()
+        if (busy and now - state["last"] >= STATS_INTERVAL_S) or (not busy and state["dirty"]):
+            send(("stats", stats()))
+            state["last"], state["dirty"] = now, busy
+
+    try:
+        engine_loop.run(sched, inbox, wake, stop, tick)
+        send(("stats", stats()))
+    except BaseException as e:  # noqa: BLE001 - the parent fails every stream and turns unhealthy
+        logging.exception("engine process loop failed")
+        try:
+            send(("crashed", f"{type(e).__name__}: {e}"))
+        except (OSError, ValueError):
+            pass
+    finally:
+        conn.close()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from serve_app.engine._private.sampler import SamplingBatch, gumbel_noise, sample
+from serve_app.engine import create_engine
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.continuous import ContinuousEngine
 from serve_app.engine.protocol import EngineRequest, ImageInput, SamplingParams
@@ -127,8 +128,9 @@ async def _collect(engine, req: EngineRequest, delay: float = 0.0):
 
 
 def _run(config: EngineConfig, scenario):
+    """``scenario(engine)`` on a started engine of ``config`` (in-process or separate_process)."""
     async def main():
-        engine = ContinuousEngine(config)
+        engine = create_engine(config)
         await engine.start()
         try:
             return await scenario(engine)

@@ -18,20 +18,9 @@ from serve_app.engine import create_engine
 from serve_app.engine.process import ProcessEngine
 from serve_app.engine.protocol import EngineRequest, SamplingParams
 from serve_app.errors import ServeAppError
-from test_engine import _collect, _config, _request, model_dir  # noqa: F401 - fixture
+from test_engine import _collect, _config, _request, _run, model_dir  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
-
-
-def _run(config, scenario):
-    async def main():
-        engine = create_engine(config)
-        await engine.start()
-        try:
-            return await scenario(engine)
-        finally:
-            await engine.shutdown()
-    return asyncio.run(main())
 
 
 async def _stats_when(engine, pred, timeout_s: float = 20.0) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,37 @@ def test_checks_on_this_side_cancel_in_the_child_and_a_dead_child_fails_streams(
     assert died.status == 503 and died.code == "engine_failed"
 
 
+def test_started_from_a_script_without_a_main_guard(tmp_path, tiny_model_path):
+    """The child is ``python -m``, not multiprocessing's spawn (which re-runs the caller's script)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"""
+import asyncio
+from serve_app.engine import create_engine
+from serve_app.engine.config import EngineConfig
+from serve_app.engine.protocol import EngineRequest, SamplingParams
+
+async def main():
+    engine = create_engine(EngineConfig(model={tiny_model_path!r}, engine="continuous", device="cpu",
+                                        dtype="float32", max_model_len=256, separate_process=True))
+    await engine.start()
+    req = EngineRequest("r", [1, 2, 3], [], SamplingParams(max_tokens=3, ignore_eos=True))
+    n = 0
+    async for d in engine.generate(req):
+        n += len(d.token_ids)
+    print("TOKENS", n)
+    await engine.shutdown()
+
+asyncio.run(main())
+""")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("TOKENS 3") == 1
+
+
 def test_a_missing_model_fails_start_up_with_the_built_in_options(tmp_path):
     config = _config(str(tmp_path / "no-such-model"), separate_process=True)
 
@@ -88,15 +120,15 @@ def test_a_missing_model_fails_start_up_with_the_built_in_options(tmp_path):
         engine = create_engine(config)
         with pytest.raises(Exception) as e:
             await engine.start()
-        return e.value, engine._proc.exitcode
+        return e.value, engine._proc.returncode
     err, code = asyncio.run(main())
     assert "builtin:tiny-qwen3-vl" in str(err)
     assert code == 0                                # it reported the failure and exited
 
 
 def test_the_child_starts_from_a_ray_worker(serve_url, tiny_model_path):
-    """Serve replicas are Ray workers, whose ``__main__`` the spawn start method re-imports: the
-    engine process must start and serve from one (here a plain actor beside the session's app)."""
+    """Serve replicas are Ray workers (their own sys.path, __main__ and environment): the engine
+    process must start and serve from one (here a plain actor beside the session's app)."""
     import ray
 
     @ray.remote(num_cpus=0)

@@ -56,7 +56,7 @@ class EngineConfig(BaseModel):
     separate_process: bool = Field(
         False, description="continuous engine: run the scheduler and the model in a child process of "
                            "the replica, so the replica's event loop (every stream through Ray) does "
-                           "not share the engine thread's GIL. Requests and outputs cross a pipe")
+                           "not share the engine thread's GIL. Requests and outputs cross a socket")
     gc_freeze: bool = Field(True, description="continuous engine: after start-up, freeze the objects alive "
                                               "then (gc.freeze), so Python's full collections walk only what "
                                               "serving made. One full collection over the start-up objects "

@@ -1,6 +1,7 @@
 """The child side of ``engine.separate_process``: the scheduler and its loop in a process of their own.
 
-Messages on one duplex pipe. Parent -> child: ``("add", request, arrival)``, ``("cancel", id,
+Started as ``python -m serve_app.engine._private.engine_process FD`` on one end of a socket pair.
+The first message is the engine config (JSON). Then, parent -> child: ``("add", request, arrival)``, ``("cancel", id,
 None)``, ``("stop", None, None)``. Child -> parent: ``("ready", info)`` or ``("failed", error)``
 once at start-up, then ``("out", items)`` per engine iteration (the same items the in-process engine
 hands its event loop), ``("stats", dict)`` at most every ``STATS_INTERVAL_S`` while busy and once
@@ -29,17 +30,23 @@ def portable_error(e: BaseException) -> BaseException:
 
 
 def main(config_json: str, conn) -> None:
-    """Entry point of the engine process (``multiprocessing`` spawn target)."""
+    """The engine process's life: load, report, serve the pipe until told to stop or orphaned."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine-process %(message)s")
     from serve_app.engine._private import engine_loop, gc_control
     from serve_app.engine._private.scheduler import Scheduler
     from serve_app.engine.config import EngineConfig
 
     lock = threading.Lock()
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    wake, stop = threading.Event(), threading.Event()
 
     def send(msg) -> None:
         with lock:
-            conn.send(msg)
+            try:
+                conn.send(msg)
+            except (OSError, ValueError):         # the parent is gone: finish quietly
+                stop.set()
+                wake.set()
 
     config = EngineConfig.model_validate_json(config_json)
     try:
@@ -52,9 +59,6 @@ def main(config_json: str, conn) -> None:
     if config.gc_freeze:
         gc_control.freeze_startup_objects()
     send(("ready", {"limits": sched.limits, "describe": sched.describe()}))
-
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
-    wake, stop = threading.Event(), threading.Event()
 
     def receive() -> None:
         try:
@@ -76,19 +80,28 @@ def main(config_json: str, conn) -> None:
         return {**sched.stats(), **gc_control.PAUSES.stats()}
 
     def tick(busy: bool) -> None:
+        """Stats at most every STATS_INTERVAL_S while busy, and once on going idle after work."""
+        state["dirty"] = state["dirty"] or busy
         now = time.monotonic()
         if (busy and now - state["last"] >= STATS_INTERVAL_S) or (not busy and state["dirty"]):
             send(("stats", stats()))
-            state["last"], state["dirty"] = now, busy
+            state["last"] = now
+            state["dirty"] = busy
 
     try:
         engine_loop.run(sched, inbox, wake, stop, tick)
         send(("stats", stats()))
     except BaseException as e:  # noqa: BLE001 - the parent fails every stream and turns unhealthy
         logging.exception("engine process loop failed")
-        try:
-            send(("crashed", f"{type(e).__name__}: {e}"))
-        except (OSError, ValueError):
-            pass
+        send(("crashed", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
+
+
+if __name__ == "__main__":
+    # python -m serve_app.engine._private.engine_process FD: FD is this end of the replica's socket
+    import sys
+    from multiprocessing.connection import Connection
+
+    _conn = Connection(int(sys.argv[1]))
+    main(_conn.recv(), _conn)

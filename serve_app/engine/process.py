@@ -61,7 +61,11 @@ class ProcessEngine(ContinuousEngine):
         theirs.close()
         self._conn = Connection(ours.detach())
         self._conn.send(self.config.model_dump_json())
-        kind, info = await asyncio.to_thread(self._handshake)
+        try:
+            kind, info = await asyncio.to_thread(self._handshake)
+        except BaseException:
+            self._proc.kill()                       # timed out (or cancelled): no orphan left
+            raise
         if kind == "failed":
             await asyncio.to_thread(self._proc.wait, 10)
             raise info
@@ -92,7 +96,7 @@ class ProcessEngine(ContinuousEngine):
             while True:
                 kind, payload = self._conn.recv()
                 if kind == "out":
-                    self._loop.call_soon_threadsafe(self._dispatch, payload)
+                    self._to_loop(self._dispatch, payload)
                 elif kind == "stats":
                     self._stats = payload
                 elif kind == "crashed":
@@ -105,9 +109,13 @@ class ProcessEngine(ContinuousEngine):
             self._fail_streams(ServeAppError("engine failed; the replica will restart", 503, "engine_failed"))
 
     def _fail_streams(self, err: BaseException) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: self._dispatch([(rid, err) for rid in list(self._streams)]))
+        self._to_loop(lambda: self._dispatch([(rid, err) for rid in list(self._streams)]))
+
+    def _to_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:                        # the loop is closed: nobody is listening
+            pass
 
     def _submit(self, kind: str, a, b) -> None:
         if self._error is not None:

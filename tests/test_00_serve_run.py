@@ -60,7 +60,9 @@ async def _burst(url: str, n: int) -> list:
 def test_serve_run_deployments_yaml(tmp_path, tiny_model_path):
     """`serve run` of deployments.yaml serves; with the VLM's admission shrunk (2 running, 1
     queued, the yaml's backpressure_config kept), a burst gets 429 + Retry-After in OpenAI's
-    error shape and the service keeps serving."""
+    error shape and the service keeps serving. The engine runs in its own process here
+    (``engine.separate_process``; the session's app covers the in-process engine): when that
+    process is killed, requests get a 503 and Serve replaces the replica, which serves again."""
     cfg = yaml.safe_load((ROOT / "deployments.yaml").read_text())
     vlm = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "VLM")
     assert vlm["backpressure_config"]["status_code"] == 429
@@ -68,6 +70,7 @@ def test_serve_run_deployments_yaml(tmp_path, tiny_model_path):
     port = free_port()
     cfg["http_options"]["port"] = port
     cfg["applications"][0]["args"]["engine"]["cache_dir"] = CACHE_DIR
+    cfg["applications"][0]["args"]["engine"]["separate_process"] = True
     path = tmp_path / "deployments.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -102,6 +105,7 @@ def test_serve_run_deployments_yaml(tmp_path, tiny_model_path):
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": "tiny-qwen3-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "again"}]})
         assert r.status_code == 200, r.text
+        _kill_engine_process_and_recover(url)
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve run tears the app and Ray down
         try:
@@ -109,3 +113,28 @@ def test_serve_run_deployments_yaml(tmp_path, tiny_model_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _kill_engine_process_and_recover(url: str) -> None:
+    """The VLM's engine process dies: a clear 503 (or, if Serve was quicker, already an answer from
+    the replacement), then a new replica with a new engine process serves."""
+    def engine_pid():
+        try:
+            return httpx.get(f"{url}/v1/stats", timeout=10).json()["vlm"].get("engine_pid")
+        except (httpx.HTTPError, KeyError, ValueError):
+            return None
+    pid = engine_pid()
+    assert isinstance(pid, int) and pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "tiny-qwen3-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "dead?"}]})
+    if r.status_code != 200:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed", r.text
+    deadline = time.time() + 120
+    while time.time() < deadline and engine_pid() in (None, pid):
+        time.sleep(1)
+    assert engine_pid() not in (None, pid)
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "tiny-qwen3-vl", "max_tokens": 4, "messages": [{"role": "user", "content": "back"}]})
+    assert r.status_code == 200, r.text

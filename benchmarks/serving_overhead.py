@@ -29,7 +29,7 @@ from typing import AsyncIterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve_app.engine.protocol import EngineRequest, TokenDelta  # noqa: E402
+from serve_app.engine.protocol import EngineRequest, TokenDelta, merged  # noqa: E402
 
 ENGINE = "benchmarks.serving_overhead:PacedEngine"
 # Ray sets each actor's process title; these name the processes summed per component.
@@ -81,7 +81,10 @@ class PacedEngine:
             nxt += self.tpot_s
             await asyncio.sleep(max(0.0, nxt - loop.time()))
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        return merged(self._generate(request), request)   # api.stream_interval_ms, as the engines do
+
+    async def _generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
         q: asyncio.Queue = asyncio.Queue()
         first_at = asyncio.get_running_loop().time() + self.ttft_s
         self._streams[request.request_id] = [q, len(request.prompt_token_ids),

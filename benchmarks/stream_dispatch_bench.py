@@ -31,17 +31,18 @@ from serve_app.engine.continuous import ContinuousEngine  # noqa: E402
 from serve_app.engine.protocol import EngineRequest, TokenDelta, coalesce_deltas  # noqa: E402
 
 
-class _NoScheduler:
+class _NoLimits:
+    """Stands in for the engine's ``RequestLimits``: every request is accepted."""
     patch_dim = 1536
 
-    def check_request(self, request) -> None:
+    def check(self, request) -> None:
         pass
 
 
 def run(mode: str, streams: int, steps_per_s: float, seconds: float, interval_s: float,
         tokens: int = 117) -> dict:
     engine = ContinuousEngine(EngineConfig(engine="continuous", device="cpu"))
-    engine._sched, engine._ready = _NoScheduler(), True
+    engine._limits, engine._ready = _NoLimits(), True
     stop = threading.Event()
     items_seen = [0]
 
@@ -70,9 +71,7 @@ def run(mode: str, streams: int, steps_per_s: float, seconds: float, interval_s:
                     if d.finish_reason is not None:
                         break
             finally:
-                if deltas is not stream:
-                    await deltas.aclose()
-                await stream.aclose()
+                await deltas.aclose()               # closes the engine's stream too
 
     async def main():
         engine._loop = asyncio.get_running_loop()

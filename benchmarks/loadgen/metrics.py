@@ -242,7 +242,7 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
         # Python's collections in the VLM process and the time they held the GIL (every thread's)
         out["gc_collections"] = [x - y for x, y in zip(a["gc_collections"], b["gc_collections"])]
         out["gc_pause_s"] = round(a["gc_pause_s_total"] - b.get("gc_pause_s_total", 0.0), 4)
-        out["gc_pause_max_s"] = a.get("gc_pause_max_s")
+        out["gc_pause_max_s"] = a.get("gc_pause_max_s")      # the longest since the engine started
     if ta.prefill_s is None or ta.decode_s is None:
         return out
     pre, dec = ta.prefill_s - tb.prefill_s, ta.decode_s - tb.decode_s

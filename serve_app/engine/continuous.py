@@ -54,10 +54,10 @@ class ContinuousEngine:
         self._sched = await asyncio.to_thread(Scheduler.load, self.config, self._emit)
         self.tokenizer = self._sched.tokenizer
         self._limits = self._sched.limits
-        gc_control.watch()
         if self.config.gc_freeze:
             n = gc_control.freeze_startup_objects()
             logger.info("froze %d start-up objects out of the garbage collector's walk", n)
+        gc_control.watch()          # after the freeze's own collection: serving pauses only
         self._thread = threading.Thread(target=self._run, name="continuous-engine", daemon=True)
         self._thread.start()
         self._ready = True

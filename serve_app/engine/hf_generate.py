@@ -22,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import IncrementalDetokenizer
 from serve_app.engine.device import apply_memory_cap, pick_device, pick_dtype
-from serve_app.engine.protocol import EngineRequest, TokenDelta, coalesce_deltas, validate_images
+from serve_app.engine.protocol import EngineRequest, TokenDelta, merged, validate_images
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +134,8 @@ class HFGenerateEngine:
         if job is not None:
             job.cancel.set()
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
-        stream = self._generate(request)
-        merged = coalesce_deltas(stream, request.stream_interval_s) if request.stream_interval_s > 0 else stream
-        try:
-            async for delta in merged:
-                yield delta
-        finally:
-            if merged is not stream:
-                await merged.aclose()
-            await stream.aclose()
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        return merged(self._generate(request), request)
 
     async def _generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
         """One delta per step of HF ``generate`` (its streamer's token ids, detokenised here)."""

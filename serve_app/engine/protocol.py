@@ -150,9 +150,10 @@ class DeltaCoalescer:
 
 async def coalesce_deltas(stream: AsyncIterator[TokenDelta], interval_s: float,
                           clock: Callable[[], float] = time.monotonic) -> AsyncGenerator[TokenDelta, None]:
-    """Re-stream ``stream`` under :class:`DeltaCoalescer`'s rule (for an engine that streams one
-    delta per step itself). Held deltas are sent before an exception from ``stream`` is re-raised.
-    Closing this generator does not close ``stream``: the caller owns it."""
+    """Re-stream ``stream`` under :class:`DeltaCoalescer`'s rule: how an engine that makes one
+    delta per step honours ``EngineRequest.stream_interval_s``. Held deltas are sent before an
+    exception from ``stream`` is re-raised. This owns ``stream``: closing this closes it (so a
+    client leaving still cancels the request)."""
     merger = DeltaCoalescer(interval_s, clock)
     try:
         async for delta in stream:
@@ -164,9 +165,18 @@ async def coalesce_deltas(stream: AsyncIterator[TokenDelta], interval_s: float,
         if held is not None:
             yield held
         raise
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
     held = merger.drain()
     if held is not None:       # the engine ended without a finished delta (not expected): lose nothing
         yield held
+
+
+def merged(stream: AsyncIterator[TokenDelta], request: EngineRequest) -> AsyncIterator[TokenDelta]:
+    """``stream`` as ``request.stream_interval_s`` asks (itself when the interval is 0)."""
+    return coalesce_deltas(stream, request.stream_interval_s) if request.stream_interval_s > 0 else stream
 
 
 @runtime_checkable

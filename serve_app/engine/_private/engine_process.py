@@ -55,9 +55,9 @@ def main(config_json: str, conn) -> None:
         send(("failed", portable_error(e)))
         conn.close()
         return
-    gc_control.watch()
     if config.gc_freeze:
         gc_control.freeze_startup_objects()
+    gc_control.watch()              # after the freeze's own collection: serving pauses only
     send(("ready", {"limits": sched.limits, "describe": sched.describe()}))
 
     def receive() -> None:

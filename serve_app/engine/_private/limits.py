@@ -26,9 +26,6 @@ class RequestLimits:
     def max_new(self, req: EngineRequest) -> int:
         return max(0, min(req.sampling.max_tokens, self.max_model_len - len(req.prompt_token_ids)))
 
-    def pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
-
     def check(self, req: EngineRequest) -> None:
         """Reject (400) what can never run; everything else waits for room."""
         n = len(req.prompt_token_ids)
@@ -53,6 +50,6 @@ class RequestLimits:
         if req.sampling.max_tokens < 1:
             raise ServeAppError("max_tokens must be at least 1", 400, "invalid_max_tokens", "max_tokens")
         need = n + self.max_new(req)
-        if self.pages_for(need) > self.capacity_pages:
+        if -(-need // self.page_size) > self.capacity_pages:      # pages, rounded up
             raise ServeAppError(f"request needs {need} tokens of KV cache; this replica holds "
                                 f"{self.capacity_pages * self.page_size}", 400, "context_length_exceeded")

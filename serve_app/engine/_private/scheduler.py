@@ -80,9 +80,9 @@ class Scheduler:
         self._emit = emit
         self.eos_ids = eos_ids
         self.info = info
-        self.patch_dim = runner.patch_dim
         self.vision_budget = vision_patch_budget(config.max_prefill_tokens, runner.merge)
         self.kv = runner.kv
+        # what a request may ask of this replica, checked on the event loop before it is queued
         self.limits = RequestLimits(config.max_model_len, runner.merge, runner.image_token_id,
                                     self.vision_budget, self.kv.page_size, self.kv.capacity_pages,
                                     runner.patch_dim)
@@ -126,10 +126,6 @@ class Scheduler:
         self.runner = None
 
     # --------------------------------------------------------------------------- requests
-    def check_request(self, req: EngineRequest) -> None:
-        """Reject (400) what can never run (:class:`RequestLimits`); everything else waits."""
-        self.limits.check(req)
-
     def add(self, req: EngineRequest, arrival: float) -> None:
         sp = req.sampling
         stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.eos_ids))

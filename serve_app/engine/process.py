@@ -11,6 +11,10 @@ the streams, the request checks and the tokenizer. Requests (with their image ar
 cross the socket. A writer thread sends the requests, so the loop never waits on the socket (a
 request with 3.3 MB of image patches took ~7 ms to send on a 2-core VM); a reader thread hands
 each iteration's outputs to the loop, as the engine thread does in-process.
+
+Measured on an H200 (RESULTS.md, "the engine in its own process"): slower. The GPU sat idle 18 % of
+the time against 2 % in-process, and the in-process GPU was already 95-98 % busy, so the GIL was
+not what capped throughput. Where the child's loop waits is not yet known. Off by default.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ _STEPS = {"prefill_steps": "prefill", "decode_steps": "decode"}
 _REPLAYS = {"prefill_graph_replays": "prefill", "vision_graph_replays": "vision"}
 _EAGER = {"prefill_eager_passes": "prefill"}
 _IMAGES = {"images_encoded": "encoded", "vision_cache_hits": "cache_hit"}
-_HOST_SECONDS = {"host_step_s_total": "step", "host_cpu_s_total": "cpu", "host_wait_s_total": "wait"}
+_HOST_SECONDS = {f"host_{k}_s_total": k for k in ("step", "cpu", "wait", "emit", "loop", "idle", "inbox", "tick")}
 
 
 class EngineMetrics:
@@ -54,7 +54,8 @@ class EngineMetrics:
             (_HOST_SECONDS, "kind", counter("serve_app_vlm_engine_host_seconds",
                                             "engine thread seconds: in steps (wall), its CPU time (CUDA's spin-wait "
                                             "included), and waiting for the GPU; step - wait near the wall "
-                                            "time: host-bound",
+                                            "time: host-bound. Also its loop: all of it, idle, taking "
+                                            "requests, stats pushes, and handing outputs over (emit)",
                                             tag_keys=("kind",))),
         ]
         self._last: dict[str, float] = {}

@@ -183,6 +183,10 @@ def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F8
     assert stats["prefill_eager_passes"] == 0 and stats["prefill_eager_tokens"] == 0
     assert stats["prefill_graph_replays"] == len(reqs) + len(burst)
     assert stats["host_step_s_total"] >= stats["host_wait_s_total"] > 0
+    # the loop's own timers: its turns hold the steps, the idle waits and the rest
+    assert stats["host_loop_s_total"] >= stats["host_step_s_total"] + stats["host_idle_s_total"] > 0
+    assert 0 < stats["host_emit_s_total"] < stats["host_step_s_total"]
+    assert stats["host_inbox_s_total"] > 0 and stats["host_tick_s_total"] == 0   # in-process: no tick
     for req, (toks, _, _) in zip(reqs + burst, res):
         _assert_greedy(hf_model, req, toks)
 

@@ -231,6 +231,17 @@ def test_engine_breakdown_from_stats_snapshots():
     b = engine_breakdown(before, after, wall_s=10.0)
     # 9 s in steps, 3 s of them waiting for the GPU: busy 6 of 10 s; CPU 6 of 10 s
     assert (b["host_busy_pct"], b["host_cpu_pct"]) == (60.0, 60.0)
+    assert "host_gap_pct" not in b            # no loop timers
+    before["vlm"].update(host_loop_s_total=10.0, host_idle_s_total=0.5, host_inbox_s_total=0.1,
+                         host_tick_s_total=0.0, host_emit_s_total=0.2)
+    after["vlm"].update(host_loop_s_total=20.0, host_idle_s_total=1.5, host_inbox_s_total=0.3,
+                        host_tick_s_total=0.1, host_emit_s_total=0.7)
+    b = engine_breakdown(before, after, wall_s=10.0)
+    # 10 s of loop: 9 in steps, 1 idle, 0.2 taking requests, 0.1 pushing stats: no gap left
+    assert (b["host_idle_pct"], b["host_inbox_pct"], b["host_tick_pct"], b["host_emit_pct"]) == (10.0, 2.0, 1.0, 5.0)
+    assert b["host_gap_pct"] == 0.0
+    after["vlm"]["host_loop_s_total"] = 21.3                 # 1.0 s between turns unaccounted
+    assert engine_breakdown(before, after, wall_s=10.0)["host_gap_pct"] == 10.0
     hf = engine_breakdown({"vlm": {"engine": "hf-generate", "finished_total": 1}},
                           {"vlm": {"engine": "hf-generate", "finished_total": 4}}, 1.0)
     assert hf == {"engine": "hf-generate", "counters": {"finished_total": 3}}

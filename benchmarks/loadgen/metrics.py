@@ -260,6 +260,15 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
         # the GPU), and its CPU time: busy near 100 % means the host sets the pace
         out["host_busy_pct"] = round(100 * (host["step"] - host["wait"]) / wall_s, 1)
         out["host_cpu_pct"] = round(100 * host["cpu"] / wall_s, 1)
+    loop = {k: a[f"host_{k}_s_total"] - b[f"host_{k}_s_total"] for k in ("loop", "idle", "inbox", "tick", "emit")
+            if f"host_{k}_s_total" in a and f"host_{k}_s_total" in b}
+    if len(loop) == 5 and "step" in host:
+        # the engine thread outside step(): idle (no work), taking requests, the engine process's
+        # stats push, and the rest ("gap": between turns, e.g. waiting for the GIL); emit is the
+        # hand-off of outputs inside step() (a socket send in the engine process)
+        gap = loop["loop"] - host["step"] - loop["idle"] - loop["inbox"] - loop["tick"]
+        out.update({f"host_{k}_pct": round(100 * loop[k] / wall_s, 1) for k in ("idle", "inbox", "tick", "emit")})
+        out["host_gap_pct"] = round(100 * max(0.0, gap) / wall_s, 1)
     if counters.get("decode_steps"):
         out["decode_ms_per_step"] = round(1000 * dec / counters["decode_steps"], 3)
         # first tokens come from prefill, so generated - finished tokens came from decode steps

@@ -8,9 +8,9 @@ host time, most likely GIL waits between launches (not yet confirmed on a GPU). 
 engine core in its own process for the same reason. Here the scheduler and its loop run in a
 child, ``python -m serve_app.engine._private.engine_process`` on a socket pair; this side keeps
 the streams, the request checks and the tokenizer. Requests (with their image arrays) and outputs
-cross the socket. A writer thread sends the requests, so the loop never waits on the socket (a
-request with 3.3 MB of image patches took ~7 ms to send on a 2-core VM); a reader thread hands
-each iteration's outputs to the loop, as the engine thread does in-process.
+cross the socket, which the replica's event loop reads and writes itself (``LoopChannel``:
+non-blocking, written as it drains, so the loop never waits on it). Reader and writer threads
+did this before; each had to win the GIL back from the busy loop after every read and write.
 
 Measured on an H200 (RESULTS.md, "the engine in its own process"): slower. The GPU sat idle 18 % of
 the time against 2 % in-process, and the in-process GPU was already 95-98 % busy, so the GIL was
@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
-from multiprocessing.connection import Connection
 from typing import Any
 
+from serve_app.engine._private.loop_channel import LoopChannel
 from serve_app.engine.continuous import ContinuousEngine
 from serve_app.errors import ServeAppError
 
@@ -44,13 +42,12 @@ class ProcessEngine(ContinuousEngine):
     def __init__(self, config):
         super().__init__(config)
         self._proc: subprocess.Popen | None = None
-        self._conn: Connection | None = None
-        self._reader: threading.Thread | None = None
-        self._writer: threading.Thread | None = None
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._chan: LoopChannel | None = None
+        self._first: asyncio.Future | None = None
         self._stats: dict[str, Any] = {}
         self._describe: dict[str, Any] = {}
         self._closing = False
+        self._gone = False
 
     async def start(self) -> None:
         from serve_app.models import load_tokenizer, resolve_model
@@ -63,102 +60,91 @@ class ProcessEngine(ContinuousEngine):
         self._proc = subprocess.Popen([sys.executable, "-m", "serve_app.engine._private.engine_process",
                                        str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
-        self._conn = Connection(ours.detach())
-        self._conn.send(self.config.model_dump_json())
+        self._first = self._loop.create_future()
+        self._chan = LoopChannel(ours, self._loop, self._on_message, self._on_close)
+        self._chan.send(self.config.model_dump_json())
         try:
-            kind, info = await asyncio.to_thread(self._handshake)
-        except BaseException:
+            kind, info = await asyncio.wait_for(asyncio.shield(self._first), START_TIMEOUT_S)
+        except BaseException as e:
             self._proc.kill()                       # timed out (or cancelled): no orphan left
+            self._chan.close()
+            if isinstance(e, asyncio.TimeoutError):
+                raise RuntimeError(f"engine process did not start within {START_TIMEOUT_S:.0f} s") from None
             raise
-        if kind == "failed":
+        if kind in ("failed", "eof"):
+            self._chan.close()
             await asyncio.to_thread(self._proc.wait, 10)
-            raise info
+            if kind == "failed":
+                raise info
+            raise RuntimeError(f"engine process exited during start-up (exit code {self._proc.returncode}); "
+                               f"see the replica's log")
         self._limits, self._describe = info["limits"], info["describe"]
         # the child has resolved (and, for a built-in, built) the model: only the tokenizer here
         path = await asyncio.to_thread(resolve_model, self.config.model, self.config.cache_dir)
         self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
-        self._reader = threading.Thread(target=self._read, name="engine-process-reader", daemon=True)
-        self._reader.start()
-        self._writer = threading.Thread(target=self._write, name="engine-process-writer", daemon=True)
-        self._writer.start()
         self._ready = True
         logger.info("engine process %d ready", self._proc.pid)
 
-    def _handshake(self):
-        if not self._conn.poll(START_TIMEOUT_S):
-            raise RuntimeError(f"engine process did not start within {START_TIMEOUT_S:.0f} s")
-        try:
-            return self._conn.recv()
-        except EOFError:
-            self._proc.wait(10)
-            raise RuntimeError(f"engine process exited during start-up (exit code {self._proc.returncode}); "
-                               f"see the replica's log") from None
+    # ------------------------------------------------------------------ the socket (loop thread)
+    def _on_message(self, msg) -> None:
+        if not self._first.done():                  # ("ready", info) or ("failed", error)
+            self._first.set_result(msg)
+            return
+        kind, payload = msg
+        if kind == "out":
+            self._dispatch(payload)
+        elif kind == "stats":
+            self._stats = payload
+        elif kind == "crashed":
+            self._error = RuntimeError(payload)
+            self._fail_streams(ServeAppError(f"generation failed: {payload}", 500, "engine_error"))
 
-    def _read(self) -> None:
-        """Reader thread: outputs to the loop, stats to the cache, the end of the child to errors."""
-        try:
-            while True:
-                kind, payload = self._conn.recv()
-                if kind == "out":
-                    self._to_loop(self._dispatch, payload)
-                elif kind == "stats":
-                    self._stats = payload
-                elif kind == "crashed":
-                    self._error = RuntimeError(payload)
-                    self._fail_streams(ServeAppError(f"generation failed: {payload}", 500, "engine_error"))
-        except (EOFError, OSError):
-            pass
+    def _on_close(self) -> None:
+        self._gone = True
+        if not self._first.done():
+            self._first.set_result(("eof", None))
+            return
         if not self._closing and self._error is None:
             self._error = RuntimeError(f"engine process exited (exit code {self._proc.poll()})")
             self._fail_streams(ServeAppError("engine failed; the replica will restart", 503, "engine_failed"))
 
     def _fail_streams(self, err: BaseException) -> None:
-        self._to_loop(lambda: self._dispatch([(rid, err) for rid in list(self._streams)]))
-
-    def _to_loop(self, fn, *args) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:                        # the loop is closed: nobody is listening
-            pass
+        self._dispatch([(rid, err) for rid in list(self._streams)])
 
     def _submit(self, kind: str, a, b) -> None:
-        if self._error is not None:
+        if self._error is not None or self._chan is None or self._gone:
+            if kind == "cancel":
+                return                              # nothing left to cancel
             raise ServeAppError("engine failed; the replica will restart", 503, "engine_failed")
-        self._outbox.put((kind, a, b))
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._chan.send((kind, a, b))
+        else:                                       # e.g. a generator finalised off the loop
+            self._loop.call_soon_threadsafe(self._send_quietly, (kind, a, b))
 
-    def _write(self) -> None:
-        """Writer thread: requests, cancels and the final stop to the child, in order."""
-        while True:
-            msg = self._outbox.get()
-            if msg is None:
-                return
-            try:
-                self._conn.send(msg)
-            except (OSError, ValueError):       # the child is gone: the reader reports it
-                return
+    def _send_quietly(self, msg) -> None:
+        try:
+            self._chan.send(msg)
+        except OSError:
+            pass                                    # the child is gone: _on_close reports it
 
     async def shutdown(self) -> None:
         self._ready = False
         self._closing = True
-        if self._writer is not None:
-            self._outbox.put(("stop", None, None))
-            self._outbox.put(None)
-            await asyncio.to_thread(self._writer.join, 10)
-        elif self._conn is not None:              # start-up did not finish
-            try:
-                self._conn.send(("stop", None, None))
-            except (OSError, ValueError):
-                pass
+        if self._chan is not None and not self._gone:
+            self._send_quietly(("stop", None, None))
+            await self._chan.drain(10)
         if self._proc is not None:
             try:
                 await asyncio.to_thread(self._proc.wait, 30)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 await asyncio.to_thread(self._proc.wait, 5)
-        if self._reader is not None:
-            await asyncio.to_thread(self._reader.join, 5)
-        if self._conn is not None:
-            self._conn.close()
+        if self._chan is not None:
+            self._chan.close()
         for rid, (q, _) in list(self._streams.items()):
             q.put_nowait(ServeAppError("engine shut down", 503, "engine_shutdown"))
 

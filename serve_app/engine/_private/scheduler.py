@@ -102,7 +102,7 @@ class Scheduler:
         self._time = {"prefill": 0.0, "decode": 0.0, "vision": 0.0}   # GPU seconds on CUDA
         # Engine-thread seconds: in step() (wall and thread CPU), and of those, waiting for the
         # GPU. Busy minus waiting near the wall time means the host, not the GPU, sets the pace.
-        self._host = {"step": 0.0, "cpu": 0.0, "wait": 0.0}
+        self._host = {"step": 0.0, "cpu": 0.0, "wait": 0.0, "emit": 0.0}
         self._pending: list[tuple[str, Any]] = []
         self._ttft = LatencyBuckets("ttft", TTFT_BOUNDS_S)
         self._e2e = LatencyBuckets("e2e", E2E_BOUNDS_S)
@@ -145,6 +145,12 @@ class Scheduler:
             self.waiting.remove(seq)
         self._finish(seq, "cancelled", [], [])
         self._flush()
+
+    @property
+    def host_times(self) -> dict[str, float]:
+        """The engine thread's seconds by kind (``step``, ``cpu``, ``wait``, and the loop's own:
+        ``engine_loop.run``); /v1/stats shows each as ``host_<kind>_s_total``."""
+        return self._host
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running or self._inflight)
@@ -197,7 +203,9 @@ class Scheduler:
     def _flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, []
+            t0 = time.perf_counter()
             self._emit(pending)
+            self._host["emit"] += time.perf_counter() - t0
 
     def _admit(self) -> None:
         # Admit only about one prefill step ahead: KV is reserved late and the vision features of

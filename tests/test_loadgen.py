@@ -697,3 +697,12 @@ def test_sweep_report_names_the_code_and_the_engine_start_up(tmp_path, monkeypat
     assert len(cli.code_sha()) == 12 and f"serve_app sources {cli.code_sha()}" in md
     assert "| continuous | 41.2 | 3.1 | 6.5 | 90112 | fp8 |" in md
     assert "| continuous | 13.5 | 12.83 |" in md                      # the steps still render
+    # every table's rows have as many cells as its header (else Markdown does not render it)
+    tables, cur = [], []
+    for ln in md.splitlines() + [""]:
+        if ln.startswith("|"):
+            cur.append(ln.count("|") - 1)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    assert len(tables) >= 3 and all(len(set(t)) == 1 for t in tables), tables

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import platform
 import time
 from typing import Any
@@ -24,3 +26,15 @@ def host_speed() -> dict[str, Any]:
         sum(i * i for i in range(3_000_000))
         times.append(time.perf_counter() - t0)
     return {"cpu_model": model or platform.processor() or None, "python_loop_3m_s": round(min(times), 3)}
+
+
+async def loop_load(duty: float, burst_s: float, stop: asyncio.Event, done: list) -> None:
+    """A stand-in for a busy event loop (Ray streaming every request): Python for ``burst_s``,
+    then sleep so that the work is ``duty`` of the time; ``done[0]`` adds up the busy seconds."""
+    payload = {"text": "x" * 64, "ids": list(range(16))}
+    while not stop.is_set():
+        t = time.perf_counter()
+        while time.perf_counter() - t < burst_s:
+            json.loads(json.dumps(payload))
+        done[0] += time.perf_counter() - t
+        await asyncio.sleep(burst_s * (1 - duty) / duty)

@@ -21,20 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._host import loop_load  # noqa: E402
 from serve_app.engine import create_engine  # noqa: E402
 from serve_app.engine.config import EngineConfig  # noqa: E402
 from serve_app.engine.protocol import EngineRequest, SamplingParams  # noqa: E402
-
-
-async def _load(duty: float, burst_s: float, stop: asyncio.Event, done: list) -> None:
-    """Python work for ``burst_s``, then sleep so that work is ``duty`` of the time."""
-    payload = {"text": "x" * 64, "ids": list(range(16))}
-    while not stop.is_set():
-        t = time.perf_counter()
-        while time.perf_counter() - t < burst_s:
-            json.loads(json.dumps(payload))
-        done[0] += time.perf_counter() - t
-        await asyncio.sleep(burst_s * (1 - duty) / duty)
 
 
 async def _one(engine, duty: float, burst_s: float, seconds: float, rows: int) -> dict:
@@ -56,7 +46,7 @@ async def _one(engine, duty: float, burst_s: float, seconds: float, rows: int) -
                 await gen.aclose()
     tasks = [asyncio.create_task(stream(i)) for i in range(rows)]
     await asyncio.sleep(1.0)                             # all rows decoding
-    load = asyncio.create_task(_load(duty, burst_s, stop, done)) if duty > 0 else None
+    load = asyncio.create_task(loop_load(duty, burst_s, stop, done)) if duty > 0 else None
     await asyncio.sleep(0.5)
     s0, d0, t0 = await _decode_steps(engine), done[0], time.perf_counter()
     await asyncio.sleep(seconds)

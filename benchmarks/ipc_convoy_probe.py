@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._host import loop_load  # noqa: E402
 from serve_app.engine._private.loop_channel import LoopChannel  # noqa: E402
 
 
@@ -70,17 +71,6 @@ def child(fd: int, step_s: float) -> None:
         time.sleep(max(0.0, step_s - (time.perf_counter() - t)))
     send(("done", blocked[0], blocked[1]))
     time.sleep(0.5)
-
-
-async def _hog(duty: float, stop: asyncio.Event, busy: list) -> None:
-    burst = 0.002
-    payload = {"text": "x" * 64, "ids": list(range(16))}
-    while not stop.is_set():
-        t = time.perf_counter()
-        while time.perf_counter() - t < burst:
-            json.loads(json.dumps(payload))
-        busy[0] += time.perf_counter() - t
-        await asyncio.sleep(burst * (1 - duty) / duty)
 
 
 async def run_one(mode: str, duty: float, seconds: float, qps: float, mb: float, step_s: float) -> dict:
@@ -133,7 +123,7 @@ async def run_one(mode: str, duty: float, seconds: float, qps: float, mb: float,
         send = chan.send
     stop = asyncio.Event()
     busy = [0.0]
-    hog = asyncio.create_task(_hog(duty, stop, busy)) if duty > 0 else None
+    hog = asyncio.create_task(loop_load(duty, 0.002, stop, busy)) if duty > 0 else None
     image = np.random.default_rng(0).integers(0, 255, int(mb * 1e6), dtype=np.uint8)
     rng = np.random.default_rng(1)
     t0 = time.monotonic()

@@ -48,21 +48,29 @@ async def _one(engine, duty: float, burst_s: float, seconds: float, rows: int) -
     await asyncio.sleep(1.0)                             # all rows decoding
     load = asyncio.create_task(loop_load(duty, burst_s, stop, done)) if duty > 0 else None
     await asyncio.sleep(0.5)
-    s0, d0, t0 = await _decode_steps(engine), done[0], time.perf_counter()
+    s0, d0, t0 = await _stats(engine), done[0], time.perf_counter()
     await asyncio.sleep(seconds)
-    s1, d1, t1 = await _decode_steps(engine), done[0], time.perf_counter()
+    s1, d1, t1 = await _stats(engine), done[0], time.perf_counter()
     stop.set()
     for t in tasks + ([load] if load else []):
         t.cancel()
     await asyncio.gather(*tasks, *([load] if load else []), return_exceptions=True)
-    return {"duty": duty, "decode_steps_per_s": round((s1 - s0) / (t1 - t0), 1),
-            "loop_work_pct": round(100 * (d1 - d0) / (t1 - t0), 1)}
+    def grew(k):
+        return s1[f"host_{k}_s_total"] - s0[f"host_{k}_s_total"]
+    # the engine thread's own timers: in step(), and between turns (neither stepping, idle,
+    # taking requests nor pushing stats: e.g. waiting for the GIL)
+    loop = grew("loop")
+    gap = loop - grew("step") - grew("idle") - grew("inbox") - grew("tick")
+    return {"duty": duty, "decode_steps_per_s": round((s1["decode_steps"] - s0["decode_steps"]) / (t1 - t0), 1),
+            "loop_work_pct": round(100 * (d1 - d0) / (t1 - t0), 1),
+            "engine_step_pct": round(100 * grew("step") / max(loop, 1e-9), 1),
+            "engine_gap_pct": round(100 * max(0.0, gap) / max(loop, 1e-9), 1)}
 
 
-async def _decode_steps(engine) -> int:
+async def _stats(engine) -> dict:
     if getattr(engine, "_proc", None) is not None:
         await asyncio.sleep(0.3)                         # the child pushes its stats every 0.25 s
-    return engine.stats()["decode_steps"]
+    return engine.stats()
 
 
 def main() -> None:
@@ -89,10 +97,11 @@ def main() -> None:
                 await engine.shutdown()
         for r in asyncio.run(run()):
             rows.append({"engine": "separate process" if separate else "in-process", **r})
-    print("| engine | loop duty asked | loop work achieved % | decode steps/s |")
-    print("|---|---|---|---|")
+    print("| engine | loop duty asked | loop work achieved % | decode steps/s | engine thread in step / between turns % |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['duty']:g} | {r['loop_work_pct']} | {r['decode_steps_per_s']} |")
+        print(f"| {r['engine']} | {r['duty']:g} | {r['loop_work_pct']} | {r['decode_steps_per_s']} | "
+              f"{r['engine_step_pct']} / {r['engine_gap_pct']} |")
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
 

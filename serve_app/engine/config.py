@@ -57,8 +57,9 @@ class EngineConfig(BaseModel):
         False, description="continuous engine: run the scheduler and the model in a child process of "
                            "the replica, so the replica's event loop (every stream through Ray) does "
                            "not share the engine thread's GIL. Requests and outputs cross a socket. "
-                           "Slower on an H200 (GPU idle 18 % against 2 % in-process; RESULTS.md): "
-                           "for crash isolation, not throughput")
+                           "Measured slower on an H200 (GPU idle 18 % against 2 % in-process; a cause found "
+                           "and fixed since, not yet re-measured: RESULTS.md): for crash isolation, "
+                           "not throughput")
     gc_freeze: bool = Field(True, description="continuous engine: after start-up, freeze the objects alive "
                                               "then (gc.freeze), so Python's full collections walk only what "
                                               "serving made. One full collection over the start-up objects "

@@ -14,7 +14,9 @@ did this before; each had to win the GIL back from the busy loop after every rea
 
 Measured on an H200 (RESULTS.md, "the engine in its own process"): slower. The GPU sat idle 18 % of
 the time against 2 % in-process, and the in-process GPU was already 95-98 % busy, so the GIL was
-not what capped throughput. Where the child's loop waits is not yet known. Off by default.
+not what capped throughput. Found since, on the CPU: the stats push walked every object frozen at
+start-up (``gc.get_freeze_count()``, 33 ms per push, 4 pushes a second on the engine thread),
+now fixed in ``gc_control``; not yet re-measured on a GPU. Off by default.
 """
 
 from __future__ import annotations

@@ -87,3 +87,27 @@ def test_drain_waits_for_queued_bytes():
         chan.close()
         conn.close()
     asyncio.run(main())
+
+
+def test_a_failing_handler_does_not_drop_the_messages_after_it():
+    async def main():
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        conn = Connection(theirs.detach())
+        got = []
+
+        def handle(m):
+            if m == 1:
+                raise ValueError("bad message")
+            got.append(m)
+        chan = LoopChannel(ours, loop, handle, lambda: None)
+        for i in range(3):
+            conn.send(i)
+        for _ in range(100):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [0, 2]
+        chan.close()
+        conn.close()
+    asyncio.run(main())

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import pickle
 import socket
 import struct
 from typing import Any, Callable
 
 _READ = 1 << 20
+logger = logging.getLogger(__name__)
 
 
 class LoopChannel:
@@ -110,7 +112,10 @@ class LoopChannel:
         for m in msgs:
             if self._closed:
                 return
-            self._on_message(m)
+            try:
+                self._on_message(m)
+            except Exception:  # noqa: BLE001 - one bad message must not drop the ones after it
+                logger.exception("handling a message from the socket failed")
 
     def _end(self) -> None:
         if self._closed:

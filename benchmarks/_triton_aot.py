@@ -2,8 +2,8 @@
 
 Triton's compiler needs no GPU: each kernel wrapper is called with CPU tensors of the engine's
 shapes while ``JITFunction.run`` is replaced by a recorder, and every recorded launch (argument
-types, constexprs, warps, stages) goes through ``triton.compile`` for a ``GPUTarget`` down to a
-cubin via ptxas. ``tests/test_triton_lowering.py`` compiles them all; ``kernel_resources.py``
+types, constexprs, the JIT's specialisations, warps, stages) goes through ``triton.compile`` for
+a ``GPUTarget`` down to a cubin via ptxas. ``tests/test_triton_lowering.py`` compiles them all; ``kernel_resources.py``
 reports each one's registers and spills.
 """
 
@@ -30,24 +30,24 @@ BF16 = torch.bfloat16
 HIDDEN, HQ, HK, D, MLP, VOCAB, PAGE = 2560, 32, 8, 128, 9728, 151936, 16
 
 
+_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
+
+
 def _signature(fn, args, kwargs):
-    """The launch's ``(signature, constexprs, options)`` as ``JITFunction.run`` derives them."""
-    kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        if i < len(args):
-            value = args[i]
-        elif p.name in kwargs:
-            value = kwargs[p.name]
-        else:
-            assert p.has_default, f"{fn.__name__}: no value for {p.name}"
-            value = p.default
-        if p.is_constexpr:
-            signature[p.name], constexprs[(i,)] = "constexpr", value
-        else:
-            signature[p.name] = triton_jit.mangle_type(value)
-    return signature, constexprs, options
+    """The launch's ``(signature, constexprs, options, attrs)`` as ``JITFunction.run`` derives
+    them for an sm_90 target: the same binder, so the same specialisations. Pointers that are
+    16-byte aligned and integers divisible by 16 are marked so (``tt.divisibility``), and the
+    compiler vectorises loads with that knowledge. Without it the code here is not the code the
+    GPU runs."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
+    bound, specialization, _ = binder(*args, **{**kwargs, "debug": False, "instrumentation_mode": ""})
+    _, signature, constexprs, attrs = fn._pack_args(backend, dict(kwargs), bound, specialization, options)
+    return signature, constexprs, options, attrs
 
 
 @contextlib.contextmanager
@@ -57,9 +57,10 @@ def recorded_launches():
     seen: dict = {}
 
     def run(self, *args, grid, warmup, **kwargs):
-        sig, const, opts = _signature(self, args, kwargs)
-        key = (self.__name__, tuple(sig.items()), tuple(sorted(map(str, const.items()))), tuple(opts.items()))
-        seen.setdefault(key, (self, sig, const, opts))
+        sig, const, opts, attrs = _signature(self, args, kwargs)
+        key = (self.__name__, tuple(sig.items()), tuple(sorted(map(str, const.items()))), tuple(opts.items()),
+               tuple(sorted(map(str, attrs.items()))))
+        seen.setdefault(key, (self, sig, const, opts, attrs))
         return None
 
     real = triton_jit.JITFunction.run
@@ -70,10 +71,11 @@ def recorded_launches():
         triton_jit.JITFunction.run = real
 
 
-def compile_launch(fn, sig: dict, const: dict, opts: dict, capability: int):
+def compile_launch(fn, sig: dict, const: dict, opts: dict, capability: int, attrs: dict | None = None):
     """One recorded launch compiled for sm_``capability``; raises with the kernel's name."""
     try:
-        return triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", capability, 32), options=opts)
+        return triton.compile(ASTSource(fn, sig, const, attrs or {}), target=GPUTarget("cuda", capability, 32),
+                              options=opts)
     except Exception as e:  # noqa: BLE001 - name the kernel and its variant in the failure
         raise AssertionError(f"{fn.__name__} {const} {opts} does not compile for sm_{capability}: {e}") from e
 

@@ -2,8 +2,9 @@
 
 Why: at the app's decode batch (~10 rows of ~1.3k tokens) a step reads ~1.9 GB of 16-bit KV,
 ~0.45 ms at an H200's copy rate, and its 36 attention calls are a large part of the 3.4 ms
-step. Compiled for sm_90, the engine's config (BLOCK_N 64, 4 warps) holds 255 registers and
-spills (`cuobjdump -res-usage`), which caps occupancy in a kernel that should be bound by memory.
+step. (This probe was written when the engine's config, BLOCK_N 64 with 4 warps, seemed to hold
+255 registers and spill; that was the AOT compile lacking the JIT's specialisations. As the GPU
+runs it, it holds 80 and does not spill: RESULTS.md "Kernel resources", correction.)
 This times every ``attention.DECODE_CONFIGS`` entry per (KV dtype, batch, context): 36 layers'
 caches in turn inside one CUDA graph, pages scattered, the engine's split rule, with each
 config's error against the torch reference.

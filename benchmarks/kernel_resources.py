@@ -2,8 +2,9 @@
 compiled for a GPU that need not be here (``_triton_aot``).
 
 Why: a memory-bound kernel that holds 255 registers or spills to the stack runs few warps per
-SM. The split-K decode attention does (BLOCK_N 64, 4 warps: 255 registers and 144 bytes of
-stack for a 16-bit cache at sm_90); this lists every kernel so such cases show before a GPU run.
+SM; this lists every kernel so such cases show before a GPU run. Each launch is specialised as
+the JIT would (aligned pointers, integers divisible by 16): without that, loads are not
+vectorised and the figures are not the GPU's (RESULTS.md, "Kernel resources", correction).
 
     python benchmarks/kernel_resources.py [CAPABILITY=90] [--fp8]
 """
@@ -25,8 +26,8 @@ def main() -> None:
         aot.fp8_engine_launches() if "--fp8" in sys.argv else aot.bf16_engine_launches()
     print(f"| kernel | constexprs | warps | registers | stack bytes | shared bytes |  (sm_{cap})")
     print("|---|---|---|---|---|---|")
-    for fn, sig, const, opts in seen.values():
-        r = aot.resources(aot.compile_launch(fn, sig, const, opts, cap))
+    for fn, sig, const, opts, attrs in seen.values():
+        r = aot.resources(aot.compile_launch(fn, sig, const, opts, cap, attrs))
         names = {fn.arg_names[i[0]]: v for i, v in const.items()}
         ptrs = ",".join(t for t in sig.values() if t.startswith("*fp8"))[:20]
         print(f"| {fn.__name__} | {names}{' ' + ptrs if ptrs else ''} | {opts.get('num_warps', 4)} | "

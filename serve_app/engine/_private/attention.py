@@ -339,7 +339,8 @@ def _build_triton_kernel():
                s_qb, s_qh, s_kp, s_kh, s_ks, s_btb, s_ob, s_oh, s_os, s_lb, s_lh,
                scale,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
+               BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
+               F16_MATH: tl.constexpr = False):
         _pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -353,6 +354,8 @@ def _build_triton_kernel():
         gmask = offs_g < GROUP
         heads = kvh * GROUP + offs_g
         q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        if F16_MATH:    # an FP8 cache under bf16 q: e4m3 -> fp16 is one instruction per pair, -> bf16 three
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
@@ -364,7 +367,8 @@ def _build_triton_kernel():
             nmask = offs_n < end
             page = tl.load(BT + b * s_btb + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
             row = page * s_kp + (offs_n % PAGE) * s_ks
-            # an FP8 cache is upcast on load: the bytes read halve, the math stays 16-bit
+            # an FP8 cache is upcast on load: the bytes read halve, the math stays 16-bit (fp16:
+            # every e4m3 value is exact in it, and it has 3 more mantissa bits than bf16)
             k = tl.load(Kh + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
             v = tl.load(Vh + row[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -395,8 +399,8 @@ def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
 # (benchmarks/decode_attn_probe.py; RESULTS.md "PDL, FP8 vision linears, decode-attention
 # configs"): (64, 4) was fastest or within 5 % at 2 splits (batch 32) and over an FP8 cache at
 # 4+; a 16-bit cache at 4+ splits (batch <= ~16) took 10-12 % less with (128, 8); an FP8 cache in
-# one split (batch >= 64) took 97 us a call with (32, 4) against 118. Compiled for sm_90, (64, 4)
-# holds 255 registers and spills, yet no smaller tile beat it. CUDA-core variants for the group's
+# one split (batch >= 64) took 97 us a call with (32, 4) against 118. Compiled for sm_90 as the
+# JIT specialises it, (64, 4) holds 80 registers, no spills (kernel_resources.py). CUDA-core variants for the group's
 # 4 q heads (no MMA tile padded to 16 rows) were 2-6x slower and were dropped.
 DECODE_CONFIG = (64, 4)
 DECODE_CONFIG_FP8_ONE_SPLIT = (32, 4)
@@ -434,6 +438,7 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         scale, GROUP=group, GROUP_PAD=max(16, group), D=d,
         PAGE=page_size, BLOCK_N=block_n, SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        F16_MATH=cache_k.dtype.itemsize == 1 and q.dtype == torch.bfloat16,
         **K._pdl(), num_warps=warps, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)

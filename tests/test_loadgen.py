@@ -706,3 +706,21 @@ def test_sweep_report_names_the_code_and_the_engine_start_up(tmp_path, monkeypat
             tables.append(cur)
             cur = []
     assert len(tables) >= 3 and all(len(set(t)) == 1 for t in tables), tables
+
+
+def test_step_line_reports_the_engine_split_and_its_thread():
+    from benchmarks.loadgen.sweep import step_line
+
+    lat = {"p50": 0.1, "p95": 0.3}
+    step = {"engine": "continuous",
+            "summary": {"mode": "open", "offered": 16.5, "requests": 400, "achieved_qps": 16.1,
+                        "ttft_s": lat, "e2e_s": {"p50": 0.8, "p95": 1.6}, "tpot_s": {"p50": 0.006}, "errors": {}},
+            "engine_time": {"prefill_pct": 20.0, "vision_pct": 20.0, "decode_pct": 58.0, "other_pct": 2.0,
+                            "host_busy_pct": 47.0, "host_gap_pct": 10.0, "host_idle_pct": 1.0,
+                            "host_tick_pct": 0.1, "host_emit_pct": 0.5},
+            "slo_violations": []}
+    line = step_line(step)
+    assert "prefill/vision/decode/other 20/20/58/2%" in line and line.endswith("SLO ok")
+    assert "engine thread busy 47.0% gap 10.0% idle 1.0% tick 0.1% emit 0.5%" in line
+    del step["engine_time"]["host_gap_pct"]
+    assert "gap" not in step_line(step)                      # an engine without loop timers

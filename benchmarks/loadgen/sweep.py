@@ -196,6 +196,9 @@ def step_line(step: dict[str, Any]) -> str:
     if et.get("engine_e2e_mean_ms") is not None:
         split += (f", engine e2e mean {et['engine_e2e_mean_ms']:.0f} ms, P95 <= "
                   f"{et['engine_e2e_p95_le_ms'] or 'inf'} ms")
+    if et.get("host_gap_pct") is not None:
+        split += (f", engine thread busy {et.get('host_busy_pct')}% gap {et['host_gap_pct']}% "
+                  f"idle {et.get('host_idle_pct')}% tick {et.get('host_tick_pct')}% emit {et.get('host_emit_pct')}%")
     verdict = ""
     if "slo_violations" in step:
         verdict = " SLO ok" if not step["slo_violations"] else " SLO MISS: " + "; ".join(step["slo_violations"])

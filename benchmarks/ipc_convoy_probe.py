@@ -73,13 +73,17 @@ def child(fd: int, step_s: float) -> None:
     time.sleep(0.5)
 
 
-async def run_one(mode: str, duty: float, seconds: float, qps: float, mb: float, step_s: float) -> dict:
+async def run_one(mode: str, duty: float, seconds: float, qps: float, mb: float, step_s: float,
+                  sndbuf: int = 0) -> dict:
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
+    for sock in (ours, theirs) if sndbuf else ():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen([sys.executable, __file__, "--child", str(theirs.fileno()), "--step-ms", str(step_s * 1e3)],
                             pass_fds=(theirs.fileno(),), env=env)
     theirs.close()
+    ours_sndbuf = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     sent: dict[int, float] = {}
     acks: list[float] = []
     out_lag: list[float] = []
@@ -149,7 +153,7 @@ async def run_one(mode: str, duty: float, seconds: float, qps: float, mb: float,
     def p(xs, q):
         return round(1e3 * float(np.percentile(xs, q)), 2) if xs else None
 
-    return {"mode": mode, "duty": duty, "loop_busy": round(busy[0] / wall, 3), "requests": i, "acked": len(acks),
+    return {"mode": mode, "duty": duty, "sndbuf": ours_sndbuf, "loop_busy": round(busy[0] / wall, 3), "requests": i, "acked": len(acks),
             "request_ms_p50": p(acks, 50), "request_ms_p95": p(acks, 95),
             "output_lag_ms_p50": p(out_lag, 50), "output_lag_ms_p95": p(out_lag, 95),
             "child_send_blocked_pct": round(100 * final.get("blocked_s", 0) / wall, 2),
@@ -165,6 +169,7 @@ def main() -> None:
     ap.add_argument("--qps", type=float, default=16.0, help="requests per second (Poisson)")
     ap.add_argument("--mb", type=float, default=3.3, help="image bytes per request, MB")
     ap.add_argument("--step-ms", type=float, default=3.4, help="the child's output interval (a decode step)")
+    ap.add_argument("--sndbuf", type=int, default=0, help="SO_SNDBUF of both ends, bytes (0: the system's)")
     ap.add_argument("--out")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -174,7 +179,7 @@ def main() -> None:
     rows = []
     for duty in (float(x) for x in a.duty.split(",")):
         for mode in a.modes.split(","):
-            r = asyncio.run(run_one(mode, duty, a.seconds, a.qps, a.mb, a.step_ms / 1e3))
+            r = asyncio.run(run_one(mode, duty, a.seconds, a.qps, a.mb, a.step_ms / 1e3, a.sndbuf))
             print(json.dumps(r), flush=True)
             rows.append(r)
     if a.out:

@@ -15,6 +15,7 @@ from serve_app.engine._private.loop_channel import LoopChannel
 def _pair(on_message=lambda m: None, on_close=lambda: None) -> tuple[LoopChannel, Connection]:
     """A channel on the running loop and a plain Connection at the socket's other end."""
     ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)    # a 5 MB message never fits at once
     return LoopChannel(ours, asyncio.get_running_loop(), on_message, on_close), Connection(theirs.detach())
 
 
@@ -40,12 +41,12 @@ def test_round_trip_with_a_connection_large_and_small_messages():
                 conn.send(("out", i, [1, 2, 3]))
             conn.close()
 
-        t = threading.Thread(target=echo)
-        t.start()
         chan.send(("add", "r1", big))
         assert chan.pending_bytes > 0               # 5 MB do not fit in the socket at once
         chan.send("config")
         chan.send(("cancel", "r1", None))
+        t = threading.Thread(target=echo)            # the far end starts reading only now
+        t.start()
         await _until(lambda: closed, 10)
         t.join(5)
         assert closed == [1]

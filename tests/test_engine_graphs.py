@@ -173,6 +173,7 @@ def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F8
         res = await asyncio.gather(*[_collect(engine, r, 0.15 * i) for i, r in enumerate(reqs)])
         steps = engine.stats()["prefill_steps"]
         res += await asyncio.gather(*[_collect(engine, r) for r in burst])
+        await asyncio.sleep(0.2)    # the engine thread past its last step (its timers then agree)
         return res, engine.stats(), engine.health(), steps
 
     res, stats, health, steps = _run(

@@ -54,10 +54,8 @@ class ContinuousEngine:
         self._sched = await asyncio.to_thread(Scheduler.load, self.config, self._emit)
         self.tokenizer = self._sched.tokenizer
         self._limits = self._sched.limits
-        if self.config.gc_freeze:
-            n = gc_control.freeze_startup_objects()
-            logger.info("froze %d start-up objects out of the garbage collector's walk", n)
-        gc_control.watch()          # after the freeze's own collection: serving pauses only
+        n = gc_control.start(self.config.gc_freeze)
+        logger.info("froze %d start-up objects out of the garbage collector's walk", n)
         self._thread = threading.Thread(target=self._run, name="continuous-engine", daemon=True)
         self._thread.start()
         self._ready = True
@@ -92,7 +90,7 @@ class ContinuousEngine:
         base = {"engine": "continuous", "streams_open": len(self._streams)}
         if self._sched is None:
             return base
-        return {**base, **self._sched.stats(), **gc_control.PAUSES.stats()}
+        return {**base, **self._sched.stats()}
 
     # ----------------------------------------------------------------------------- requests
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:

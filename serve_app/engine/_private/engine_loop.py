@@ -22,8 +22,6 @@ def run(sched: Scheduler, inbox: queue.SimpleQueue, wake: threading.Event, stop:
     requests), ``tick``, ``idle`` (no work: waiting or idle-time captures) and ``loop`` (all of
     it), so that loop - step - idle - inbox - tick is time lost between steps (GIL waits)."""
     host = sched.host_times
-    for k in ("loop", "inbox", "tick", "idle"):
-        host.setdefault(k, 0.0)
     clock = time.perf_counter
     with torch.inference_mode():
         last = clock()

@@ -55,9 +55,7 @@ def main(config_json: str, conn) -> None:
         send(("failed", portable_error(e)))
         conn.close()
         return
-    if config.gc_freeze:
-        gc_control.freeze_startup_objects()
-    gc_control.watch()              # after the freeze's own collection: serving pauses only
+    gc_control.start(config.gc_freeze)
     send(("ready", {"limits": sched.limits, "describe": sched.describe()}))
 
     def receive() -> None:
@@ -77,7 +75,7 @@ def main(config_json: str, conn) -> None:
     state = {"last": 0.0, "dirty": True}
 
     def stats() -> dict:
-        return {**sched.stats(), **gc_control.PAUSES.stats()}
+        return sched.stats()
 
     def tick(busy: bool) -> None:
         """Stats at most every STATS_INTERVAL_S while busy, and once on going idle after work."""

@@ -56,6 +56,14 @@ def watch() -> None:
         gc.callbacks.append(PAUSES)
 
 
+def start(freeze: bool) -> int:
+    """At the end of an engine's start-up: freeze what is alive (if ``freeze``), then count
+    collections from here on, so only serving's pauses are counted. Returns how many froze."""
+    n = freeze_startup_objects() if freeze else 0
+    watch()
+    return n
+
+
 def freeze_startup_objects() -> int:
     """Collect once, then freeze every object alive now; returns how many were frozen."""
     gc.collect()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from serve_app.engine._private.attention import cudnn_plans
-from serve_app.engine._private import startup
+from serve_app.engine._private import gc_control, startup
 from serve_app.engine._private.limits import RequestLimits
 from serve_app.engine._private.latency import E2E_BOUNDS_S, TTFT_BOUNDS_S, LatencyBuckets
 from serve_app.engine._private.memory import split_by_budget, vision_patch_budget
@@ -102,7 +102,8 @@ class Scheduler:
         self._time = {"prefill": 0.0, "decode": 0.0, "vision": 0.0}   # GPU seconds on CUDA
         # Engine-thread seconds: in step() (wall and thread CPU), and of those, waiting for the
         # GPU. Busy minus waiting near the wall time means the host, not the GPU, sets the pace.
-        self._host = {"step": 0.0, "cpu": 0.0, "wait": 0.0, "emit": 0.0}
+        # emit: handing outputs over (inside step); loop/inbox/tick/idle: engine_loop.run's turns.
+        self._host = dict.fromkeys(("step", "cpu", "wait", "emit", "loop", "inbox", "tick", "idle"), 0.0)
         self._pending: list[tuple[str, Any]] = []
         self._ttft = LatencyBuckets("ttft", TTFT_BOUNDS_S)
         self._e2e = LatencyBuckets("e2e", E2E_BOUNDS_S)
@@ -462,7 +463,7 @@ class Scheduler:
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
                 **(self.runner.graph_stats() if self.runner else {}),
-                **self._ttft.stats(), **self._e2e.stats(),
+                **self._ttft.stats(), **self._e2e.stats(), **gc_control.PAUSES.stats(),
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()},

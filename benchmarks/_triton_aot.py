@@ -93,6 +93,23 @@ def resources(compiled) -> dict:
             "shared_bytes": compiled.metadata.shared}
 
 
+def sass_counts(compiled) -> dict:
+    """The cubin's SASS instructions: their total, the format conversions (``F2F*``) and the
+    global loads by width (``cuobjdump -sass``). A vectorised 16-bit load is ``LDG.E.128`` or
+    ``LDGSTS.E.BYPASS.128``; ``.U16``/``.U8`` loads move one element each."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", out)
+    loads: dict[str, int] = {}
+    for op in ops:
+        if op.startswith("LDG") and op != "LDGDEPBAR":
+            loads[op] = loads.get(op, 0) + 1
+    return {"instructions": len(ops), "conversions": sum(op.startswith("F2F") for op in ops), "loads": loads}
+
+
 def _cpu(*shape, dtype=BF16):
     return torch.zeros(*shape, dtype=dtype)
 

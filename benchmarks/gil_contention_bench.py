@@ -64,7 +64,22 @@ async def _one(engine, duty: float, burst_s: float, seconds: float, rows: int) -
     return {"duty": duty, "decode_steps_per_s": round((s1["decode_steps"] - s0["decode_steps"]) / (t1 - t0), 1),
             "loop_work_pct": round(100 * (d1 - d0) / (t1 - t0), 1),
             "engine_step_pct": round(100 * grew("step") / max(loop, 1e-9), 1),
+            "engine_tick_pct": round(100 * grew("tick") / max(loop, 1e-9), 1),
             "engine_gap_pct": round(100 * max(0.0, gap) / max(loop, 1e-9), 1)}
+
+
+def _walk_ms() -> dict:
+    """What counting the frozen objects costs here (``gc.get_freeze_count()`` walks them; the
+    engine's stats once called it on every push): objects frozen and ms per count, best of 5."""
+    import gc
+    best = min(_timed(gc.get_freeze_count) for _ in range(5))
+    return {"frozen_objects": gc.get_freeze_count(), "freeze_count_ms": round(1e3 * best, 2)}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 async def _stats(engine) -> dict:
@@ -82,7 +97,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    rows = []
+    rows, walk = [], {}
     for separate in (False, True):
         cfg = EngineConfig(model=a.model, engine="continuous", device="cpu", dtype="float32",
                            max_num_seqs=a.rows, max_model_len=20_000, separate_process=separate)
@@ -91,19 +106,23 @@ def main() -> None:
             engine = create_engine(cfg)
             await engine.start()
             try:
+                if not separate:      # the in-process engine froze this process's start-up objects
+                    walk.update(_walk_ms())
                 return [await _one(engine, float(d), a.burst_ms / 1000, a.seconds, a.rows)
                         for d in a.duty.split(",")]
             finally:
                 await engine.shutdown()
         for r in asyncio.run(run()):
             rows.append({"engine": "separate process" if separate else "in-process", **r})
-    print("| engine | loop duty asked | loop work achieved % | decode steps/s | engine thread in step / between turns % |")
+    print(f"gc.get_freeze_count() over {walk.get('frozen_objects')} frozen objects: {walk.get('freeze_count_ms')} ms")
+    print("| engine | loop duty asked | loop work achieved % | decode steps/s | "
+          "engine thread in step / stats push / between turns % |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['engine']} | {r['duty']:g} | {r['loop_work_pct']} | {r['decode_steps_per_s']} | "
-              f"{r['engine_step_pct']} / {r['engine_gap_pct']} |")
+              f"{r['engine_step_pct']} / {r['engine_tick_pct']} / {r['engine_gap_pct']} |")
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+        Path(a.out).write_text(json.dumps({"gc_walk": walk, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ def test_freeze_moves_live_objects_out_and_unfreeze_gives_them_back():
 
 def test_stats_do_not_walk_the_frozen_objects(monkeypatch):
     """The engine process pushes these stats every 0.25 s from its engine thread: they must not
-    call gc.get_freeze_count(), which walks every frozen object with the GIL held (33 ms for
-    ~560k on the 2-core VM: 13 % of the engine process's loop)."""
+    call gc.get_freeze_count(), which walks every frozen object with the GIL held (24-33 ms over
+    ~400k on the 2-core VM: 13 % of the engine process's loop)."""
     keep = [[i] for i in range(1000)]
     n = gc_control.freeze_startup_objects()
     try:

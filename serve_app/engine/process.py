@@ -15,8 +15,8 @@ did this before; each had to win the GIL back from the busy loop after every rea
 Measured on an H200 (RESULTS.md, "the engine in its own process"): slower. The GPU sat idle 18 % of
 the time against 2 % in-process, and the in-process GPU was already 95-98 % busy, so the GIL was
 not what capped throughput. Found since, on the CPU: the stats push walked every object frozen at
-start-up (``gc.get_freeze_count()``, 33 ms per push, 4 pushes a second on the engine thread),
-now fixed in ``gc_control``; not yet re-measured on a GPU. Off by default.
+start-up (``gc.get_freeze_count()``: 24-33 ms per push over ~400k objects, 4 pushes a second
+on the engine thread), now fixed in ``gc_control``; not yet re-measured on a GPU. Off by default.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class GcPauses:
 
     def stats(self) -> dict:
         # the count kept at freeze time: gc.get_freeze_count() walks every frozen object with the
-        # GIL held (33 ms for ~560k on the 2-core VM), and the engine process pushed these stats
+        # GIL held (24-33 ms over ~400k on the 2-core VM), and the engine process pushed these stats
         # every 0.25 s from its engine thread: 13 % of that thread's time, the GPU idle meanwhile
         return {"gc_collections": list(self.collections), "gc_pause_max_s": round(self.max_s, 4),
                 "gc_frozen_objects": _frozen[0], **self.pauses.stats()}

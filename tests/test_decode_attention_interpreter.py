@@ -81,8 +81,8 @@ def test_decode_config_pick():
 
     from serve_app.engine._private import attention as A
     e4m3, bf16 = torch.float8_e4m3fn, torch.bfloat16
-    assert A.decode_config_for(e4m3, 1) == A.DECODE_CONFIG_FP8_ONE_SPLIT == (32, 4)
-    assert A.decode_config_for(e4m3, 4) == A.decode_config_for(e4m3, 16) == A.DECODE_CONFIG == (64, 4)
+    assert A.decode_config_for(e4m3, 1) == A.decode_config_for(e4m3, 2) == A.DECODE_CONFIG_FP8_FEW_SPLITS == (32, 4)
+    assert A.decode_config_for(e4m3, 3) == A.decode_config_for(e4m3, 16) == A.DECODE_CONFIG == (64, 4)
     assert A.decode_config_for(bf16, 1) == A.decode_config_for(bf16, 2) == A.DECODE_CONFIG
     assert A.decode_config_for(bf16, 4) == A.DECODE_CONFIG_16BIT_MANY_SPLITS == (128, 8)
     assert A.decode_config_for(torch.float32, 16) == (128, 8)

@@ -395,15 +395,17 @@ def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
 
 
 # (BLOCK_N, num_warps) of the split-K decode kernel: the tokens a program loads per iteration, and
-# its warps. Picked per cache dtype and split count from one H200 probe at 1.3k-token rows
+# its warps. Picked per cache dtype and split count from H200 probes at 1.3k-token rows
 # (benchmarks/decode_attn_probe.py; RESULTS.md "PDL, FP8 vision linears, decode-attention
-# configs"): (64, 4) was fastest or within 5 % at 2 splits (batch 32) and over an FP8 cache at
-# 4+; a 16-bit cache at 4+ splits (batch <= ~16) took 10-12 % less with (128, 8); an FP8 cache in
-# one split (batch >= 64) took 97 us a call with (32, 4) against 118. Compiled for sm_90 as the
-# JIT specialises it, (64, 4) holds 80 registers, no spills (kernel_resources.py). CUDA-core variants for the group's
+# configs" for the 16-bit cache, "FP8 cache in fp16 math" for the FP8 one): (64, 4) was fastest or
+# within 5 % at 2 splits (batch 32) over a 16-bit cache, and over an FP8 cache at 3+ splits; a
+# 16-bit cache at 4+ splits (batch <= ~16) took 10-12 % less with (128, 8). Over an FP8 cache in
+# fp16 math, 1-2 splits (batch >= ~32) want (32, 4): 48.5 us a call at batch 32 against 59.9
+# with (64, 4), and 89.5 against 112 at batch 64. Compiled for sm_90 as the JIT specialises it,
+# (64, 4) holds 80 registers, no spills (kernel_resources.py). CUDA-core variants for the group's
 # 4 q heads (no MMA tile padded to 16 rows) were 2-6x slower and were dropped.
 DECODE_CONFIG = (64, 4)
-DECODE_CONFIG_FP8_ONE_SPLIT = (32, 4)
+DECODE_CONFIG_FP8_FEW_SPLITS = (32, 4)
 DECODE_CONFIG_16BIT_MANY_SPLITS = (128, 8)
 DECODE_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
 
@@ -411,7 +413,7 @@ DECODE_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
 def decode_config_for(cache_dtype: torch.dtype, splits: int) -> tuple[int, int]:
     """The measured config for a cache dtype and split count (see :data:`DECODE_CONFIG`)."""
     if cache_dtype.itemsize == 1:
-        return DECODE_CONFIG_FP8_ONE_SPLIT if splits == 1 else DECODE_CONFIG
+        return DECODE_CONFIG_FP8_FEW_SPLITS if splits <= 2 else DECODE_CONFIG
     return DECODE_CONFIG_16BIT_MANY_SPLITS if splits >= 4 else DECODE_CONFIG
 
 

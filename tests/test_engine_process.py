@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 async def _stats_when(engine, pred, timeout_s: float = 20.0) -> dict:
-    """The child pushes its stats every 0.25 s while busy and when it goes idle."""
+    """The child pushes its stats every 0.25 s while busy and every 1 s while idle."""
     for _ in range(int(timeout_s / 0.05)):
         s = engine.stats()
         if pred(s):
@@ -50,6 +50,17 @@ def test_same_greedy_tokens_as_in_process_and_stats_from_the_child(model_dir):  
     assert stats["engine_pid"] != os.getpid() and stats["kv_pages_free"] == stats["kv_pages_total"]
     assert sum(stats["ttft_bucket_counts"]) == 6 and stats["gc_frozen_objects"] > 0
     assert health["ready"] and health["separate_process"] and "kv_tokens" in health
+
+
+def test_idle_time_reaches_the_parent_while_idle(model_dir):  # noqa: F811
+    """A snapshot after an idle spell includes it (a benchmark step's baseline)."""
+    async def scenario(engine):
+        first = await _stats_when(engine, lambda s: "host_idle_s_total" in s)
+        await asyncio.sleep(2.5)
+        return first, engine.stats()
+
+    first, later = _run(_config(model_dir, separate_process=True), scenario)
+    assert later["host_idle_s_total"] - first["host_idle_s_total"] >= 1.0
 
 
 def test_checks_on_this_side_cancel_in_the_child_and_a_dead_child_fails_streams(model_dir):  # noqa: F811

@@ -158,6 +158,6 @@ class ProcessEngine(ContinuousEngine):
         return {"ready": self._ready, "engine": "continuous", "separate_process": True, **self._describe}
 
     def stats(self) -> dict:
-        """The child's latest stats (pushed every 0.25 s while busy, and when it goes idle)."""
+        """The child's latest stats (pushed every 0.25 s while busy, every 1 s while idle)."""
         return {"engine": "continuous", "streams_open": len(self._streams), **self._stats,
                 "engine_pid": self._proc.pid if self._proc is not None else None}

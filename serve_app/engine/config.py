@@ -38,7 +38,8 @@ class EngineConfig(BaseModel):
         "auto", description="continuous engine: 'fp8' stores K/V as e4m3 without scales (clamped to "
                             "+-448): half the bytes per token, so twice the KV tokens in a budget and half "
                             "the cache bytes a decode step reads; attention math stays 16-bit. 'auto': the "
-                            "model's dtype. Values beyond the e4m3 range are clipped")
+                            "model's dtype. Values beyond the e4m3 range are clipped. Slower in the app "
+                            "on an H200 (RESULTS.md): for when KV memory is the limit")
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
     pdl: bool = Field(False, description="continuous engine, Hopper+ GPUs: launch the engine's Triton kernels "
                                          "with programmatic dependent launch, so each may be scheduled while "
@@ -57,9 +58,8 @@ class EngineConfig(BaseModel):
         False, description="continuous engine: run the scheduler and the model in a child process of "
                            "the replica, so the replica's event loop (every stream through Ray) does "
                            "not share the engine thread's GIL. Requests and outputs cross a socket. "
-                           "Measured slower on an H200 (GPU idle 18 % against 2 % in-process; a cause found "
-                           "and fixed since, not yet re-measured: RESULTS.md): for crash isolation, "
-                           "not throughput")
+                           "On an H200 (RESULTS.md): the GPU busier and a lower e2e P95 at 17 QPS, "
+                           "but not a higher max load at SLO; it isolates a crashing engine")
     gc_freeze: bool = Field(True, description="continuous engine: after start-up, freeze the objects alive "
                                               "then (gc.freeze), so Python's full collections walk only what "
                                               "serving made. One full collection over the start-up objects "

@@ -9,7 +9,14 @@ This times every ``attention.DECODE_CONFIGS`` entry per (KV dtype, batch, contex
 caches in turn inside one CUDA graph, pages scattered, the engine's split rule, with each
 config's error against the torch reference.
 
-    python benchmarks/decode_attn_probe.py OUT_JSON [BATCHES=1,10,32,64] [CONTEXT=1300]
+    python benchmarks/decode_attn_probe.py OUT_JSON [BATCHES=1,10,32,64] [CONTEXT=1300] \
+        [--splits-x 1,2] [--mixed]
+
+``--splits-x`` also times each config at multiples of the engine's split count (more programs in
+flight per SM, more partials to merge). ``--mixed`` gives the rows seeded lengths from 0.25x to 2x
+CONTEXT instead of CONTEXT each: the app's rows hold 300-4,300 tokens (one or two images of
+640x480-1920x1080), and there, unlike in the engine bench, an FP8 cache made decode steps longer
+(RESULTS.md "FP8 KV in the app").
 
 Without CUDA it writes the configs it would time and exits.
 """
@@ -32,7 +39,8 @@ LAYERS, HQ, HK, D, PAGE = 36, 32, 8, 128, 16        # Qwen3-VL-4B's text model, 
 
 
 def _caches(batch: int, context: int, dtype: torch.dtype, g: torch.Generator):
-    """Per layer (k, v) caches [pages, HK, PAGE, D] of ``batch`` rows, and scattered tables."""
+    """Per layer (k, v) caches [pages, HK, PAGE, D] of ``batch`` rows of up to ``context`` tokens,
+    and scattered tables."""
     per = -(-context // PAGE)
     pages = batch * per + 1
     layers = []
@@ -46,9 +54,18 @@ def _caches(batch: int, context: int, dtype: torch.dtype, g: torch.Generator):
     return layers, tables, bt
 
 
-def probe(out: str, batches: list[int], context: int) -> dict:
+def row_lengths(batch: int, context: int, mixed: bool) -> list[int]:
+    """``context`` for every row, or (mixed) seeded lengths spread over 0.25x-2x ``context``."""
+    if not mixed:
+        return [context] * batch
+    g = torch.Generator().manual_seed(batch)
+    return [int(x) for x in torch.randint(context // 4, 2 * context + 1, (batch,), generator=g)]
+
+
+def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,), mixed: bool = False) -> dict:
     res: dict = {"configs": attention.DECODE_CONFIGS, "engine_config": attention.DECODE_CONFIG,
-                 "batches": batches, "context": context, "layers": LAYERS}
+                 "batches": batches, "context": context, "layers": LAYERS, "splits_x": list(splits_x),
+                 "mixed": mixed}
     if not torch.cuda.is_available():
         res["note"] = "no CUDA: nothing timed"
         Path(out).write_text(json.dumps(res, indent=1))
@@ -59,49 +76,65 @@ def probe(out: str, batches: list[int], context: int) -> dict:
     scale = D ** -0.5
     for dtype in (torch.bfloat16, torch.float8_e4m3fn):
         for b in batches:
-            layers, tables, bt = _caches(b, context, dtype, g)
-            lens = torch.full((b,), context, dtype=torch.int32, device="cuda")
+            lengths = row_lengths(b, context, mixed)
+            layers, tables, bt = _caches(b, max(lengths), dtype, g)
+            lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
             q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-            splits = attention.num_splits_for(b, HK, props.multi_processor_count)
-            kv_bytes = b * context * HK * D * layers[0][0].element_size() * 2 * LAYERS
-            want = attention.decode_attention_torch(q, *layers[0], tables, [context] * b, scale).float()
-            row = {"splits": splits, "kv_gb_per_step": round(kv_bytes / 1e9, 3)}
-            for config in attention.DECODE_CONFIGS:
-                def step(config=config):
-                    for k, v in layers:
-                        attention.decode_attention_triton(q, k, v, bt, lens, scale, splits, PAGE, config)
-                r: dict = {}
-                try:
-                    got = attention.decode_attention_triton(q, *layers[0], bt, lens, scale, splits, PAGE, config)
-                    r["rel_err"] = float((got.float() - want).norm() / want.norm())
-                    step()                                    # compile outside the capture
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        step()
-                    ms = measure(graph.replay, 8, 4)["gpu_ms"]
-                    r.update(step_ms=ms, us_per_call=round(1e3 * ms / LAYERS, 2),
-                             gb_per_s=round(kv_bytes / ms / 1e6, 1))
-                except Exception as e:  # noqa: BLE001 - a config that fails is a result
-                    r["error"] = repr(e)[:300]
-                row[str(config)] = r
-            best = min((c for c in row if c.startswith("(") and "step_ms" in row[c]),
-                       key=lambda c: row[c]["step_ms"], default=None)
-            row["best"] = best
-            res[f"{str(dtype).replace('torch.', '')}_b{b}"] = row
-            print(dtype, b, json.dumps(row), flush=True)
+            engine_splits = attention.num_splits_for(b, HK, props.multi_processor_count)
+            kv_bytes = sum(lengths) * HK * D * layers[0][0].element_size() * 2 * LAYERS
+            want = attention.decode_attention_torch(q, *layers[0], tables, lengths, scale).float()
+            for x in splits_x:
+                splits = engine_splits * x
+                row = {"splits": splits, "engine_splits": engine_splits, "lengths": lengths,
+                       "kv_gb_per_step": round(kv_bytes / 1e9, 3)}
+                for config in attention.DECODE_CONFIGS:
+                    row[str(config)] = _time(config, q, layers, bt, lens, scale, splits, want, kv_bytes)
+                best = min((c for c in row if c.startswith("(") and "step_ms" in row[c]),
+                           key=lambda c: row[c]["step_ms"], default=None)
+                row["best"] = best
+                key = f"{str(dtype).replace('torch.', '')}_b{b}" + (f"_x{x}" if x != 1 else "")
+                res[key] = row
+                print(dtype, b, "splits", splits, json.dumps({k: v for k, v in row.items() if k != "lengths"}),
+                      flush=True)
             torch.cuda.empty_cache()
     Path(out).write_text(json.dumps(res, indent=1))
     return res
 
 
+def _time(config, q, layers, bt, lens, scale: float, splits: int, want, kv_bytes: int) -> dict:
+    """One config: its error on layer 0, and 36 layers' calls replayed as one CUDA graph."""
+    def step():
+        for k, v in layers:
+            attention.decode_attention_triton(q, k, v, bt, lens, scale, splits, PAGE, config)
+    r: dict = {}
+    try:
+        got = attention.decode_attention_triton(q, *layers[0], bt, lens, scale, splits, PAGE, config)
+        r["rel_err"] = float((got.float() - want).norm() / want.norm())
+        step()                                    # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = measure(graph.replay, 8, 4)["gpu_ms"]
+        r.update(step_ms=ms, us_per_call=round(1e3 * ms / LAYERS, 2), gb_per_s=round(kv_bytes / ms / 1e6, 1))
+    except Exception as e:  # noqa: BLE001 - a config that fails is a result
+        r["error"] = repr(e)[:300]
+    return r
+
+
 def main() -> None:
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    batches = [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else [1, 10, 32, 64]
-    context = int(sys.argv[3]) if len(sys.argv) > 3 else 1300
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("batches", nargs="?", default="1,10,32,64")
+    ap.add_argument("context", nargs="?", type=int, default=1300)
+    ap.add_argument("--splits-x", default="1", help="multiples of the engine's split count to time")
+    ap.add_argument("--mixed", action="store_true", help="rows of 0.25x-2x CONTEXT tokens")
+    a = ap.parse_args()
     t0 = time.time()
-    res = probe(sys.argv[1], batches, context)
+    res = probe(a.out, [int(x) for x in a.batches.split(",")], a.context,
+                [int(x) for x in a.splits_x.split(",")], a.mixed)
     print("wall_s", round(time.time() - t0, 1), "configs", res["configs"])
 
 

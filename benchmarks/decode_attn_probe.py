@@ -80,7 +80,7 @@ def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,)
             layers, tables, bt = _caches(b, max(lengths), dtype, g)
             lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
             q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-            engine_splits = attention.num_splits_for(b, HK, props.multi_processor_count)
+            engine_splits = attention.num_splits_for(b, HK, props.multi_processor_count, dtype)
             kv_bytes = sum(lengths) * HK * D * layers[0][0].element_size() * 2 * LAYERS
             want = attention.decode_attention_torch(q, *layers[0], tables, lengths, scale).float()
             for x in splits_x:

@@ -81,8 +81,14 @@ def test_decode_config_pick():
 
     from serve_app.engine._private import attention as A
     e4m3, bf16 = torch.float8_e4m3fn, torch.bfloat16
-    assert A.decode_config_for(e4m3, 1) == A.decode_config_for(e4m3, 2) == A.DECODE_CONFIG_FP8_FEW_SPLITS == (32, 4)
-    assert A.decode_config_for(e4m3, 3) == A.decode_config_for(e4m3, 16) == A.DECODE_CONFIG == (64, 4)
-    assert A.decode_config_for(bf16, 1) == A.decode_config_for(bf16, 2) == A.DECODE_CONFIG
-    assert A.decode_config_for(bf16, 4) == A.DECODE_CONFIG_16BIT_MANY_SPLITS == (128, 8)
+    assert A.decode_config_for(e4m3, 1) == A.DECODE_CONFIG_FP8_ONE_SPLIT == (32, 4)
+    assert A.decode_config_for(e4m3, 2) == A.decode_config_for(e4m3, 16) == A.DECODE_CONFIG == (64, 4)
+    assert A.decode_config_for(bf16, 1) == A.decode_config_for(bf16, 8) == A.DECODE_CONFIG
+    assert A.decode_config_for(bf16, 9) == A.DECODE_CONFIG_16BIT_MANY_SPLITS == (128, 8)
     assert A.decode_config_for(torch.float32, 16) == (128, 8)
+    # split counts at the decode graphs' buckets (8 KV heads, 132 SMs): twice as many over a
+    # 16-bit cache at 5-24 rows, the FP8 cache's unchanged
+    buckets = (1, 2, 4, 8, 12, 16, 24, 32, 64)
+    assert [A.num_splits_for(b, 8, 132, bf16) for b in buckets] == [16, 16, 9, 10, 6, 6, 4, 2, 1]
+    assert [A.num_splits_for(b, 8, 132, e4m3) for b in buckets] == [16, 16, 9, 5, 3, 3, 2, 2, 1]
+    assert [A.num_splits_for(b, 8, 132) for b in buckets] == [16, 16, 9, 5, 3, 3, 2, 2, 1]

@@ -209,10 +209,10 @@ def test_triton_decode_attention_every_config(kv_dtype):
         bt[i, :len(t)] = t
     q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
     want = attention.decode_attention_torch(q, cache_k, cache_v, tables, lens, d ** -0.5)
-    picks = {attention.decode_config_for(dt, s) for dt in (torch.bfloat16, E4M3) for s in (1, 2, 4, 16)}
+    picks = {attention.decode_config_for(dt, s) for dt in (torch.bfloat16, E4M3) for s in (1, 2, 4, 6, 10, 16)}
     assert picks <= set(attention.DECODE_CONFIGS)
     for config in attention.DECODE_CONFIGS:
-        for splits in (1, 4):
+        for splits in (1, 4, 6, 10):        # 6 and 10: a 16-bit cache at 12-16 and 8 rows
             got = attention.decode_attention_triton(q, cache_k, cache_v, bt,
                                                     torch.tensor(lens, dtype=torch.int32, device="cuda"),
                                                     d ** -0.5, splits, page, config)

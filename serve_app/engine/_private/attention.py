@@ -388,24 +388,35 @@ def _build_triton_kernel():
     return kernel
 
 
-def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
-    """Enough split-K partitions to give every SM about two programs."""
+def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132, cache_dtype: torch.dtype | None = None) -> int:
+    """Enough split-K partitions to give every SM about two programs; over a 16-bit cache at
+    5-24 rows, twice that.
+
+    Why twice there: the app's rows differ in length (300-4,300 tokens), and the splits of the
+    longest row set a call's time. On an H200 (decode_attn_probe.py --mixed, rows of 0.25x-2x
+    1.3k tokens; RESULTS.md "FP8 KV in the app"), doubling, with :func:`decode_config_for`'s
+    picks, took 7-26 % off a call at 8-24 rows (41.1 -> 30.5 us at 12 rows, the app's usual
+    bucket), and 0-11 % with rows of equal length. Over an FP8 cache it helped mixed rows but cost
+    7-25 % with equal ones, so there it stays at two programs per SM."""
     want = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    if cache_dtype is not None and cache_dtype.itemsize > 1 and 5 <= batch <= 24:
+        want *= 2
     return int(max(1, min(16, want)))
 
 
 # (BLOCK_N, num_warps) of the split-K decode kernel: the tokens a program loads per iteration, and
-# its warps. Picked per cache dtype and split count from H200 probes at 1.3k-token rows
-# (benchmarks/decode_attn_probe.py; RESULTS.md "PDL, FP8 vision linears, decode-attention
-# configs" for the 16-bit cache, "FP8 cache in fp16 math" for the FP8 one): (64, 4) was fastest or
-# within 5 % at 2 splits (batch 32) over a 16-bit cache, and over an FP8 cache at 3+ splits; a
-# 16-bit cache at 4+ splits (batch <= ~16) took 10-12 % less with (128, 8). Over an FP8 cache in
-# fp16 math, 1-2 splits (batch >= ~32) want (32, 4): 48.5 us a call at batch 32 against 59.9
-# with (64, 4), and 89.5 against 112 at batch 64. Compiled for sm_90 as the JIT specialises it,
-# (64, 4) holds 80 registers, no spills (kernel_resources.py). CUDA-core variants for the group's
-# 4 q heads (no MMA tile padded to 16 rows) were 2-6x slower and were dropped.
+# its warps. Picked per cache dtype and split count from H200 probes (benchmarks/decode_attn_probe.py;
+# RESULTS.md "PDL, FP8 vision linears, decode-attention configs" and "FP8 KV in the app"). 16-bit
+# cache: (128, 8) at 9+ splits (1-4 rows; 8 rows, doubled to 10 splits, tie), (64, 4) below:
+# fastest or within 7 % at 12-64 rows, equal or mixed lengths. FP8 cache (fp16 math): (64, 4),
+# but (32, 4) in one split (batch >= ~33): 89.5 us a call at batch 64 against 112. At 2 splits the
+# FP8 probes disagree: (32, 4) took 48.5 us at batch 32 against 59.9 with (64, 4), but 43.7
+# against 36.7 at batch 24, and 75.4 against 57.9 with rows of mixed lengths. Compiled for sm_90
+# as the JIT specialises it, (64, 4) holds 80 registers, no spills (kernel_resources.py).
+# CUDA-core variants for the group's 4 q heads (no MMA tile padded to 16 rows) were 2-6x slower
+# and were dropped.
 DECODE_CONFIG = (64, 4)
-DECODE_CONFIG_FP8_FEW_SPLITS = (32, 4)
+DECODE_CONFIG_FP8_ONE_SPLIT = (32, 4)
 DECODE_CONFIG_16BIT_MANY_SPLITS = (128, 8)
 DECODE_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
 
@@ -413,8 +424,8 @@ DECODE_CONFIGS = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
 def decode_config_for(cache_dtype: torch.dtype, splits: int) -> tuple[int, int]:
     """The measured config for a cache dtype and split count (see :data:`DECODE_CONFIG`)."""
     if cache_dtype.itemsize == 1:
-        return DECODE_CONFIG_FP8_FEW_SPLITS if splits <= 2 else DECODE_CONFIG
-    return DECODE_CONFIG_16BIT_MANY_SPLITS if splits >= 4 else DECODE_CONFIG
+        return DECODE_CONFIG_FP8_ONE_SPLIT if splits == 1 else DECODE_CONFIG
+    return DECODE_CONFIG_16BIT_MANY_SPLITS if splits >= 9 else DECODE_CONFIG
 
 
 def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

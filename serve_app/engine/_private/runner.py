@@ -526,7 +526,7 @@ class ModelRunner:
         kv = self.kv
         bt = self.block_tables.index_select(0, slot)
         lens32 = lens.to(torch.int32)
-        splits = num_splits_for(batch, self.num_kv_heads, self.num_sms)
+        splits = num_splits_for(batch, self.num_kv_heads, self.num_sms, kv.k[0].dtype)
         hq, hk, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         plan = self._decode_plan(batch)
         from serve_app.engine._private.fp8_gemv import takes_fp8

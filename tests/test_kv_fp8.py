@@ -24,6 +24,7 @@ E4M3 = torch.float8_e4m3fn
 
 def test_cache_stores_clamped_e4m3():
     cache = PagedKVCache(1, 4, 4, 2, 8, E4M3, torch.device("cpu"))
+    torch.manual_seed(0)
     k = torch.randn(3, 2, 8) * 3
     k[0, 0, 0], k[1, 1, 1] = 1000.0, -7e4          # beyond e4m3's +-448
     v = torch.randn(3, 2, 8)
@@ -35,9 +36,11 @@ def test_cache_stores_clamped_e4m3():
     assert torch.equal(got[:, :2].float(), want[:2].transpose(0, 1))
     assert torch.equal(got[:, 4].float(), want[2])
     assert got.float()[0, 0, 0] == 448.0 and got.float()[1, 1, 1] == -448.0
-    # rounding: e4m3 keeps 3 mantissa bits, so each value is within 1/16 of itself
+    # rounding: e4m3 keeps 3 mantissa bits, so each normal value (2^-6 <= |x| <= 448) is within
+    # 1/16 of itself; subnormals keep fewer bits (an unseeded draw once hit 0.082)
     rel = ((got[:, :2].float() - k[:2].transpose(0, 1)).abs() / k[:2].transpose(0, 1).abs())
-    assert rel[k[:2].transpose(0, 1).abs() < 448].max() <= 1 / 16 + 1e-6
+    mag = k[:2].transpose(0, 1).abs()
+    assert rel[(mag >= 2 ** -6) & (mag < 448)].max() <= 1 / 16 + 1e-6
     assert torch.isfinite(got.float()).all()
 
 

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._cuda_timing import measure  # noqa: E402
+from benchmarks._decode_rows import row_lengths  # noqa: E402
 from serve_app.engine._private import attention  # noqa: E402
 
 LAYERS, HQ, HK, D, PAGE = 36, 32, 8, 128, 16        # Qwen3-VL-4B's text model, the engine's pages
@@ -52,14 +53,6 @@ def _caches(batch: int, context: int, dtype: torch.dtype, g: torch.Generator):
     tables = [perm[i * per:(i + 1) * per] for i in range(batch)]
     bt = torch.stack(tables).int()
     return layers, tables, bt
-
-
-def row_lengths(batch: int, context: int, mixed: bool) -> list[int]:
-    """``context`` for every row, or (mixed) seeded lengths spread over 0.25x-2x ``context``."""
-    if not mixed:
-        return [context] * batch
-    g = torch.Generator().manual_seed(batch)
-    return [int(x) for x in torch.randint(context // 4, 2 * context + 1, (batch,), generator=g)]
 
 
 def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,), mixed: bool = False) -> dict:

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._decode_rows import row_lengths  # noqa: E402
 from benchmarks._host import host_speed  # noqa: E402
 from serve_app.engine._private.fp8 import Fp8Weight  # noqa: E402
 from serve_app.engine.config import EngineConfig  # noqa: E402
@@ -135,34 +136,40 @@ def attention_check(runner) -> dict:
     return out
 
 
-def decode_microbench(runner, batches: list[int], context: int, iters: int = 50) -> dict:
-    """Model step (inputs copy + graph replay) at fixed ~context-token rows, median of ``iters``."""
+def decode_microbench(runner, batches: list[int], context: int, iters: int = 50, mixed: bool = False) -> dict:
+    """Model step (inputs copy + graph replay) at fixed ~context-token rows, median of ``iters``.
+    ``mixed``: rows of 0.25x-2x ``context`` tokens on pages scattered over the cache, as the
+    app's (the graphs' split-K attention is set by the longest row)."""
     kv = runner.kv
     res = {}
     for b in batches:
         if b > runner.max_num_seqs:
             continue
-        need = -(-(context + 1) // runner.page_size)
-        if need * b > kv.free_pages:
-            res[b] = {"skipped": f"KV holds {kv.free_pages * runner.page_size} tokens < {b} x {context}"}
+        ctx = row_lengths(b, context, mixed)
+        need = [-(-(n + 1) // runner.page_size) for n in ctx]
+        if sum(need) > kv.free_pages:
+            res[b] = {"skipped": f"KV holds {kv.free_pages * runner.page_size} tokens < {sum(ctx)}"}
             print(f"decode batch {b}: {res[b]['skipped']}", flush=True)
             continue
-        all_pages = []
-        for s in range(b):
-            pages = kv.allocate(need)
-            if pages is None:
-                raise RuntimeError("KV too small for the decode micro-benchmark")
-            all_pages.append(pages)
-            runner.set_block_table(s, pages)
-        flat = torch.tensor([p for ps in all_pages for p in ps], device="cuda")
+        pool = kv.allocate(sum(need))
+        if pool is None:
+            raise RuntimeError("KV too small for the decode micro-benchmark")
+        if mixed:
+            pool = [pool[i] for i in torch.randperm(len(pool), generator=torch.Generator().manual_seed(b))]
+        all_pages, start = [], 0
+        for s, n in enumerate(need):
+            all_pages.append(pool[start:start + n])
+            start += n
+            runner.set_block_table(s, all_pages[-1])
+        flat = torch.tensor(pool, device=kv.k.device)
         for layer in range(kv.k.shape[0]):  # never time over zeros
             _fill_random(kv.k, layer, flat)
             _fill_random(kv.v, layer, flat)
         ids = [1000 + s for s in range(b)]
-        pos = [context - 50] * b
-        pg = [all_pages[s][context // runner.page_size] for s in range(b)]
-        off = [context % runner.page_size] * b
-        lens = [context + 1] * b
+        pos = [max(0, n - 50) for n in ctx]
+        pg = [all_pages[s][n // runner.page_size] for s, n in enumerate(ctx)]
+        off = [n % runner.page_size for n in ctx]
+        lens = [n + 1 for n in ctx]
         slots = list(range(b))
         if b == 8:  # graph + fused kernels vs the plain torch path on the same state
             ref = runner.decode(ids, pos, pg, off, lens, slots, reference=True)
@@ -180,10 +187,9 @@ def decode_microbench(runner, batches: list[int], context: int, iters: int = 50)
             torch.cuda.synchronize()
             if i >= 5:
                 times.append(st.elapsed_time(en))
-        for ps in all_pages:
-            kv.release(ps)
+        kv.release(pool)
         res[b] = {"ms_median": statistics.median(times), "ms_min": min(times),
-                  "kv_bytes": b * context * runner.kv_bytes_per_token()}
+                  "kv_bytes": sum(ctx) * runner.kv_bytes_per_token(), "max_context": max(ctx)}
         print(f"decode batch {b}: {res[b]['ms_median']:.2f} ms", flush=True)
     return res
 
@@ -368,7 +374,7 @@ async def bench_engine(args, hf: dict | None) -> dict:
     if args.profile_prefill:
         out["prefill_profile"] = profile_prefill(runner, np.random.default_rng(3))
     wbytes = lm_weight_bytes(runner)
-    out["decode"] = decode_microbench(runner, args.decode_batches, args.context)
+    out["decode"] = decode_microbench(runner, args.decode_batches, args.context, mixed=args.mixed_context)
     fused_check = out["decode"].pop("fused_vs_reference", None)
     if fused_check:
         out["fused_vs_reference"] = fused_check
@@ -499,6 +505,8 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--hf-requests", type=int, default=3)
     ap.add_argument("--context", type=int, default=1100)
+    ap.add_argument("--mixed-context", action="store_true",
+                    help="decode rows of 0.25x-2x --context tokens on scattered pages, as the app's")
     ap.add_argument("--decode-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 64])
     ap.add_argument("--prefill-counts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--skip-hf", action="store_true")

@@ -10,13 +10,15 @@ caches in turn inside one CUDA graph, pages scattered, the engine's split rule, 
 config's error against the torch reference.
 
     python benchmarks/decode_attn_probe.py OUT_JSON [BATCHES=1,10,32,64] [CONTEXT=1300] \
-        [--splits-x 1,2] [--mixed]
+        [--splits-x 1,2] [--mixed] [--balanced 2,4,8]
 
 ``--splits-x`` also times each config at multiples of the engine's split count (more programs in
 flight per SM, more partials to merge). ``--mixed`` gives the rows seeded lengths from 0.25x to 2x
 CONTEXT instead of CONTEXT each: the app's rows hold 300-4,300 tokens (one or two images of
 640x480-1920x1080), and there, unlike in the engine bench, an FP8 cache made decode steps longer
-(RESULTS.md "FP8 KV in the app").
+(RESULTS.md "FP8 KV in the app"). ``--balanced`` also times balanced chunks
+(``decode_attention_triton(balanced=...)``: one chunk length for all rows) aiming at that many
+programs per SM, in a grid of up to 4x the plain split count (at most 16) chunks a row.
 
 Without CUDA it writes the configs it would time and exits.
 """
@@ -55,10 +57,11 @@ def _caches(batch: int, context: int, dtype: torch.dtype, g: torch.Generator):
     return layers, tables, bt
 
 
-def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,), mixed: bool = False) -> dict:
+def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,), mixed: bool = False,
+          balanced: list[int] = ()) -> dict:
     res: dict = {"configs": attention.DECODE_CONFIGS, "engine_config": attention.DECODE_CONFIG,
                  "batches": batches, "context": context, "layers": LAYERS, "splits_x": list(splits_x),
-                 "mixed": mixed}
+                 "mixed": mixed, "balanced_per_sm": list(balanced)}
     if not torch.cuda.is_available():
         res["note"] = "no CUDA: nothing timed"
         Path(out).write_text(json.dumps(res, indent=1))
@@ -76,16 +79,18 @@ def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,)
             engine_splits = attention.num_splits_for(b, HK, props.multi_processor_count, dtype)
             kv_bytes = sum(lengths) * HK * D * layers[0][0].element_size() * 2 * LAYERS
             want = attention.decode_attention_torch(q, *layers[0], tables, lengths, scale).float()
-            for x in splits_x:
-                splits = engine_splits * x
-                row = {"splits": splits, "engine_splits": engine_splits, "lengths": lengths,
-                       "kv_gb_per_step": round(kv_bytes / 1e9, 3)}
+            plain = attention.num_splits_for(b, HK, props.multi_processor_count)
+            variants = [(f"_x{x}" if x != 1 else "", engine_splits * x, 0) for x in splits_x]
+            variants += [(f"_bal{t}", min(16, 4 * plain), t * props.multi_processor_count) for t in balanced]
+            for suffix, splits, target in variants:
+                row = {"splits": splits, "engine_splits": engine_splits, "balanced_target": target,
+                       "lengths": lengths, "kv_gb_per_step": round(kv_bytes / 1e9, 3)}
                 for config in attention.DECODE_CONFIGS:
-                    row[str(config)] = _time(config, q, layers, bt, lens, scale, splits, want, kv_bytes)
+                    row[str(config)] = _time(config, q, layers, bt, lens, scale, splits, want, kv_bytes, target)
                 best = min((c for c in row if c.startswith("(") and "step_ms" in row[c]),
                            key=lambda c: row[c]["step_ms"], default=None)
                 row["best"] = best
-                key = f"{str(dtype).replace('torch.', '')}_b{b}" + (f"_x{x}" if x != 1 else "")
+                key = f"{str(dtype).replace('torch.', '')}_b{b}{suffix}"
                 res[key] = row
                 print(dtype, b, "splits", splits, json.dumps({k: v for k, v in row.items() if k != "lengths"}),
                       flush=True)
@@ -94,14 +99,14 @@ def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,)
     return res
 
 
-def _time(config, q, layers, bt, lens, scale: float, splits: int, want, kv_bytes: int) -> dict:
+def _time(config, q, layers, bt, lens, scale: float, splits: int, want, kv_bytes: int, balanced: int = 0) -> dict:
     """One config: its error on layer 0, and 36 layers' calls replayed as one CUDA graph."""
     def step():
         for k, v in layers:
-            attention.decode_attention_triton(q, k, v, bt, lens, scale, splits, PAGE, config)
+            attention.decode_attention_triton(q, k, v, bt, lens, scale, splits, PAGE, config, balanced)
     r: dict = {}
     try:
-        got = attention.decode_attention_triton(q, *layers[0], bt, lens, scale, splits, PAGE, config)
+        got = attention.decode_attention_triton(q, *layers[0], bt, lens, scale, splits, PAGE, config, balanced)
         r["rel_err"] = float((got.float() - want).norm() / want.norm())
         step()                                    # compile outside the capture
         torch.cuda.synchronize()
@@ -124,10 +129,12 @@ def main() -> None:
     ap.add_argument("context", nargs="?", type=int, default=1300)
     ap.add_argument("--splits-x", default="1", help="multiples of the engine's split count to time")
     ap.add_argument("--mixed", action="store_true", help="rows of 0.25x-2x CONTEXT tokens")
+    ap.add_argument("--balanced", default="", help="programs per SM to aim balanced chunks at, e.g. 2,4,8")
     a = ap.parse_args()
     t0 = time.time()
     res = probe(a.out, [int(x) for x in a.batches.split(",")], a.context,
-                [int(x) for x in a.splits_x.split(",")], a.mixed)
+                [int(x) for x in a.splits_x.split(",")], a.mixed,
+                [int(x) for x in a.balanced.split(",") if x])
     print("wall_s", round(time.time() - t0, 1), "configs", res["configs"])
 
 

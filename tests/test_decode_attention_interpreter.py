@@ -52,6 +52,15 @@ for dt in (torch.float32, torch.float8_e4m3fn):
             err = ((got.float() - want).norm() / want.norm()).item()
             assert err < 1e-5, (dt, cfg, splits, err)
             worst = max(worst, err)
+        # balanced chunks (one length for all rows): a few programs aimed at (long chunks, the
+        # longest row's bound decides) and many (short chunks; the 5-token row leaves most of its
+        # chunks empty, which must not reach the merge)
+        for splits, target in ((4, 2), (8, 64), (16, 1000)):
+            got = A.decode_attention_triton(q, ck, cv, bt, torch.tensor(lens, dtype=torch.int32), d ** -0.5,
+                                            splits, page, cfg, balanced=target)
+            err = ((got.float() - want).norm() / want.norm()).item()
+            assert err < 1e-5, (dt, cfg, splits, target, err)
+            worst = max(worst, err)
             if dt == torch.float8_e4m3fn:
                 # bf16 q over the FP8 cache: the kernel's fp16 math (numpy has fp16, not bf16);
                 # within bf16's output rounding of the fp32 reference

@@ -215,12 +215,13 @@ def test_triton_decode_attention_every_config(kv_dtype):
     picks = {attention.decode_config_for(dt, s) for dt in (torch.bfloat16, E4M3) for s in (1, 2, 4, 6, 10, 16)}
     assert picks <= set(attention.DECODE_CONFIGS)
     for config in attention.DECODE_CONFIGS:
-        for splits in (1, 4, 6, 10):        # 6 and 10: a 16-bit cache at 12-16 and 8 rows
+        # 6 and 10: a 16-bit cache at 12-16 and 8 rows; then balanced chunks, few and many
+        for splits, balanced in ((1, 0), (4, 0), (6, 0), (10, 0), (8, 64), (16, 1000)):
             got = attention.decode_attention_triton(q, cache_k, cache_v, bt,
                                                     torch.tensor(lens, dtype=torch.int32, device="cuda"),
-                                                    d ** -0.5, splits, page, config)
+                                                    d ** -0.5, splits, page, config, balanced)
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-            assert err < 1e-2, (config, splits, err)
+            assert err < 1e-2, (config, splits, balanced, err)
 
 
 @cuda

@@ -340,13 +340,23 @@ def _build_triton_kernel():
                scale,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
-               F16_MATH: tl.constexpr = False):
+               F16_MATH: tl.constexpr = False, TARGET: tl.constexpr = 0, B_PAD: tl.constexpr = 1):
         _pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
         seq_len = tl.load(LENS + b)
-        per = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+        if TARGET > 0:
+            # balanced: one chunk length for every row, from all rows' lengths (each program
+            # reads them: no extra launch, and a graph replays it with new lengths), so that
+            # the batch's tokens fill about TARGET programs and the longest row fits in SPLITS
+            offs_b = tl.arange(0, B_PAD)
+            lens = tl.load(LENS + offs_b, mask=offs_b < tl.num_programs(0), other=0)
+            per = tl.maximum(tl.cdiv(tl.max(lens, 0), SPLITS),
+                             tl.cdiv(tl.sum(lens, 0) * tl.num_programs(1), TARGET))
+            per = tl.cdiv(per, BLOCK_N) * BLOCK_N
+        else:
+            per = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
         start = sp * per
         end = tl.minimum(start + per, seq_len)
         offs_g = tl.arange(0, GROUP_PAD)
@@ -382,10 +392,18 @@ def _build_triton_kernel():
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(O + b * s_ob + heads[:, None] * s_oh + sp * s_os + offs_d[None, :], out, mask=gmask[:, None])
+        if TARGET > 0:      # a chunk past its row's end writes only its lse (-inf): the merge skips it
+            omask = gmask[:, None] & (start < end)
+        else:
+            omask = gmask[:, None]
+        tl.store(O + b * s_ob + heads[:, None] * s_oh + sp * s_os + offs_d[None, :], out, mask=omask)
         tl.store(LSE + b * s_lb + heads * s_lh + sp, lse, mask=gmask)
 
     return kernel
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132, cache_dtype: torch.dtype | None = None) -> int:
@@ -431,9 +449,16 @@ def decode_config_for(cache_dtype: torch.dtype, splits: int) -> tuple[int, int]:
 def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                             block_tables: torch.Tensor, lengths: torch.Tensor, scale: float,
                             splits: int, page_size: int,
-                            config: tuple | None = None) -> torch.Tensor:
+                            config: tuple | None = None, balanced: int = 0) -> torch.Tensor:
     """q [B, H, D]; cache [pages, kv, P, D]; block_tables [B, max_pages] int32; lengths [B] int32;
-    ``config``: (BLOCK_N, num_warps), :func:`decode_config_for` the cache when left out."""
+    ``config``: (BLOCK_N, num_warps), :func:`decode_config_for` the cache when left out.
+
+    ``balanced`` > 0 (programs to aim at; needs ``splits`` >= 2): every row is cut into chunks of
+    one length, set in the kernel from all rows' lengths, instead of into ``splits`` equal parts
+    of its own. With rows of mixed lengths the parts of the longest row set a call's time
+    (decode_attn_probe.py --mixed); equal chunks spread the tokens evenly over the programs.
+    ``splits`` is then the most chunks a row may take (the grid), and the chunk is at least
+    1/``splits`` of the longest row."""
     from serve_app.engine._private import kernels as K
     global _triton_kernel
     if _triton_kernel is None:
@@ -442,6 +467,8 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     kv = cache_k.shape[1]
     group = h // kv
     block_n, warps = config or decode_config_for(cache_k.dtype, splits)
+    if splits < 2:
+        balanced = 0              # one split: the output goes out unmerged, every row must write it
     o = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     _triton_kernel[(b, kv, splits)](
@@ -452,6 +479,7 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         PAGE=page_size, BLOCK_N=block_n, SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         F16_MATH=cache_k.dtype.itemsize == 1 and q.dtype == torch.bfloat16,
+        TARGET=int(balanced), B_PAD=_next_pow2(b) if balanced else 1,
         **K._pdl(), num_warps=warps, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)

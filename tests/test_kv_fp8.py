@@ -271,3 +271,40 @@ def test_fp8_cache_needs_an_fp8_gpu(model_dir, monkeypatch):  # noqa: F811
     model = load_model(model_dir, dtype=torch.float32, device="cpu").eval()
     with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8'.*NVIDIA A10 is 8\.6"):
         ModelRunner(model, torch.device("cuda"), 2, 256, kv_cache_dtype="fp8")
+
+
+def test_decode_balance_settings(model_dir):  # noqa: F811
+    """engine.decode_balance: continuous engine only, and a GPU (it shapes the Triton attention)."""
+    from serve_app.engine.config import EngineConfig
+    from serve_app.models import load_model
+    assert EngineConfig(decode_balance=4).decode_balance == 4
+    with pytest.raises(ValueError, match="needs engine='continuous'"):
+        EngineConfig(engine="hf-generate", decode_balance=4)
+    with pytest.raises(ValueError):
+        EngineConfig(decode_balance=-1)
+    model = load_model(model_dir, dtype=torch.float32, device="cpu").eval()
+    with pytest.raises(ValueError, match="decode_balance needs a CUDA GPU"):
+        ModelRunner(model, torch.device("cpu"), 2, 256, decode_balance=4)
+
+
+@cuda
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_balanced_decode_step_matches_the_split_rule(model_dir, kv_cache_dtype):  # noqa: F811
+    """The fused decode step with balanced chunks gives the split rule's logits (only the order of
+    the partial sums differs), eager and in the captured graphs."""
+    r, args = _runner_with_random_kv(model_dir, kv_cache_dtype)
+    k0, v0 = r.kv.k.clone(), r.kv.v.clone()
+
+    def step(balance: int, graphs: bool) -> torch.Tensor:
+        r.kv.k.copy_(k0)
+        r.kv.v.copy_(v0)
+        r.decode_balance = balance
+        r._graphs = {}
+        if graphs:
+            r.capture_graphs()
+        return r.decode(*args).float().clone()
+
+    for graphs in (False, True):
+        want, got = step(0, graphs), step(4, graphs)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 2e-2, (graphs, err)

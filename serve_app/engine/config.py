@@ -44,6 +44,13 @@ class EngineConfig(BaseModel):
     pdl: bool = Field(False, description="continuous engine, Hopper+ GPUs: launch the engine's Triton kernels "
                                          "with programmatic dependent launch, so each may be scheduled while "
                                          "the one before it drains (a decode step is ~400 small kernels)")
+    decode_balance: int = Field(
+        0, ge=0, le=64, description="continuous engine, GPU: cut every decode row's attention into chunks "
+                                    "of one length, set each step from all rows' lengths, aiming at this "
+                                    "many programs per SM (0: each row in equal parts of its own, the "
+                                    "default). With rows of mixed lengths the parts of the longest row set "
+                                    "an attention call's time. Experimental: timed per call only "
+                                    "(benchmarks/decode_attn_probe.py --balanced), not yet in the app")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a 256-token bucket (0: off). An eager "
@@ -74,7 +81,7 @@ class EngineConfig(BaseModel):
     def _check(self) -> "EngineConfig":
         if self.engine != "continuous":       # the options only the continuous engine has, and their off
             for name, off in (("quantization", None), ("vision_quantization", None), ("kv_cache_dtype", "auto"),
-                              ("pdl", False), ("separate_process", False)):
+                              ("pdl", False), ("separate_process", False), ("decode_balance", 0)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
         return self

@@ -58,7 +58,7 @@ class ModelRunner:
     def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int,
                  page_size: int = 16, fuse: bool | None = None, quantization: str | None = None,
                  kv_cache_dtype: str = "auto", vision_quantization: str | None = None,
-                 pdl: bool = False):
+                 pdl: bool = False, decode_balance: int = 0):
         self.model = model
         self.device = device
         cfg = model.config
@@ -72,6 +72,9 @@ class ModelRunner:
         if kv_cache_dtype == "fp8" and (why := fp8.supported(device)):
             # the Triton store and decode attention convert to and from e4m3 (sm_89+)
             raise ValueError(f"kv_cache_dtype='fp8': {why}")
+        if decode_balance and device.type != "cuda":
+            raise ValueError("decode_balance needs a CUDA GPU (it shapes the Triton decode attention)")
+        self.decode_balance = int(decode_balance)
         if pdl and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0)):
             raise ValueError("pdl needs a GPU of compute capability 9.0+ (Hopper, Blackwell)")
         if device.type == "cuda":
@@ -526,7 +529,11 @@ class ModelRunner:
         kv = self.kv
         bt = self.block_tables.index_select(0, slot)
         lens32 = lens.to(torch.int32)
-        splits = num_splits_for(batch, self.num_kv_heads, self.num_sms, kv.k[0].dtype)
+        if self.decode_balance:     # balanced chunks, up to 4x the plain split count of them a row
+            splits = min(16, 4 * num_splits_for(batch, self.num_kv_heads, self.num_sms))
+            balanced = self.decode_balance * self.num_sms
+        else:
+            splits, balanced = num_splits_for(batch, self.num_kv_heads, self.num_sms, kv.k[0].dtype), 0
         hq, hk, d, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         plan = self._decode_plan(batch)
         from serve_app.engine._private.fp8_gemv import takes_fp8
@@ -542,7 +549,7 @@ class ModelRunner:
             q = K.qk_norm_rope_store(qkv, w["qn"], w["kn"], self.cos_table, self.sin_table, pos, page,
                                      off, kv.k[i], kv.v[i], hq, hk, d, eps)
             attn = decode_attention_triton(q, kv.k[i], kv.v[i], bt, lens32, self.scale, splits,
-                                           self.page_size)
+                                           self.page_size, balanced=balanced)
             h = self._dec_lin(attn.reshape(batch, -1), w["o"], plan, partial=True)
             x, res = K.rms_norm(h, w["ln2"], eps, residual=res, quant=qz["gu"])
             gu = self._dec_lin(x, w["gu"], plan)

@@ -42,7 +42,8 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
     t0 = time.perf_counter()
     runner = ModelRunner(model, device, config.max_num_seqs, config.max_model_len,
                          quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
-                         vision_quantization=config.vision_quantization, pdl=config.pdl)
+                         vision_quantization=config.vision_quantization, pdl=config.pdl,
+                         decode_balance=config.decode_balance)
     if runner.fp8 and device.type == "cuda" and config.cuda_graphs:
         runner.tune_fp8_decode()     # before KV is sized: its scratch is freed first
     kv_tokens, info = plan_kv_tokens(config, runner, budget)
@@ -77,7 +78,7 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
     info.update(kv_tokens=kv_tokens, dtype=str(runner.dtype).replace("torch.", ""),
                 kv_dtype=str(runner.kv_dtype).replace("torch.", ""),
                 quantization=config.quantization, vision_quantization=config.vision_quantization,
-                pdl=config.pdl,
+                pdl=config.pdl, decode_balance=config.decode_balance,
                 device=str(device), page_size=runner.page_size,
                 startup_s=round(time.perf_counter() - t0, 2))
     return runner, info

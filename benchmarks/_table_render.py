@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from serve_app._table_geometry import _is_cjk  # the pipeline's rule: no space between CJK characters
+
 CJK_FONT_CANDIDATES = (
     "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
     "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
@@ -86,14 +88,10 @@ def gt_text(text: str) -> str:
     """A cell's ground-truth string: its drawn lines joined by a space (nothing between CJK)."""
     out = ""
     for line in text.split("\n"):
-        if out and line and not (_cjk(out[-1]) and _cjk(line[0])):
+        if out and line and not (_is_cjk(out[-1]) and _is_cjk(line[0])):
             out += " "
         out += line
     return out
-
-
-def _cjk(ch: str) -> bool:
-    return "\u3000" <= ch <= "\u9fff" or "\uff00" <= ch <= "\uffef"
 
 
 def cells_to_html(cells, n_rows: int) -> str:

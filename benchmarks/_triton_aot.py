@@ -133,9 +133,10 @@ def bf16_engine_launches(kv_dtype=BF16) -> None:
     K.vision_rope_(_cpu(64, 3 * 16 * 64), _cpu(64, 64, dtype=torch.float32), _cpu(64, 64, dtype=torch.float32), 16, 64)
     ck, cv = _cpu(4, HK, PAGE, D, dtype=kv_dtype), _cpu(4, HK, PAGE, D, dtype=kv_dtype)
     for config in attention.DECODE_CONFIGS:
-        for batch, splits in ((4, 4), (64, 1)):
+        for batch, splits, balanced in ((4, 4, 0), (64, 1, 0), (12, 12, 528)):   # 528: engine.decode_balance 4
             attention.decode_attention_triton(_cpu(batch, HQ, D), ck, cv, torch.zeros(batch, 4, dtype=torch.int32),
-                                              torch.ones(batch, dtype=torch.int32), D ** -0.5, splits, PAGE, config)
+                                              torch.ones(batch, dtype=torch.int32), D ** -0.5, splits, PAGE, config,
+                                              balanced)
     for b in (1, 5, 64):                                    # the split count changes with the batch
         ones = torch.ones(b)
         sampling_kernel.sample_rows(_cpu(b, VOCAB, dtype=torch.float32), 0.7 * ones, 0.9 * ones,

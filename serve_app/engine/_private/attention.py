@@ -337,23 +337,23 @@ def _build_triton_kernel():
     @triton.jit
     def kernel(Q, K, V, BT, LENS, O, LSE,
                s_qb, s_qh, s_kp, s_kh, s_ks, s_btb, s_ob, s_oh, s_os, s_lb, s_lh,
-               scale,
+               scale, target,
                GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
-               F16_MATH: tl.constexpr = False, TARGET: tl.constexpr = 0, B_PAD: tl.constexpr = 1):
+               F16_MATH: tl.constexpr = False, BALANCED: tl.constexpr = False, B_PAD: tl.constexpr = 1):
         _pdl_enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
         seq_len = tl.load(LENS + b)
-        if TARGET > 0:
+        if BALANCED:
             # balanced: one chunk length for every row, from all rows' lengths (each program
             # reads them: no extra launch, and a graph replays it with new lengths), so that
-            # the batch's tokens fill about TARGET programs and the longest row fits in SPLITS
+            # the batch's tokens fill about ``target`` programs and the longest row fits in SPLITS
             offs_b = tl.arange(0, B_PAD)
             lens = tl.load(LENS + offs_b, mask=offs_b < tl.num_programs(0), other=0)
             per = tl.maximum(tl.cdiv(tl.max(lens, 0), SPLITS),
-                             tl.cdiv(tl.sum(lens, 0) * tl.num_programs(1), TARGET))
+                             tl.cdiv(tl.sum(lens, 0) * tl.num_programs(1), target))
             per = tl.cdiv(per, BLOCK_N) * BLOCK_N
         else:
             per = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
@@ -392,7 +392,7 @@ def _build_triton_kernel():
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i / 1.4426950408889634 + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-        if TARGET > 0:      # a chunk past its row's end writes only its lse (-inf): the merge skips it
+        if BALANCED:        # a chunk past its row's end writes only its lse (-inf): the merge skips it
             omask = gmask[:, None] & (start < end)
         else:
             omask = gmask[:, None]
@@ -475,11 +475,11 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         q, cache_k, cache_v, block_tables, lengths, o, lse,
         q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         block_tables.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        scale, GROUP=group, GROUP_PAD=max(16, group), D=d,
+        scale, max(1, int(balanced)), GROUP=group, GROUP_PAD=max(16, group), D=d,
         PAGE=page_size, BLOCK_N=block_n, SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         F16_MATH=cache_k.dtype.itemsize == 1 and q.dtype == torch.bfloat16,
-        TARGET=int(balanced), B_PAD=_next_pow2(b) if balanced else 1,
+        BALANCED=bool(balanced), B_PAD=_next_pow2(b) if balanced else 1,
         **K._pdl(), num_warps=warps, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)

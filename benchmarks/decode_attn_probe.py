@@ -12,8 +12,9 @@ config's error against the torch reference.
     python benchmarks/decode_attn_probe.py OUT_JSON [BATCHES=1,10,32,64] [CONTEXT=1300] \
         [--splits-x 1,2] [--mixed] [--balanced 2,4,8]
 
-``--splits-x`` also times each config at multiples of the engine's split count (more programs in
-flight per SM, more partials to merge). ``--mixed`` gives the rows seeded lengths from 0.25x to 2x
+``--splits-x`` times each config at multiples of the engine's split count (more programs in
+flight per SM, more partials to merge); where the engine doubles the plain split count (16-bit
+cache, 5-24 rows), the plain count is timed too (key suffix ``_plain``). ``--mixed`` gives the rows seeded lengths from 0.25x to 2x
 CONTEXT instead of CONTEXT each: the app's rows hold 300-4,300 tokens (one or two images of
 640x480-1920x1080), and there, unlike in the engine bench, an FP8 cache made decode steps longer
 (RESULTS.md "FP8 KV in the app"). ``--balanced`` also times balanced chunks
@@ -81,6 +82,8 @@ def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,)
             want = attention.decode_attention_torch(q, *layers[0], tables, lengths, scale).float()
             plain = attention.num_splits_for(b, HK, props.multi_processor_count)
             variants = [(f"_x{x}" if x != 1 else "", engine_splits * x, 0) for x in splits_x]
+            if plain != engine_splits:             # the split rule before its doubling, for comparison
+                variants.append(("_plain", plain, 0))
             variants += [(f"_bal{t}", min(16, 4 * plain), t * props.multi_processor_count) for t in balanced]
             for suffix, splits, target in variants:
                 row = {"splits": splits, "engine_splits": engine_splits, "balanced_target": target,

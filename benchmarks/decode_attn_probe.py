@@ -84,7 +84,8 @@ def probe(out: str, batches: list[int], context: int, splits_x: list[int] = (1,)
             variants = [(f"_x{x}" if x != 1 else "", engine_splits * x, 0) for x in splits_x]
             if plain != engine_splits:             # the split rule before its doubling, for comparison
                 variants.append(("_plain", plain, 0))
-            variants += [(f"_bal{t}", min(16, 4 * plain), t * props.multi_processor_count) for t in balanced]
+            grid = attention.balanced_splits_for(b, HK, props.multi_processor_count)
+            variants += [(f"_bal{t}", grid, t * props.multi_processor_count) for t in balanced]
             for suffix, splits, target in variants:
                 row = {"splits": splits, "engine_splits": engine_splits, "balanced_target": target,
                        "lengths": lengths, "kv_gb_per_step": round(kv_bytes / 1e9, 3)}

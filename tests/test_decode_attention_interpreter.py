@@ -101,3 +101,5 @@ def test_decode_config_pick():
     assert [A.num_splits_for(b, 8, 132, bf16) for b in buckets] == [16, 16, 9, 10, 6, 6, 4, 2, 1]
     assert [A.num_splits_for(b, 8, 132, e4m3) for b in buckets] == [16, 16, 9, 5, 3, 3, 2, 2, 1]
     assert [A.num_splits_for(b, 8, 132) for b in buckets] == [16, 16, 9, 5, 3, 3, 2, 2, 1]
+    # balanced chunks: a grid of 4x the plain count, at most 16
+    assert [A.balanced_splits_for(b, 8, 132) for b in buckets] == [16, 16, 16, 16, 12, 12, 8, 8, 4]

@@ -253,21 +253,20 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
                 "prefill_pct": round(100 * pre / wall_s, 1), "decode_pct": round(100 * dec / wall_s, 1),
                 "vision_pct": round(100 * vis / wall_s, 1) if vis is not None else None,
                 "other_pct": round(100 * max(0.0, wall_s - busy) / wall_s, 1)})
-    host = {k: a[f"host_{k}_s_total"] - b[f"host_{k}_s_total"] for k in ("step", "cpu", "wait")
+    host = {k: a[f"host_{k}_s_total"] - b[f"host_{k}_s_total"]
+            for k in ("step", "cpu", "wait", "loop", "idle", "inbox", "tick", "emit")
             if f"host_{k}_s_total" in a and f"host_{k}_s_total" in b}
-    if len(host) == 3:
+    if {"step", "cpu", "wait"} <= host.keys():
         # the engine thread's share of the wall time launching and bookkeeping (not waiting for
         # the GPU), and its CPU time: busy near 100 % means the host sets the pace
         out["host_busy_pct"] = round(100 * (host["step"] - host["wait"]) / wall_s, 1)
         out["host_cpu_pct"] = round(100 * host["cpu"] / wall_s, 1)
-    loop = {k: a[f"host_{k}_s_total"] - b[f"host_{k}_s_total"] for k in ("loop", "idle", "inbox", "tick", "emit")
-            if f"host_{k}_s_total" in a and f"host_{k}_s_total" in b}
-    if len(loop) == 5 and "step" in host:
+    if {"step", "loop", "idle", "inbox", "tick", "emit"} <= host.keys():
         # the engine thread outside step(): idle (no work), taking requests, the engine process's
         # stats push, and the rest ("gap": between turns, e.g. waiting for the GIL); emit is the
         # hand-off of outputs inside step() (a socket send in the engine process)
-        gap = loop["loop"] - host["step"] - loop["idle"] - loop["inbox"] - loop["tick"]
-        out.update({f"host_{k}_pct": round(100 * loop[k] / wall_s, 1) for k in ("idle", "inbox", "tick", "emit")})
+        gap = host["loop"] - host["step"] - host["idle"] - host["inbox"] - host["tick"]
+        out.update({f"host_{k}_pct": round(100 * host[k] / wall_s, 1) for k in ("idle", "inbox", "tick", "emit")})
         out["host_gap_pct"] = round(100 * max(0.0, gap) / wall_s, 1)
     if counters.get("decode_steps"):
         out["decode_ms_per_step"] = round(1000 * dec / counters["decode_steps"], 3)

@@ -15,9 +15,10 @@ did this before; each had to win the GIL back from the busy loop after every rea
 Measured on an H200: first slower, the GPU idle 18 % of the time against 2 % in-process
 (RESULTS.md, "the engine in its own process"). Since then the stats push no longer walks every
 object frozen at start-up (``gc.get_freeze_count()``: 24-33 ms per push, 4 pushes a second on
-the engine thread; fixed in ``gc_control``), and the socket I/O moved onto the event loop. Re-measured at 17 QPS (RESULTS.md, "the engine process after the
-gc fix"): the GPU 98.8 % busy against 96.7 %, e2e P95 1.58 s against 1.64-1.75, but the TTFT
-tail, made in front of the engine, no lower, and no higher max load at SLO. Off by default.
+the engine thread; fixed in ``gc_control``), and the socket I/O moved onto the event loop.
+Re-measured at 17 QPS (RESULTS.md, "the engine process after the gc fix"): the GPU 98.8 % busy
+against 96.7 %, e2e P95 1.58 s against 1.64-1.75, but the TTFT tail, made in front of the engine,
+no lower, and no higher max load at SLO. Off by default.
 """
 
 from __future__ import annotations

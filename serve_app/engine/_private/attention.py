@@ -402,10 +402,6 @@ def _build_triton_kernel():
     return kernel
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132, cache_dtype: torch.dtype | None = None) -> int:
     """Enough split-K partitions to give every SM about two programs; over a 16-bit cache at
     5-24 rows, twice that.
@@ -420,6 +416,12 @@ def num_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132, cache_dtyp
     if cache_dtype is not None and cache_dtype.itemsize > 1 and 5 <= batch <= 24:
         want *= 2
     return int(max(1, min(16, want)))
+
+
+def balanced_splits_for(batch: int, num_kv_heads: int, num_sms: int = 132) -> int:
+    """The most chunks a row may take with balanced chunks (the grid): 4x the plain split count,
+    at most 16; the kernel picks the chunk length, so most of them stay empty."""
+    return min(16, 4 * num_splits_for(batch, num_kv_heads, num_sms))
 
 
 # (BLOCK_N, num_warps) of the split-K decode kernel: the tokens a program loads per iteration, and
@@ -459,6 +461,8 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
     (decode_attn_probe.py --mixed); equal chunks spread the tokens evenly over the programs.
     ``splits`` is then the most chunks a row may take (the grid), and the chunk is at least
     1/``splits`` of the longest row."""
+    import triton
+
     from serve_app.engine._private import kernels as K
     global _triton_kernel
     if _triton_kernel is None:
@@ -479,7 +483,7 @@ def decode_attention_triton(q: torch.Tensor, cache_k: torch.Tensor, cache_v: tor
         PAGE=page_size, BLOCK_N=block_n, SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         F16_MATH=cache_k.dtype.itemsize == 1 and q.dtype == torch.bfloat16,
-        BALANCED=bool(balanced), B_PAD=_next_pow2(b) if balanced else 1,
+        BALANCED=bool(balanced), B_PAD=triton.next_power_of_2(b) if balanced else 1,
         **K._pdl(), num_warps=warps, num_stages=2)
     if splits == 1:
         return o[:, :, 0].to(q.dtype)

@@ -78,19 +78,16 @@ def main(config_json: str, conn) -> None:
     threading.Thread(target=receive, name="engine-process-inbox", daemon=True).start()
     state = {"last": 0.0}
 
-    def stats() -> dict:
-        return sched.stats()
-
     def tick(busy: bool) -> None:
         """Stats every STATS_INTERVAL_S while busy, every IDLE_STATS_INTERVAL_S while idle."""
         now = time.monotonic()
         if now - state["last"] >= (STATS_INTERVAL_S if busy else IDLE_STATS_INTERVAL_S):
-            send(("stats", stats()))
+            send(("stats", sched.stats()))
             state["last"] = now
 
     try:
         engine_loop.run(sched, inbox, wake, stop, tick)
-        send(("stats", stats()))
+        send(("stats", sched.stats()))
     except BaseException as e:  # noqa: BLE001 - the parent fails every stream and turns unhealthy
         logging.exception("engine process loop failed")
         send(("crashed", f"{type(e).__name__}: {e}"))

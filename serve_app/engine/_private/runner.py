@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from serve_app.engine._private.attention import (decode_attention_torch, decode_attention_triton,
-                                                 num_splits_for, packed_attention, pick_packed_impl,
-                                                 prefill_attention, write_kv)
+from serve_app.engine._private.attention import (balanced_splits_for, decode_attention_torch,
+                                                 decode_attention_triton, num_splits_for, packed_attention,
+                                                 pick_packed_impl, prefill_attention, write_kv)
 from serve_app.engine._private import cuda_graphs, fp8
 from serve_app.engine._private.kv_cache import PagedKVCache
 from serve_app.engine._private.pixels import PixelUpload
@@ -529,8 +529,8 @@ class ModelRunner:
         kv = self.kv
         bt = self.block_tables.index_select(0, slot)
         lens32 = lens.to(torch.int32)
-        if self.decode_balance:     # balanced chunks, up to 4x the plain split count of them a row
-            splits = min(16, 4 * num_splits_for(batch, self.num_kv_heads, self.num_sms))
+        if self.decode_balance:
+            splits = balanced_splits_for(batch, self.num_kv_heads, self.num_sms)
             balanced = self.decode_balance * self.num_sms
         else:
             splits, balanced = num_splits_for(batch, self.num_kv_heads, self.num_sms, kv.k[0].dtype), 0

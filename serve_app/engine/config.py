@@ -49,8 +49,8 @@ class EngineConfig(BaseModel):
                                     "of one length, set each step from all rows' lengths, aiming at this "
                                     "many programs per SM (0: each row in equal parts of its own, the "
                                     "default). With rows of mixed lengths the parts of the longest row set "
-                                    "an attention call's time. Experimental: timed per call only "
-                                    "(benchmarks/decode_attn_probe.py --balanced), not yet in the app")
+                                    "an attention call's time. Experimental: on an H200 decode steps were "
+                                    "slower at 12-16 rows, faster at 24-32 (RESULTS.md)")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a 256-token bucket (0: off). An eager "
@@ -65,8 +65,9 @@ class EngineConfig(BaseModel):
         False, description="continuous engine: run the scheduler and the model in a child process of "
                            "the replica, so the replica's event loop (every stream through Ray) does "
                            "not share the engine thread's GIL. Requests and outputs cross a socket. "
-                           "On an H200 (RESULTS.md): the GPU busier and a lower e2e P95 at 17 QPS, "
-                           "but not a higher max load at SLO; it isolates a crashing engine")
+                           "With max_num_seqs 24 behind a VLM cap of 48 (deployments.gpu.yaml), an "
+                           "H200 held 17.5-19 QPS at SLO where in-process cap 24 missed 17.5 "
+                           "(RESULTS.md); it also isolates a crashing engine")
     gc_freeze: bool = Field(True, description="continuous engine: after start-up, freeze the objects alive "
                                               "then (gc.freeze), so Python's full collections walk only what "
                                               "serving made. One full collection over the start-up objects "

@@ -51,6 +51,12 @@ class EngineConfig(BaseModel):
                                     "default). With rows of mixed lengths the parts of the longest row set "
                                     "an attention call's time. Experimental: on an H200 decode steps were "
                                     "slower at 12-16 rows, faster at 24-32 (RESULTS.md)")
+    vision_stream: bool = Field(
+        False, description="continuous engine, GPU (experimental): run the vision tower on a CUDA stream "
+                           "of its own, beside the decode steps, instead of in front of them; a "
+                           "request's prefill waits for its images, the other requests go on. The "
+                           "tower is compute-bound and a decode step memory-bound, so they may share "
+                           "the GPU; its per-kind GPU seconds then overlap. Not yet timed on a GPU")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a 256-token bucket (0: off). An eager "
@@ -82,7 +88,8 @@ class EngineConfig(BaseModel):
     def _check(self) -> "EngineConfig":
         if self.engine != "continuous":       # the options only the continuous engine has, and their off
             for name, off in (("quantization", None), ("vision_quantization", None), ("kv_cache_dtype", "auto"),
-                              ("pdl", False), ("separate_process", False), ("decode_balance", 0)):
+                              ("pdl", False), ("separate_process", False), ("decode_balance", 0),
+                              ("vision_stream", False)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
         return self

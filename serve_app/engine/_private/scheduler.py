@@ -26,7 +26,8 @@ from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private import gc_control, startup
 from serve_app.engine._private.limits import RequestLimits
 from serve_app.engine._private.latency import E2E_BOUNDS_S, TTFT_BOUNDS_S, LatencyBuckets
-from serve_app.engine._private.memory import split_by_budget, vision_patch_budget
+from serve_app.engine._private.image_encoding import ImageEncoding
+from serve_app.engine._private.memory import vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine._private.sampler import SlotSampling
 from serve_app.engine._private.timing import StepTimer
@@ -60,6 +61,7 @@ class _Seq:
     vis_index: np.ndarray | None = None       # prompt indices of image tokens
     vis_embeds: torch.Tensor | None = None
     deepstack: list[torch.Tensor] = field(default_factory=list)
+    vis_event: Any = None                      # vision_stream: its encoding is done when this is
     computed: int = 0
     out: list[int] = field(default_factory=list)   # tokens the host has seen
     launched: int = 0                              # tokens whose sampling was launched
@@ -92,6 +94,7 @@ class Scheduler:
         self.by_id: dict[str, _Seq] = {}
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
+        self.images = ImageEncoding(runner, self.vision_cache, self.vision_budget, config.vision_stream)
         self.slots = SlotSampling(config.max_num_seqs, runner.vocab, runner.device)
         self._inflight: list[_Launch] = []
         self._inflight_timers: list[tuple[str, StepTimer]] = []
@@ -192,11 +195,21 @@ class Scheduler:
             # before the decode step just launched, which keeps the GPU busy meanwhile.
             self._collect(launched[0])
             self._inflight = launched[1:]
+        if not launched and not self._inflight and self.prefilling:
+            # Only images on the vision stream are left: wait for the first, not a busy loop.
+            self._wait_for_images()
         if not rows and not self.prefilling:   # nothing will follow: take in this launch too
             for launch in self._inflight:
                 self._collect(launch)
             self._inflight = []
         self._flush()
+
+    def _wait_for_images(self) -> None:
+        t0 = time.perf_counter()
+        ev = next((s.vis_event for s in self.prefilling if s.vis_event is not None), None)
+        if ev is not None:
+            ev.synchronize()
+        self._host["wait"] += time.perf_counter() - t0
 
     def _out(self, rid: str, item) -> None:
         self._pending.append((rid, item))
@@ -254,47 +267,8 @@ class Scheduler:
 
     def _encode_new_images(self) -> None:
         """Vision tower once over every not-yet-encoded image of the admitted requests."""
-        todo = [s for s in self.prefilling if s.req.images and s.vis_embeds is None]
-        if not todo:
-            return
-        known: dict[str, tuple] = {}
-        pixel, grids, owners = [], [], []
-        for s in todo:
-            for j, im in enumerate(s.req.images):
-                if im.image_id:
-                    if im.image_id in known or im.image_id in owners:
-                        continue
-                    cached = self.vision_cache.get(im.image_id)
-                    if cached is not None:
-                        known[im.image_id] = cached
-                        self.counters["vision_cache_hits"] += 1
-                        continue
-                pixel.append(im.pixel_values)
-                grids.append(tuple(int(x) for x in im.grid_thw))
-                owners.append(im.image_id or (id(s), j))
-        # Calls of at most vision_budget patches: the size the start-up memory profile measured.
-        for group in split_by_budget([t * h * w for t, h, w in grids], self.vision_budget):
-            timer = StepTimer(self.runner.is_cuda)
-            try:
-                encoded = self.runner.encode_images([pixel[i] for i in group], [grids[i] for i in group])
-            except torch.OutOfMemoryError as e:   # fail these requests, not the whole replica
-                logger.warning("vision tower out of memory on %d images: %s", len(group), e)
-                continue
-            self._inflight_timers.append(("vision", timer.stop()))
-            for i, feats in zip(group, encoded):
-                known[owners[i]] = feats
-                if isinstance(owners[i], str):
-                    self.vision_cache.put(owners[i], feats)
-            self.counters["images_encoded"] += len(group)
-            self.counters["vision_calls"] += 1
-        for s in todo:
-            keys = [im.image_id or (id(s), j) for j, im in enumerate(s.req.images)]
-            if any(k not in known for k in keys):
-                self._fail_oom(s, "encoding its images")
-                continue
-            parts = [known[k] for k in keys]
-            s.vis_embeds = torch.cat([p[0] for p in parts])
-            s.deepstack = [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))]
+        todo = [s for s in self.prefilling if s.req.images and s.vis_embeds is None and not s.done]
+        self.images.encode(todo, self.counters, self._inflight_timers, self._fail_oom)
 
     def _prefill_step(self) -> "_Launch | None":
         timer = StepTimer(self.runner.is_cuda)
@@ -304,6 +278,9 @@ class Scheduler:
         for s in self.prefilling:
             if budget <= 0:
                 break
+            if not self.images.ready(s):
+                continue                       # its images are still on the vision stream
+            self.images.wait_main(s)
             left = len(s.prompt) - s.computed
             if chunks and s.computed == 0 and budget < left < whole:
                 # Next step it is a whole prompt that replays a graph; cut here, both of its
@@ -323,6 +300,8 @@ class Scheduler:
             chunks.append(c)
             seqs.append(s)
             budget -= n
+        if not chunks:
+            return None
         try:
             logits = self.runner.prefill(chunks)
         except torch.OutOfMemoryError as e:     # fail these requests, not the whole replica

@@ -1,0 +1,155 @@
+"""``engine.vision_stream``: the vision tower on a CUDA stream of its own, beside the decode steps.
+
+On the CPU there is no second stream, so the scheduling is checked with stand-in events that stay
+pending for a few polls: requests whose images are still being encoded wait for their prefill,
+the others prefill and decode meanwhile, the engine blocks on the event instead of spinning when
+nothing else can run, and the greedy tokens do not change. The stream itself needs
+ENGINE_TEST_DEVICE=cuda (same tokens as HF ``generate``, with and without vision graphs)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.engine._private.image_encoding import ImageEncoding
+from serve_app.engine._private.runner import ModelRunner
+from serve_app.engine._private.vision_cache import VisionCache
+from serve_app.engine.config import EngineConfig
+
+from test_engine import (DEVICE, _assert_greedy, _collect, _config, _image_request, _request,  # noqa: F401
+                         _run, hf_model, model_dir)
+
+
+class _PendingEvent:
+    """Not done for ``polls`` queries, or until synchronised."""
+
+    def __init__(self, polls: int, log: list):
+        self.polls, self.log, self.done = polls, log, False
+
+    def query(self) -> bool:
+        self.polls -= 1
+        self.log.append("query")
+        return self.done or self.polls < 0
+
+    def synchronize(self) -> None:
+        self.log.append("synchronize")
+        self.done = True
+
+
+def _pending_images(monkeypatch, polls: int) -> list:
+    """Every encoded request's images stay 'on the vision stream' for ``polls`` queries."""
+    log: list = []
+    encode = ImageEncoding.encode
+
+    def encode_pending(self, todo, *a, **kw):
+        encode(self, todo, *a, **kw)
+        for s in todo:
+            if s.vis_embeds is not None:
+                s.vis_event = _PendingEvent(polls, log)
+    monkeypatch.setattr(ImageEncoding, "encode", encode_pending)
+    return log
+
+
+def _prefill_log(monkeypatch) -> list:
+    """Per prefill call: whether each chunk held image features."""
+    calls: list = []
+    prefill = ModelRunner.prefill
+
+    def logged(self, chunks):
+        calls.append([c.vis_embeds is not None for c in chunks])
+        return prefill(self, chunks)
+    monkeypatch.setattr(ModelRunner, "prefill", logged)
+    return calls
+
+
+def test_vision_stream_settings():
+    assert EngineConfig(vision_stream=True).vision_stream
+    with pytest.raises(ValueError, match="needs engine='continuous'"):
+        EngineConfig(engine="hf-generate", vision_stream=True)
+
+    class CpuRunner:
+        is_cuda = False
+        device = torch.device("cpu")
+    with pytest.raises(ValueError, match="vision_stream needs a CUDA GPU"):
+        ImageEncoding(CpuRunner(), VisionCache(1 << 20), 256, side_stream=True)
+    assert ImageEncoding.ready(type("S", (), {"vis_event": None})())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="stand-in events for the CPU path")
+def test_decoding_goes_on_while_images_are_pending(model_dir, hf_model, monkeypatch):  # noqa: F811
+    """Two text requests are decoding when two image requests arrive. While their images are
+    'on the vision stream' (three polls), decode steps go on without waiting for them; then the
+    image prompts prefill, and every request's greedy tokens are HF generate's."""
+    rng = np.random.default_rng(3)
+    text = [_request(i, rng, 0, 40) for i in range(2)]
+    images = [_image_request(10, rng, [4], 6), _image_request(11, rng, [6], 6)]
+    log = _pending_images(monkeypatch, polls=3)
+    calls = _prefill_log(monkeypatch)
+
+    async def scenario(engine):
+        started = asyncio.Event()
+
+        async def first_then_rest(req):
+            toks = []
+            async for d in engine.generate(req):
+                toks += d.token_ids
+                started.set()
+            return toks
+        tasks = [asyncio.create_task(first_then_rest(r)) for r in text]
+        await started.wait()
+        tasks += [asyncio.create_task(first_then_rest(r)) for r in images]
+        return await asyncio.gather(*tasks), engine.stats()
+
+    toks, stats = _run(_config(model_dir, max_prefill_tokens=256), scenario)
+    assert stats["finished_total"] == 4
+    assert log.count("query") >= 4 and "synchronize" not in log, log   # polled between decode steps
+    assert not any(calls[0]) and any(any(c) for c in calls[1:]), calls
+    for req, t in zip(text + images, toks):
+        _assert_greedy(hf_model, req, t)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="stand-in events for the CPU path")
+def test_only_pending_images_block_instead_of_spinning(model_dir, monkeypatch):  # noqa: F811
+    """Nothing to run but images on the vision stream: the step waits on the first event."""
+    rng = np.random.default_rng(4)
+    req = _image_request(0, rng, [4], 4)
+    cfg = _config(model_dir)
+
+    async def scenario(engine):
+        return (await _collect(engine, req))[0]
+
+    want = _run(cfg, scenario)
+    log = _pending_images(monkeypatch, polls=10 ** 9)    # never done unless waited for
+    assert _run(cfg, scenario) == want
+    assert "synchronize" in log and log.count("query") < 10, log
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a second CUDA stream: ENGINE_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("vision_graph_grids", [0, 2])
+def test_vision_stream_matches_hf(model_dir, hf_model, vision_graph_grids):  # noqa: F811
+    """Image requests (a recurring size, so graphs are captured where enabled) and text-only ones,
+    staggered so that images are encoded while other rows decode: HF's greedy tokens."""
+    rng = np.random.default_rng(9)
+    first = [_image_request(i, rng, [6], 8) for i in range(2)]
+    later = [_image_request(10 + i, rng, [6, 4], 8) if i % 2 else _request(10 + i, rng, 0, 12) for i in range(6)]
+
+    async def scenario(engine):
+        res = [await _collect(engine, r) for r in first]
+        for _ in range(100):
+            if not vision_graph_grids or engine.stats()["vision_graphs"]:
+                break
+            await asyncio.sleep(0.05)
+        res += await asyncio.gather(*[_collect(engine, r, 0.01 * i) for i, r in enumerate(later)])
+        return res, engine.stats(), engine.health()
+
+    res, stats, health = _run(_config(model_dir, vision_stream=True, vision_graph_grids=vision_graph_grids,
+                                      max_prefill_tokens=256), scenario)
+    assert health["vision_stream"] is True
+    assert stats["finished_total"] == len(first) + len(later) and stats["images_encoded"] >= 5
+    if vision_graph_grids:
+        assert stats["vision_graph_replays"] >= 1
+    for req, (toks, _, _) in zip(first + later, res):
+        _assert_greedy(hf_model, req, toks)

@@ -1,14 +1,17 @@
-"""``engine.vision_stream``: the vision tower on a CUDA stream of its own, beside the decode steps.
+"""``engine.vision_stream`` and ``engine.prefill_stream``: the vision tower (and the prefill) on a
+CUDA stream of its own, beside the decode steps.
 
-On the CPU there is no second stream, so the scheduling is checked with stand-in events that stay
-pending for a few polls: requests whose images are still being encoded wait for their prefill,
-the others prefill and decode meanwhile, the engine blocks on the event instead of spinning when
-nothing else can run, and the greedy tokens do not change. The stream itself needs
-ENGINE_TEST_DEVICE=cuda (same tokens as HF ``generate``, with and without vision graphs)."""
+On the CPU there is no second stream, so the scheduling is checked with stand-ins that stay
+pending for a few polls: requests whose images (or prefill) are still on the side stream wait,
+the others prefill and decode meanwhile, the engine blocks instead of spinning when nothing else
+can run, a request cancelled during its side prefill gives its slot back only once that prefill
+is done, and the greedy tokens are HF ``generate``'s. The streams themselves need
+ENGINE_TEST_DEVICE=cuda (same tokens as HF, with and without vision graphs)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ import torch
 
 from serve_app.engine._private.image_encoding import ImageEncoding
 from serve_app.engine._private.runner import ModelRunner
+from serve_app.engine._private.scheduler import Scheduler
 from serve_app.engine._private.vision_cache import VisionCache
 from serve_app.engine.config import EngineConfig
 
@@ -66,14 +70,15 @@ def _prefill_log(monkeypatch) -> list:
 
 
 def test_vision_stream_settings():
-    assert EngineConfig(vision_stream=True).vision_stream
-    with pytest.raises(ValueError, match="needs engine='continuous'"):
-        EngineConfig(engine="hf-generate", vision_stream=True)
+    assert EngineConfig(vision_stream=True).vision_stream and EngineConfig(prefill_stream=True).prefill_stream
+    for name in ("vision_stream", "prefill_stream"):
+        with pytest.raises(ValueError, match="needs engine='continuous'"):
+            EngineConfig(engine="hf-generate", **{name: True})
 
     class CpuRunner:
         is_cuda = False
         device = torch.device("cpu")
-    with pytest.raises(ValueError, match="vision_stream needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="need a CUDA GPU"):
         ImageEncoding(CpuRunner(), VisionCache(1 << 20), 256, side_stream=True)
     assert ImageEncoding.ready(type("S", (), {"vis_event": None})())
 
@@ -127,9 +132,122 @@ def test_only_pending_images_block_instead_of_spinning(model_dir, monkeypatch): 
     assert "synchronize" in log and log.count("query") < 10, log
 
 
+class _FakeStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+
+class _SlowTimer:
+    """A side prefill's timer that reports 'not done' for ``polls`` queries, or until waited on."""
+
+    def __init__(self, timer, polls: int, log: list):
+        self.timer, self.polls, self.log, self.waited = timer, polls, log, False
+
+    def done(self) -> bool:
+        self.polls -= 1
+        self.log.append("query")
+        return self.waited or self.polls < 0
+
+    def synchronize(self) -> None:
+        if not (self.waited or self.polls < 0):
+            self.log.append("synchronize")
+        self.waited = True
+
+    def seconds(self) -> float:
+        return self.timer.seconds()
+
+    def order(self, stream) -> None:
+        self.log.append("order")
+
+
+def _prefill_on_a_stand_in_stream(monkeypatch, polls: int) -> list:
+    """The scheduler's prefill_stream path on the CPU: a stand-in side stream, and side prefills
+    that stay pending for ``polls`` queries."""
+    log: list = []
+    init, step = Scheduler.__init__, Scheduler._prefill_step
+
+    def init_side(self, *a, **kw):
+        init(self, *a, **kw)
+        self._side, self.images.main = _FakeStream(), _FakeStream()
+
+    def slow_step(self):
+        launch = step(self)
+        if launch is not None:
+            launch.timer = _SlowTimer(launch.timer, polls, log)
+            log.append(("prefill", [s.rid for s in launch.seqs]))
+        return launch
+    monkeypatch.setattr(Scheduler, "__init__", init_side)
+    monkeypatch.setattr(Scheduler, "_prefill_step", slow_step)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    return log
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="stand-ins for the CPU path")
+def test_side_prefill_rows_join_once_it_is_done(model_dir, hf_model, monkeypatch):  # noqa: F811
+    """Text requests decode while later requests' prefills are 'on the side stream' (three polls
+    each): decode steps go on meanwhile, the new rows join after the join (the main stream
+    ordered after the prefill), one side prefill is in flight at a time, and every request's
+    greedy tokens are HF generate's."""
+    rng = np.random.default_rng(5)
+    text = [_request(i, rng, 0, 30) for i in range(2)]
+    later = [_image_request(10, rng, [4], 6), _request(11, rng, 0, 8), _image_request(12, rng, [6], 6)]
+    log = _prefill_on_a_stand_in_stream(monkeypatch, polls=3)
+
+    async def scenario(engine):
+        started = asyncio.Event()
+
+        async def run(req):
+            toks = []
+            async for d in engine.generate(req):
+                toks += d.token_ids
+                started.set()
+            return toks
+        tasks = [asyncio.create_task(run(r)) for r in text]
+        await started.wait()
+        tasks += [asyncio.create_task(run(r)) for r in later]
+        return await asyncio.gather(*tasks), engine.stats()
+
+    toks, stats = _run(_config(model_dir, max_prefill_tokens=256), scenario)
+    assert stats["finished_total"] == 5 and stats["running"] == 0
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]
+    prefills = [e for e in log if isinstance(e, tuple)]
+    assert len(prefills) >= 2 and log.count("order") == len(prefills), log
+    # while the later requests' prefill was pending, decode steps of the text requests went on
+    i = next(i for i, e in enumerate(log) if isinstance(e, tuple) and set(e[1]) & {r.request_id for r in later})
+    assert log[i + 1:i + 6] == ["query"] * 4 + ["order"], log
+    for req, t in zip(text + later, toks):
+        _assert_greedy(hf_model, req, t)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="stand-ins for the CPU path")
+def test_a_request_cancelled_during_its_side_prefill_frees_its_slot_at_the_join(model_dir, monkeypatch):  # noqa: F811
+    """Its slot's rows (last token, sampling state) may still be written on the side stream, so
+    the slot goes back to the free list at the join, not at the cancel."""
+    _prefill_on_a_stand_in_stream(monkeypatch, polls=10 ** 9)
+    sched = Scheduler.load(_config(model_dir), emit=lambda items: None)
+    rng = np.random.default_rng(6)
+    sched.add(_request(0, rng, 0, 5), 0.0)
+    sched.add(_request(1, rng, 0, 5), 0.0)
+    sched._admit()
+    with torch.cuda.stream(sched._side):
+        sched._side_prefill = sched._prefill_step()
+    seqs = list(sched._side_prefill.seqs)
+    assert len(seqs) == 2 and not sched.running
+    free = len(sched.free_slots)
+    sched.cancel(seqs[0].rid)
+    assert seqs[0].done and len(sched.free_slots) == free      # not yet: the prefill is in flight
+    sched._join_side_prefill()
+    assert len(sched.free_slots) == free + 1 and sched.running == [seqs[1]]
+    assert sched._side_prefill is None
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="a second CUDA stream: ENGINE_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("stream", ["vision_stream", "prefill_stream"])
 @pytest.mark.parametrize("vision_graph_grids", [0, 2])
-def test_vision_stream_matches_hf(model_dir, hf_model, vision_graph_grids):  # noqa: F811
+def test_side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids):  # noqa: F811
     """Image requests (a recurring size, so graphs are captured where enabled) and text-only ones,
     staggered so that images are encoded while other rows decode: HF's greedy tokens."""
     rng = np.random.default_rng(9)
@@ -145,9 +263,9 @@ def test_vision_stream_matches_hf(model_dir, hf_model, vision_graph_grids):  # n
         res += await asyncio.gather(*[_collect(engine, r, 0.01 * i) for i, r in enumerate(later)])
         return res, engine.stats(), engine.health()
 
-    res, stats, health = _run(_config(model_dir, vision_stream=True, vision_graph_grids=vision_graph_grids,
-                                      max_prefill_tokens=256), scenario)
-    assert health["vision_stream"] is True
+    res, stats, health = _run(_config(model_dir, vision_graph_grids=vision_graph_grids, max_prefill_tokens=256,
+                                      **{stream: True}), scenario)
+    assert health[stream] is True
     assert stats["finished_total"] == len(first) + len(later) and stats["images_encoded"] >= 5
     if vision_graph_grids:
         assert stats["vision_graph_replays"] >= 1

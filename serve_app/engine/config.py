@@ -57,6 +57,12 @@ class EngineConfig(BaseModel):
                            "request's prefill waits for its images, the other requests go on. The "
                            "tower is compute-bound and a decode step memory-bound, so they may share "
                            "the GPU; its per-kind GPU seconds then overlap. Not yet timed on a GPU")
+    prefill_stream: bool = Field(
+        False, description="continuous engine, GPU (experimental): also run each prefill step and its "
+                           "first-token sampling on that second stream (implies the vision tower "
+                           "there), so prompt work, compute-bound, overlaps the decode steps. New "
+                           "rows join the decode batch once their prefill is done. Not yet timed "
+                           "on a GPU")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a 256-token bucket (0: off). An eager "
@@ -89,7 +95,7 @@ class EngineConfig(BaseModel):
         if self.engine != "continuous":       # the options only the continuous engine has, and their off
             for name, off in (("quantization", None), ("vision_quantization", None), ("kv_cache_dtype", "auto"),
                               ("pdl", False), ("separate_process", False), ("decode_balance", 0),
-                              ("vision_stream", False)):
+                              ("vision_stream", False), ("prefill_stream", False)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
         return self

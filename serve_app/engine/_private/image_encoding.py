@@ -25,14 +25,19 @@ logger = logging.getLogger(__name__)
 
 
 class ImageEncoding:
-    def __init__(self, runner, cache: VisionCache, budget: int, side_stream: bool):
+    """``side_stream``: the tower on a stream of its own (:attr:`stream`); ``prefill_on_side``:
+    the prefill reads the features on that stream too (``engine.prefill_stream``), so nothing
+    crosses streams and there is nothing to wait for."""
+
+    def __init__(self, runner, cache: VisionCache, budget: int, side_stream: bool, prefill_on_side: bool = False):
         if side_stream and not runner.is_cuda:
-            raise ValueError("vision_stream needs a CUDA GPU (it runs the vision tower on a second stream)")
+            raise ValueError("vision_stream and prefill_stream need a CUDA GPU (they run work on a second stream)")
         self.runner = runner
         self.cache = cache
         self.budget = budget
         self.stream = torch.cuda.Stream(runner.device) if side_stream else None
-        self._main = torch.cuda.current_stream(runner.device) if side_stream else None
+        self.main = torch.cuda.current_stream(runner.device) if side_stream else None
+        self._cross = side_stream and not prefill_on_side
 
     def encode(self, todo: list, counters: dict, timers: list, fail: Callable[[Any, str], None]) -> None:
         """Launch the tower over every not-yet-encoded image of ``todo`` (sequences with
@@ -82,9 +87,9 @@ class ImageEncoding:
             parts = [known[k] for k in keys]
             s.vis_embeds = torch.cat([p[0] for p in parts])
             s.deepstack = [torch.cat([p[1][i] for p in parts]) for i in range(len(parts[0][1]))]
-            if self.stream is not None:
+            if self._cross:
                 for t in (s.vis_embeds, *s.deepstack):
-                    t.record_stream(self._main)
+                    t.record_stream(self.main)
                 s.vis_event = torch.cuda.Event()
                 s.vis_event.record(self.stream)
 
@@ -97,5 +102,5 @@ class ImageEncoding:
         """Order the main stream after ``s``'s encoding, once, before its prefill reads it."""
         if s.vis_event is not None:
             if self.stream is not None:
-                self._main.wait_event(s.vis_event)
+                self.main.wait_event(s.vis_event)
             s.vis_event = None

@@ -339,16 +339,18 @@ def _splits(b: int, v: int, device: torch.device) -> tuple[int, int]:
 
 
 def _scratch(b: int, s: int, dev: torch.device):
-    """Work buffers for ``b`` rows of ``s`` splits: one set per split count, grown to the largest
-    batch seen and sliced (row-major, so a prefix of rows is contiguous). Every call writes
-    before it reads."""
-    have = _SCRATCH.get((s, dev))
+    """Work buffers for ``b`` rows of ``s`` splits: one set per split count and CUDA stream (a
+    prefill's sampling may run on a second stream beside a decode step's: engine.prefill_stream),
+    grown to the largest batch seen and sliced (row-major, so a prefix of rows is contiguous).
+    Every call writes before it reads."""
+    key = (s, dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    have = _SCRATCH.get(key)
     if have is None or have[0] < b:
         f, i, q = (dict(dtype=d, device=dev) for d in (torch.float32, torch.int32, torch.int64))
         have = (b, [torch.empty(b, s, **f) for _ in range(4)], [torch.empty(b, s, **i) for _ in range(2)],
                 torch.empty(b, _NC, **i), torch.empty(b, 3, _NB, **q), torch.empty(b, **q),
                 torch.empty(b, 3, 5, **q))
-        _SCRATCH[(s, dev)] = have
+        _SCRATCH[key] = have
     _, fl, it, cnt, hist, above, state = have
     return [x[:b] for x in fl], [x[:b] for x in it], cnt[:b], hist[:b], above[:b], state[:b]
 

@@ -94,7 +94,12 @@ class Scheduler:
         self.by_id: dict[str, _Seq] = {}
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
-        self.images = ImageEncoding(runner, self.vision_cache, self.vision_budget, config.vision_stream)
+        self.images = ImageEncoding(runner, self.vision_cache, self.vision_budget,
+                                    config.vision_stream or config.prefill_stream, config.prefill_stream)
+        # prefill_stream: prefill steps run on the images' stream; one at a time is in flight there,
+        # and its rows join the decode batch once it is done (_join_side_prefill).
+        self._side = self.images.stream if config.prefill_stream else None
+        self._side_prefill: _Launch | None = None
         self.slots = SlotSampling(config.max_num_seqs, runner.vocab, runner.device)
         self._inflight: list[_Launch] = []
         self._inflight_timers: list[tuple[str, StepTimer]] = []
@@ -157,7 +162,7 @@ class Scheduler:
         return self._host
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self._inflight)
+        return bool(self.waiting or self.prefilling or self.running or self._inflight or self._side_prefill)
 
     def idle_work(self) -> bool:
         """Work for a moment with no requests: build one queued cuDNN attention plan (~30 ms)
@@ -181,8 +186,12 @@ class Scheduler:
     def _step(self) -> None:
         self._admit()
         launched = []
-        if self.prefilling:
+        if self.prefilling and self._side is None:
             launched.append(self._prefill_step())
+        elif self.prefilling and self._side_prefill is None:
+            self._side.wait_stream(self.images.main)   # after the main stream's KV pages, tables, slots
+            with torch.cuda.stream(self._side):
+                self._side_prefill = self._prefill_step()
         rows = [s for s in self.running if not s.done and s.launched < s.max_new]
         if rows:
             launched.append(self._decode_step(rows))
@@ -195,14 +204,30 @@ class Scheduler:
             # before the decode step just launched, which keeps the GPU busy meanwhile.
             self._collect(launched[0])
             self._inflight = launched[1:]
-        if not launched and not self._inflight and self.prefilling:
+        if self._side_prefill is not None:
+            if not launched or self._side_prefill.timer.done():   # done, or nothing else to run
+                self._join_side_prefill()
+        elif not launched and self.prefilling:
             # Only images on the vision stream are left: wait for the first, not a busy loop.
             self._wait_for_images()
-        if not rows and not self.prefilling:   # nothing will follow: take in this launch too
+        if not rows and not self.prefilling and self._side_prefill is None:
+            # nothing will follow: take in this launch too
             for launch in self._inflight:
                 self._collect(launch)
             self._inflight = []
         self._flush()
+
+    def _join_side_prefill(self) -> None:
+        """Take in the side stream's prefill: its first tokens, and its rows into the decode batch,
+        the main stream ordered after it (the rows' KV, last tokens and sampling state)."""
+        launch, self._side_prefill = self._side_prefill, None
+        self._collect(launch)
+        launch.timer.order(self.images.main)
+        for s in launch.seqs:
+            if s.done:
+                self._free_slot(s)             # cancelled while its prefill ran: the slot is free now
+            else:
+                self.running.append(s)
 
     def _wait_for_images(self) -> None:
         t0 = time.perf_counter()
@@ -319,7 +344,8 @@ class Scheduler:
         for s in done:
             self.prefilling.remove(s)
             s.vis_embeds, s.deepstack = None, []   # only needed during prefill
-            self.running.append(s)
+            if self._side is None:
+                self.running.append(s)          # else when the side stream's prefill is done
         dev = self.runner.device
         slots = upload([s.slot for s in done], dev, torch.int64)
         steps = torch.zeros(len(done), dtype=torch.int64, device=dev)
@@ -423,13 +449,17 @@ class Scheduler:
             self.running.remove(s)
         if s in self.prefilling:
             self.prefilling.remove(s)
-        if s.slot >= 0:
-            self.free_slots.append(s.slot)
-            s.slot = -1
+        if not (self._side_prefill is not None and s in self._side_prefill.seqs):
+            self._free_slot(s)    # else at the join: the side stream may still write the slot's rows
         if s.pages:
             self.kv.release(s.pages)
             s.pages = []
         self.by_id.pop(s.rid, None)
+
+    def _free_slot(self, s: _Seq) -> None:
+        if s.slot >= 0:
+            self.free_slots.append(s.slot)
+            s.slot = -1
 
     # ------------------------------------------------------------------------------ stats
     def stats(self) -> dict:

@@ -30,6 +30,11 @@ class StepTimer:
         if self._cuda:
             self._end.synchronize()
 
+    def order(self, stream) -> None:
+        """Make ``stream``'s later work wait for this work's end (CUDA; nothing on the CPU)."""
+        if self._cuda:
+            stream.wait_event(self._end)
+
     def done(self) -> bool:
         return not self._cuda or self._end.query()
 

@@ -35,7 +35,9 @@ class ImageEncoding:
         self.runner = runner
         self.cache = cache
         self.budget = budget
-        self.stream = torch.cuda.Stream(runner.device) if side_stream else None
+        # Higher priority than the main stream: when SMs free up, prompt work (which sets TTFT, the
+        # SLO that binds first) gets them before decode kernels, as on one stream where it ran first.
+        self.stream = torch.cuda.Stream(runner.device, priority=-1) if side_stream else None
         self.main = torch.cuda.current_stream(runner.device) if side_stream else None
         self._cross = side_stream and not prefill_on_side
 

@@ -724,3 +724,25 @@ def test_step_line_reports_the_engine_split_and_its_thread():
     assert "engine thread busy 47.0% gap 10.0% idle 1.0% tick 0.1% emit 0.5%" in line
     del step["engine_time"]["host_gap_pct"]
     assert "gap" not in step_line(step)                      # an engine without loop timers
+
+
+def test_engine_arrivals_schedule_is_seeded_and_shaped_like_the_app():
+    """benchmarks/engine_arrivals.py: the same arrivals for every variant (seeded), the loadgen's
+    class mix and lengths, images resized as Preprocess does, one image token per merged patch."""
+    from benchmarks.engine_arrivals import Patches, request, schedule
+    a = schedule(20.0, 30.0, 7, 2359296)
+    assert a == schedule(20.0, 30.0, 7, 2359296) and a != schedule(20.0, 30.0, 8, 2359296)
+    assert 500 <= len(a) <= 700 and all(0 < x["at"] < 30 for x in a)
+    lengths = Counter(x["max_tokens"] for x in a)
+    assert set(lengths) == {48, 128, 192} and lengths[128] > lengths[48] > lengths[192]
+    assert Counter(len(x["grids"]) for x in a)[2] / len(a) == pytest.approx(0.10, abs=0.04)
+    grids = {g for x in a for g in x["grids"]}
+    assert (1, 34, 60) in grids and (1, 30, 40) in grids          # 1920x1080 -> 1920x1088; 640x480
+    assert all(g[1] % 2 == 0 and g[2] % 2 == 0 and g[1] * g[2] * 256 <= 2359296 for g in grids)
+    patches = Patches(0)
+    r1, r2 = request(0, a[0], patches, "x"), request(1, a[0], patches, "x")
+    assert r1.images[0].image_id != r2.images[0].image_id            # no vision-cache hits
+    assert r1.images[0].pixel_values is r2.images[0].pixel_values     # one array per grid
+    n_img = sum(im.num_tokens() for im in r1.images)
+    assert r1.prompt_token_ids.count(151655) == n_img and len(r1.prompt_token_ids) == n_img + 40 + 8 + 2 * len(r1.images)
+    assert r1.sampling.ignore_eos and r1.sampling.max_tokens == a[0]["max_tokens"]

@@ -69,6 +69,25 @@ def _prefill_log(monkeypatch) -> list:
     return calls
 
 
+def _later_while_decoding(first: list, later: list):
+    """A scenario: ``first`` start; once one of them has a token, ``later`` arrive. Returns every
+    request's tokens (``first + later`` order) and the engine's stats."""
+    async def scenario(engine):
+        started = asyncio.Event()
+
+        async def run(req):
+            toks = []
+            async for d in engine.generate(req):
+                toks += d.token_ids
+                started.set()
+            return toks
+        tasks = [asyncio.create_task(run(r)) for r in first]
+        await started.wait()
+        tasks += [asyncio.create_task(run(r)) for r in later]
+        return await asyncio.gather(*tasks), engine.stats()
+    return scenario
+
+
 def test_vision_stream_settings():
     assert EngineConfig(vision_stream=True).vision_stream and EngineConfig(prefill_stream=True).prefill_stream
     for name in ("vision_stream", "prefill_stream"):
@@ -94,21 +113,7 @@ def test_decoding_goes_on_while_images_are_pending(model_dir, hf_model, monkeypa
     log = _pending_images(monkeypatch, polls=3)
     calls = _prefill_log(monkeypatch)
 
-    async def scenario(engine):
-        started = asyncio.Event()
-
-        async def first_then_rest(req):
-            toks = []
-            async for d in engine.generate(req):
-                toks += d.token_ids
-                started.set()
-            return toks
-        tasks = [asyncio.create_task(first_then_rest(r)) for r in text]
-        await started.wait()
-        tasks += [asyncio.create_task(first_then_rest(r)) for r in images]
-        return await asyncio.gather(*tasks), engine.stats()
-
-    toks, stats = _run(_config(model_dir, max_prefill_tokens=256), scenario)
+    toks, stats = _run(_config(model_dir, max_prefill_tokens=256), _later_while_decoding(text, images))
     assert stats["finished_total"] == 4
     assert log.count("query") >= 4 and "synchronize" not in log, log   # polled between decode steps
     assert not any(calls[0]) and any(any(c) for c in calls[1:]), calls
@@ -196,21 +201,7 @@ def test_side_prefill_rows_join_once_it_is_done(model_dir, hf_model, monkeypatch
     later = [_image_request(10, rng, [4], 6), _request(11, rng, 0, 8), _image_request(12, rng, [6], 6)]
     log = _prefill_on_a_stand_in_stream(monkeypatch, polls=3)
 
-    async def scenario(engine):
-        started = asyncio.Event()
-
-        async def run(req):
-            toks = []
-            async for d in engine.generate(req):
-                toks += d.token_ids
-                started.set()
-            return toks
-        tasks = [asyncio.create_task(run(r)) for r in text]
-        await started.wait()
-        tasks += [asyncio.create_task(run(r)) for r in later]
-        return await asyncio.gather(*tasks), engine.stats()
-
-    toks, stats = _run(_config(model_dir, max_prefill_tokens=256), scenario)
+    toks, stats = _run(_config(model_dir, max_prefill_tokens=256), _later_while_decoding(text, later))
     assert stats["finished_total"] == 5 and stats["running"] == 0
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
     prefills = [e for e in log if isinstance(e, tuple)]

@@ -192,6 +192,27 @@ def test_engine_with_prefill_graphs_matches_hf(model_dir, hf_model):  # noqa: F8
         _assert_greedy(hf_model, req, toks)
 
 
+def test_prefill_graph_step_sets_the_buckets(model_dir, hf_model):  # noqa: F811
+    """engine.prefill_graph_step 64: buckets of 64 tokens up to prefill_graph_tokens; prompts of
+    different sizes replay different buckets and greedy tokens equal HF generate's."""
+    import asyncio
+    rng = np.random.default_rng(22)
+    reqs = [_request(0, rng, 0, 6)] + [_image_request(1 + i, rng, [n], 6) for i, n in enumerate((8, 16, 24))]
+    with pytest.raises(ValueError):
+        _config(model_dir, prefill_graph_step=100)
+
+    async def scenario(engine):
+        res = await asyncio.gather(*[_collect(engine, r, 0.1 * i) for i, r in enumerate(reqs)])
+        return res, engine.health(), engine.stats()
+
+    res, health, stats = _run(_config(model_dir, max_prefill_tokens=256, prefill_graph_tokens=256,
+                               prefill_graph_step=64), scenario)
+    assert health["prefill_graph_buckets"] == 4 and stats["prefill_graph_replays"] == len(reqs)
+    assert len({(len(r.prompt_token_ids) // 64) for r in reqs}) == 3     # prompts in three buckets
+    for req, (toks, _, _) in zip(reqs, res):
+        _assert_greedy(hf_model, req, toks)
+
+
 def test_prefill_graph_capture_failure_leaves_prefill_eager(model_dir, hf_model, monkeypatch):  # noqa: F811
     """Capturing the prefill graphs at start-up raises (out of memory, say): the engine starts
     anyway, says so in its health info, and serves with eager prefill."""

@@ -61,7 +61,8 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
     if config.prefill_graph_tokens and graphs_ok:
         t1 = time.perf_counter()
         try:
-            runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens))
+            runner.setup_prefill_graphs(min(config.prefill_graph_tokens, config.max_prefill_tokens),
+                                        config.prefill_graph_step)
         except Exception as e:  # noqa: BLE001 - an optional speed-up: prefill stays eager
             info["prefill_graph_error"] = repr(e)[:300]
             logger.warning("prefill graphs not captured; prefill stays eager: %r", e)

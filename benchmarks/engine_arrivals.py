@@ -93,10 +93,13 @@ async def one(engine, req: EngineRequest, at: float, t0: float) -> dict:
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
     start = time.perf_counter()
     first, n = None, 0
-    async for d in engine.generate(req):
-        if d.token_ids and first is None:
-            first = time.perf_counter()
-        n += len(d.token_ids)
+    try:
+        async for d in engine.generate(req):
+            if d.token_ids and first is None:
+                first = time.perf_counter()
+            n += len(d.token_ids)
+    except Exception as e:  # noqa: BLE001 - counted (e.g. a 503 when the GPU ran out of memory)
+        return {"at": at, "error": getattr(e, "code", None) or type(e).__name__}
     end = time.perf_counter()
     return {"at": at, "start": start - t0, "ttft": (first or end) - start, "e2e": end - start, "tokens": n}
 
@@ -115,12 +118,14 @@ async def run_rate(engine, qps: float, a, patches: Patches, tag: str, max_pixels
     after = engine.stats()
     d = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))
          and not isinstance(after[k], bool)}
-    kept = [r for r in res if r["at"] >= a.warmup]
+    errors = [r["error"] for r in res if "error" in r]
+    kept = [r for r in res if r["at"] >= a.warmup and "error" not in r]
     tpot = [(r["e2e"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in kept]
     n = len(res)
     steps = max(1, d.get("decode_steps", 0))
     row = {"offered_qps": qps, "requests": n, "arrived_per_s": round(n / a.seconds, 3),
-           "served_per_s": round(n / wall, 3), "wall_s": round(wall, 2),
+           "served_per_s": round((n - len(errors)) / wall, 3), "wall_s": round(wall, 2),
+           "errors": len(errors), "error_kinds": sorted(set(errors)),
            "ttft_p50_s": pct([r["ttft"] for r in kept], 50), "ttft_p95_s": pct([r["ttft"] for r in kept], 95),
            "tpot_p50_s": pct(tpot, 50), "e2e_p50_s": pct([r["e2e"] for r in kept], 50),
            "e2e_p95_s": pct([r["e2e"] for r in kept], 95),
@@ -184,14 +189,14 @@ def main() -> None:
 def markdown(out: dict) -> str:
     lines = [f"`{out['meta']['command']}` ({out['meta']['date']})", "",
              "| variant | offered/s | served/s | TTFT P50/P95 ms | TPOT P50 ms | e2e P50/P95 s | decode ms/step (batch) "
-             "| GPU ms/request prefill / vision / decode | GPU s per s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| GPU ms/request prefill / vision / decode | GPU s per s | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in out["variants"].items():
         for r in v["rates"]:
             lines.append(f"| {name} | {r['offered_qps']:g} | {r['served_per_s']} | {1000 * r['ttft_p50_s']:.0f}/"
                          f"{1000 * r['ttft_p95_s']:.0f} | {1000 * r['tpot_p50_s']:.1f} | {r['e2e_p50_s']:.2f}/"
                          f"{r['e2e_p95_s']:.2f} | {r['decode_ms_per_step']} ({r['mean_decode_batch']}) | "
                          f"{r['gpu_ms_per_request_prefill']} / {r['gpu_ms_per_request_vision']} / "
-                         f"{r['gpu_ms_per_request_decode']} | {r['gpu_s_per_wall_s']} |")
+                         f"{r['gpu_ms_per_request_decode']} | {r['gpu_s_per_wall_s']} | {r['errors']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,11 @@ Steps overlap the host and the GPU: step N+1 is launched (its input tokens read 
 ``runner.last_tok``) before the host has seen step N's tokens; then the host detokenises and
 streams step N while the GPU runs N+1. A request that hits a stop token at step N has one wasted
 token computed at N+1, which is dropped.
+
+With ``engine.vision_stream`` the vision tower runs on a second CUDA stream (``image_encoding``)
+and a request's prefill waits for its images; with ``engine.prefill_stream`` each prefill step
+runs there too, one at a time, and its rows join the decode batch once it is done. Decode steps
+stay on the main stream either way.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ bound by memory reads. On a second stream the tower runs beside the decode steps
 whose images are still being encoded wait for their prefill, the others go on. Tensors made on
 the side stream and read on the main one are recorded on it (``Tensor.record_stream``), so the
 allocator does not hand their memory back to the side stream while a prefill still reads it.
+The allocator keeps each stream's free blocks apart, so with the tower alone on the side stream
+its activations and the prefill's are cached separately; at the memory cap it frees cached blocks
+and retries (a device sync) before it raises out of memory.
 """
 
 from __future__ import annotations

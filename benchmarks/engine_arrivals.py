@@ -35,14 +35,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.engine_bench import CHAT_HEAD, CHAT_TAIL, IMG, VE, VS  # noqa: E402
+from benchmarks.loadgen.metrics import percentile  # noqa: E402
 from benchmarks.loadgen.workload import DEFAULT_CLASSES, RESOLUTIONS  # noqa: E402
 from serve_app._image import FACTOR, PATCH_SIZE, smart_resize  # noqa: E402
 from serve_app.engine import create_engine  # noqa: E402
 from serve_app.engine.config import EngineConfig  # noqa: E402
 from serve_app.engine.protocol import EngineRequest, ImageInput, SamplingParams  # noqa: E402
-
-IMG, VS, VE = 151655, 151652, 151653
-HEAD, TAIL = [151644, 872, 198], [151645, 198, 151644, 77091, 198]
 
 
 def schedule(qps: float, seconds: float, seed: int, max_pixels: int) -> list[dict]:
@@ -81,10 +80,10 @@ class Patches:
 
 def request(i: int, spec: dict, patches: Patches, tag: str) -> EngineRequest:
     images = [ImageInput(patches(g), g, f"{tag}-{i}-{j}") for j, g in enumerate(spec["grids"])]
-    ids = list(HEAD)
+    ids = list(CHAT_HEAD)
     for im in images:
         ids += [VS] + [IMG] * im.num_tokens() + [VE]
-    ids += spec["text"] + TAIL
+    ids += spec["text"] + CHAT_TAIL
     sp = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.7, ignore_eos=True)
     return EngineRequest(f"{tag}-{i}", ids, images, sp)
 
@@ -105,11 +104,12 @@ async def one(engine, req: EngineRequest, at: float, t0: float) -> dict:
 
 
 def pct(xs, q) -> float:
-    return round(float(np.percentile(xs, q)), 4) if len(xs) else float("nan")
+    v = percentile(xs, q)
+    return float("nan") if v is None else round(v, 4)
 
 
-async def run_rate(engine, qps: float, a, patches: Patches, tag: str, max_pixels: int) -> dict:
-    specs = schedule(qps, a.seconds, a.seed + int(qps * 1000), max_pixels)
+async def run_rate(engine, qps: float, seconds: float, a, patches: Patches, tag: str, max_pixels: int) -> dict:
+    specs = schedule(qps, seconds, a.seed + int(qps * 1000), max_pixels)
     reqs = [request(i, s, patches, tag) for i, s in enumerate(specs)]
     before = engine.stats()
     t0 = time.perf_counter()
@@ -123,7 +123,7 @@ async def run_rate(engine, qps: float, a, patches: Patches, tag: str, max_pixels
     tpot = [(r["e2e"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in kept]
     n = len(res)
     steps = max(1, d.get("decode_steps", 0))
-    row = {"offered_qps": qps, "requests": n, "arrived_per_s": round(n / a.seconds, 3),
+    row = {"offered_qps": qps, "requests": n, "arrived_per_s": round(n / seconds, 3),
            "served_per_s": round((n - len(errors)) / wall, 3), "wall_s": round(wall, 2),
            "errors": len(errors), "error_kinds": sorted(set(errors)),
            "ttft_p50_s": pct([r["ttft"] for r in kept], 50), "ttft_p95_s": pct([r["ttft"] for r in kept], 95),
@@ -147,10 +147,9 @@ async def run_variant(name: str, settings: dict, a, max_pixels: int) -> dict:
     try:
         # unmeasured: Triton/cuDNN first calls, vision graphs for the recurring grids (captured
         # in the idle second after it)
-        await run_rate(engine, a.qps[0] / 2, argparse.Namespace(**{**vars(a), "seconds": a.warmup_load}),
-                       patches, f"{name}-warm", max_pixels)
+        await run_rate(engine, a.qps[0] / 2, a.warmup_load, a, patches, f"{name}-warm", max_pixels)
         await asyncio.sleep(2)
-        rows = [await run_rate(engine, q, a, patches, f"{name}-{q:g}", max_pixels) for q in a.qps]
+        rows = [await run_rate(engine, q, a.seconds, a, patches, f"{name}-{q:g}", max_pixels) for q in a.qps]
     finally:
         await engine.shutdown()
     return {"settings": settings, **info, "rates": rows}

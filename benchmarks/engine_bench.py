@@ -35,6 +35,8 @@ from serve_app.engine.continuous import ContinuousEngine  # noqa: E402
 from serve_app.engine.protocol import EngineRequest, ImageInput, SamplingParams  # noqa: E402
 
 IMG, VS, VE = 151655, 151652, 151653
+# the Qwen chat template around a user turn: system/user header ... end of turn, assistant header
+CHAT_HEAD, CHAT_TAIL = [151644, 872, 198], [151645, 198, 151644, 77091, 198]
 GRID = (1, 46, 80)          # a 1280x720 image after Qwen's resize to multiples of 32 (1280x736)
 HBM_BYTES_PER_S = 3.35e12   # H100 SXM datasheet
 
@@ -48,9 +50,8 @@ def make_request(i: int, rng: np.random.Generator, max_tokens: int, greedy: bool
           else rng.standard_normal((t * h * w, 1536)).astype(np.float32))
     im = ImageInput(px, GRID, f"bench-{i}-{rng.integers(1 << 40)}")
     # chat-template shape: system/user header, the image, a question, the assistant header
-    head = [151644, 872, 198]
-    tail = [int(x) for x in rng.integers(1000, 30000, size=6)] + [151645, 198, 151644, 77091, 198]
-    ids = head + [VS] + [IMG] * im.num_tokens() + [VE] + tail
+    tail = [int(x) for x in rng.integers(1000, 30000, size=6)] + CHAT_TAIL
+    ids = CHAT_HEAD + [VS] + [IMG] * im.num_tokens() + [VE] + tail
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else 0.7, ignore_eos=True)
     return EngineRequest(f"bench-{i}", ids, [im], sp)
 

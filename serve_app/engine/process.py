@@ -18,7 +18,9 @@ object frozen at start-up (``gc.get_freeze_count()``: 24-33 ms per push, 4 pushe
 the engine thread; fixed in ``gc_control``), and the socket I/O moved onto the event loop.
 Re-measured at 17 QPS (RESULTS.md, "the engine process after the gc fix"): the GPU 98.8 % busy
 against 96.7 %, e2e P95 1.58 s against 1.64-1.75, but the TTFT tail, made in front of the engine,
-no lower, and no higher max load at SLO. Off by default.
+no lower, and no higher max load at SLO. With the engine's own admission (max_num_seqs 24 behind
+a VLM cap of 48) it held 17.5-19 QPS where in-process cap 24 missed 17.5 (RESULTS.md, "the engine
+process with its own admission"), so deployments.gpu.yaml turns it on; the engine's default is off.
 """
 
 from __future__ import annotations

@@ -27,20 +27,30 @@ from test_engine import (DEVICE, _assert_greedy, _collect, _config, _image_reque
                          _run, hf_model, model_dir)
 
 
-class _PendingEvent:
-    """Not done for ``polls`` queries, or until synchronised."""
+class _Pending:
+    """Stands in for a CUDA event (``query``) or a side prefill's timer (``done``, ``seconds``,
+    ``order``, those of ``timer``): not done for ``polls`` queries, or until synchronised."""
 
-    def __init__(self, polls: int, log: list):
-        self.polls, self.log, self.done = polls, log, False
+    def __init__(self, polls: int, log: list, timer=None):
+        self.polls, self.log, self.timer, self.waited = polls, log, timer, False
 
     def query(self) -> bool:
         self.polls -= 1
         self.log.append("query")
-        return self.done or self.polls < 0
+        return self.waited or self.polls < 0
+
+    done = query
 
     def synchronize(self) -> None:
-        self.log.append("synchronize")
-        self.done = True
+        if not (self.waited or self.polls < 0):
+            self.log.append("synchronize")
+        self.waited = True
+
+    def seconds(self) -> float:
+        return self.timer.seconds()
+
+    def order(self, stream) -> None:
+        self.log.append("order")
 
 
 def _pending_images(monkeypatch, polls: int) -> list:
@@ -52,7 +62,7 @@ def _pending_images(monkeypatch, polls: int) -> list:
         encode(self, todo, *a, **kw)
         for s in todo:
             if s.vis_embeds is not None:
-                s.vis_event = _PendingEvent(polls, log)
+                s.vis_event = _Pending(polls, log)
     monkeypatch.setattr(ImageEncoding, "encode", encode_pending)
     return log
 
@@ -145,29 +155,6 @@ class _FakeStream:
         pass
 
 
-class _SlowTimer:
-    """A side prefill's timer that reports 'not done' for ``polls`` queries, or until waited on."""
-
-    def __init__(self, timer, polls: int, log: list):
-        self.timer, self.polls, self.log, self.waited = timer, polls, log, False
-
-    def done(self) -> bool:
-        self.polls -= 1
-        self.log.append("query")
-        return self.waited or self.polls < 0
-
-    def synchronize(self) -> None:
-        if not (self.waited or self.polls < 0):
-            self.log.append("synchronize")
-        self.waited = True
-
-    def seconds(self) -> float:
-        return self.timer.seconds()
-
-    def order(self, stream) -> None:
-        self.log.append("order")
-
-
 def _prefill_on_a_stand_in_stream(monkeypatch, polls: int) -> list:
     """The scheduler's prefill_stream path on the CPU: a stand-in side stream, and side prefills
     that stay pending for ``polls`` queries."""
@@ -181,7 +168,7 @@ def _prefill_on_a_stand_in_stream(monkeypatch, polls: int) -> list:
     def slow_step(self):
         launch = step(self)
         if launch is not None:
-            launch.timer = _SlowTimer(launch.timer, polls, log)
+            launch.timer = _Pending(polls, log, launch.timer)
             log.append(("prefill", [s.rid for s in launch.seqs]))
         return launch
     monkeypatch.setattr(Scheduler, "__init__", init_side)

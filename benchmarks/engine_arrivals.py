@@ -103,6 +103,18 @@ async def one(engine, req: EngineRequest, at: float, t0: float) -> dict:
     return {"at": at, "start": start - t0, "ttft": (first or end) - start, "e2e": end - start, "tokens": n}
 
 
+def padding(steps: list[int], qps: float, seconds: float, seed: int, max_pixels: int) -> dict:
+    """Share of padding tokens in the prefill graphs' buckets (a prompt replays the next multiple
+    of ``step`` above its length) for this workload's prompts (``--padding``: no GPU needed)."""
+    prompts = [len(request(i, x, lambda g: np.empty((g[0] * g[1] * g[2], 0), np.uint8), "p").prompt_token_ids)
+               for i, x in enumerate(schedule(qps, seconds, seed, max_pixels))]
+    out = {"requests": len(prompts), "mean_prompt_tokens": round(float(np.mean(prompts)), 1)}
+    for step in steps:
+        pad = sum((n // step + 1) * step - n for n in prompts)
+        out[f"step_{step}_padding_pct"] = round(100 * pad / sum(prompts), 1)
+    return out
+
+
 def pct(xs, q) -> float:
     v = percentile(xs, q)
     return float("nan") if v is None else round(v, 4)
@@ -168,12 +180,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0, help="arrivals before this are not in the percentiles")
     ap.add_argument("--warmup-load", type=float, default=15.0, help="seconds of unmeasured load per variant")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--padding", type=lambda s: [int(x) for x in s.split(",")], default=None, metavar="STEPS",
+                    help="only print the prefill graphs' padding share for these bucket steps (no engine)")
     a = ap.parse_args()
     app = yaml.safe_load(Path(a.config).read_text())["applications"][0]["args"]
     base = {**app.get("engine", {}), "model": a.model, **json.loads(a.engine_json)}
     if a.quantization:
         base["quantization"] = a.quantization
     max_pixels = int(app.get("images", {}).get("max_pixels", 16_777_216))
+    if a.padding:
+        print(json.dumps(padding(a.padding, a.qps[0], 300.0, a.seed, max_pixels)))
+        return
     out = {"meta": {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "command": " ".join(["python3"] + sys.argv), "engine_base": base}, "variants": {}}
     Path(a.out).mkdir(parents=True, exist_ok=True)

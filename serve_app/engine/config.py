@@ -73,7 +73,8 @@ class EngineConfig(BaseModel):
         256, ge=64, multiple_of=64,
         description="continuous engine: the prefill graphs' bucket size in tokens (a prompt is padded "
                     "to the next multiple). On the article's workload (loadgen resolutions, "
-                    "~1.2k-token prompts) 256 pads 13 % of the prompt tokens, 128 pads 5 %, at twice "
+                    "~1.2k-token prompts) 256 pads 14 % of the prompt tokens, 128 pads 6.5 % "
+                    "(benchmarks/engine_arrivals.py --padding), at twice "
                     "the graphs (one memory pool: the largest bucket's activations)")
     vision_graph_grids: int = Field(
         0, ge=0, description="continuous engine: keep up to this many CUDA graphs of the vision tower, "

@@ -746,3 +746,10 @@ def test_engine_arrivals_schedule_is_seeded_and_shaped_like_the_app():
     n_img = sum(im.num_tokens() for im in r1.images)
     assert r1.prompt_token_ids.count(151655) == n_img and len(r1.prompt_token_ids) == n_img + 40 + 8 + 2 * len(r1.images)
     assert r1.sampling.ignore_eos and r1.sampling.max_tokens == a[0]["max_tokens"]
+
+
+def test_engine_arrivals_padding_share_falls_with_the_bucket_step():
+    from benchmarks.engine_arrivals import padding
+    out = padding([256, 128, 64], 5.0, 60.0, 7, 2359296)
+    assert out["requests"] > 200 and 900 < out["mean_prompt_tokens"] < 1500
+    assert out["step_256_padding_pct"] > out["step_128_padding_pct"] > out["step_64_padding_pct"] > 0

@@ -165,10 +165,10 @@ def test_greedy_matches_hf_generate_staggered(model_dir, hf_model, tokenizer):
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
     assert any(len(r.prompt_token_ids) > 64 for r in reqs)  # chunked prefill was exercised
     # every request's first token and end were timed once, into the engine's latency buckets
-    for name in ("ttft", "e2e"):
-        assert sum(stats[f"{name}_bucket_counts"]) == 10 and stats[f"{name}_s_total"] > 0
+    for name in ("queue", "ttft", "e2e"):
+        assert sum(stats[f"{name}_bucket_counts"]) == 10 and stats[f"{name}_s_total"] >= 0
         assert len(stats[f"{name}_bucket_counts"]) == len(stats[f"{name}_bucket_bounds_s"]) + 1
-    assert stats["e2e_s_total"] > stats["ttft_s_total"]
+    assert stats["e2e_s_total"] > stats["ttft_s_total"] > stats["queue_s_total"]
     for req, (toks, text, last) in zip(reqs, results):
         ref = _hf_greedy(hf_model, req)
         assert toks == ref, req.request_id
@@ -176,6 +176,27 @@ def test_greedy_matches_hf_generate_staggered(model_dir, hf_model, tokenizer):
         assert last.num_prompt_tokens == len(req.prompt_token_ids)
         assert last.num_generated_tokens == len(ref)
         assert last.finish_reason in ("length", "stop")
+
+
+def test_queue_time_is_the_wait_for_a_free_row(model_dir):
+    """With one row, three requests at once: the second and third wait in the engine's FIFO for
+    the first to finish (the third for the second too), and the queue buckets hold that wait."""
+    rng = np.random.default_rng(4)
+    reqs = [_request(i, rng, 0, 24, ignore_eos=True) for i in range(3)]
+
+    async def scenario(engine):
+        async def timed(r):
+            t = asyncio.get_running_loop().time()
+            await _collect(engine, r)
+            return asyncio.get_running_loop().time() - t
+        took = await asyncio.gather(*[timed(r) for r in reqs])
+        return took, engine.stats()
+
+    took, stats = _run(_config(model_dir, max_num_seqs=1), scenario)
+    assert sum(stats["queue_bucket_counts"]) == 3
+    # the second waited about the first's whole run (min(took)), the third that and the second's
+    assert stats["queue_s_total"] >= 1.5 * min(took)
+    assert stats["queue_s_total"] < stats["ttft_s_total"]
 
 
 def test_repetition_penalty_matches_hf_generate(model_dir, hf_model):

@@ -260,6 +260,11 @@ def test_engine_latency_from_bucket_counts():
     assert b["engine_ttft_mean_ms"] == 200.0
     assert (b["engine_ttft_p50_le_ms"], b["engine_ttft_p95_le_ms"]) == (100, 400)
     assert "engine_e2e_mean_ms" not in b       # no e2e buckets in these snapshots
+    qb = [0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]     # the wait for admission: its own bounds
+    before["vlm"].update(queue_s_total=0.0, queue_bucket_bounds_s=qb, queue_bucket_counts=[5] + [0] * 8)
+    after["vlm"].update(queue_s_total=2.0, queue_bucket_bounds_s=qb, queue_bucket_counts=[85, 0, 0, 10, 10] + [0] * 4)
+    b = engine_breakdown(before, after, wall_s=10.0)
+    assert (b["engine_queue_mean_ms"], b["engine_queue_p50_le_ms"], b["engine_queue_p95_le_ms"]) == (20.0, 10, 200)
     after["vlm"]["ttft_bucket_counts"] = [5, 90, 0, 0, 0, 0, 10]
     assert engine_breakdown(before, after, 10.0)["engine_ttft_p95_le_ms"] is None   # past the last bound
     assert "engine_ttft_mean_ms" not in engine_breakdown(before, before, 10.0)      # nothing new

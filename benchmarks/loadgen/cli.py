@@ -346,8 +346,9 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
     lines += ["", "Engine time per step (from /v1/stats; 'other' = scheduling and idle):", "",
               "| engine | load | prefill s | decode s | other % | decode ms/step | mean decode batch | "
               "prefill tok/s | prefill graph replays / eager passes | engine thread busy / CPU % | "
-              "engine loop gap / idle % | engine TTFT mean / P95 under ms | engine e2e mean / P95 under ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "engine loop gap / idle % | engine queue mean / P95 under ms | engine TTFT mean / P95 under ms | "
+              "engine e2e mean / P95 under ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         for st in s["steps"]:
             et = st.get("engine_time") or {}
@@ -359,6 +360,7 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
                              f"{c.get('prefill_graph_replays', '-')} / {c.get('prefill_eager_passes', '-')} | "
                              f"{et.get('host_busy_pct', '-')} / {et.get('host_cpu_pct', '-')} | "
                              f"{et.get('host_gap_pct', '-')} / {et.get('host_idle_pct', '-')} | "
+                             f"{et.get('engine_queue_mean_ms', '-')} / {et.get('engine_queue_p95_le_ms', '-')} | "
                              f"{et.get('engine_ttft_mean_ms', '-')} / {et.get('engine_ttft_p95_le_ms', '-')} | "
                              f"{et.get('engine_e2e_mean_ms', '-')} / {et.get('engine_e2e_p95_le_ms', '-')} |")
     starts = [(s["engine"], s["engine_info"]) for s in sweeps if s.get("engine_info")]

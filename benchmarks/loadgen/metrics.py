@@ -237,7 +237,8 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
             counters[k] = a[k] - b[k]
     tb, ta = _engine_times(b), _engine_times(a)
     out: dict[str, Any] = {"engine": a.get("engine"), "counters": counters,
-                           **engine_latency(b, a, "ttft"), **engine_latency(b, a, "e2e")}
+                           **engine_latency(b, a, "queue"), **engine_latency(b, a, "ttft"),
+                           **engine_latency(b, a, "e2e")}
     if "gc_collections" in a and "gc_collections" in b and "gc_pause_s_total" in a:
         # Python's collections in the VLM process and the time they held the GIL (every thread's)
         out["gc_collections"] = [x - y for x, y in zip(a["gc_collections"], b["gc_collections"])]
@@ -279,8 +280,8 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
 
 
 def engine_latency(b: dict[str, Any], a: dict[str, Any], name: str) -> dict[str, Any]:
-    """One of the engine's latency bucket sets (``ttft``: arrival in the engine -> first token;
-    ``e2e``: -> last token) between two snapshots: the mean, and the bucket bounds under which 50 %
+    """One of the engine's latency bucket sets (``queue``: arrival in the engine -> admitted;
+    ``ttft``: -> first token; ``e2e``: -> last token) between two snapshots: the mean, and the bucket bounds under which 50 %
     and 95 % fall (``None`` past the last bound). Against the client's figures this says whether a
     tail is made in the engine or in front of it (router, Preprocess, Ingress, proxy)."""
     key, bounds = f"{name}_bucket_counts", a.get(f"{name}_bucket_bounds_s")

@@ -191,6 +191,9 @@ def step_line(step: dict[str, Any]) -> str:
     if et.get("engine_ttft_mean_ms") is not None:
         split += (f" engine TTFT mean {et['engine_ttft_mean_ms']:.0f} ms, P95 <= "
                   f"{et['engine_ttft_p95_le_ms'] or 'inf'} ms")
+    if et.get("engine_queue_mean_ms") is not None:
+        split += (f" (queue mean {et['engine_queue_mean_ms']:.0f} ms, P95 <= "
+                  f"{et['engine_queue_p95_le_ms'] or 'inf'} ms)")
     if et.get("gc_collections") is not None:
         split += f", GC {et['gc_collections']} collections {1000 * et['gc_pause_s']:.0f} ms"
     if et.get("engine_e2e_mean_ms") is not None:

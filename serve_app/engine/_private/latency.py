@@ -1,12 +1,16 @@
 """Request latencies as the engine sees them, in fixed buckets (as Prometheus histograms keep them).
 
 Why: a client's TTFT or end-to-end tail can be made inside the engine (queueing behind prompts and
-decode steps) or in front of it (Serve's router, Preprocess, the Ingress, the proxy). A benchmark
-differences two ``stats()`` snapshots of these buckets and sets them beside what the client measured.
+decode steps) or in front of it (Serve's router, Preprocess, the Ingress, the proxy); inside, the
+queue share says whether requests waited for admission (rows, KV pages) or for their prompt work. A
+benchmark differences two ``stats()`` snapshots of these buckets and sets them beside what the
+client measured.
 """
 
 from __future__ import annotations
 
+# arrival in the engine -> admitted (a decode slot and KV pages): the wait in the engine's FIFO
+QUEUE_BOUNDS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 # arrival in the engine -> first token on the host
 TTFT_BOUNDS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 # arrival in the engine -> the finishing token on the host (finished requests only, not cancelled)

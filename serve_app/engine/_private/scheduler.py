@@ -30,7 +30,7 @@ import torch
 from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private import gc_control, startup
 from serve_app.engine._private.limits import RequestLimits
-from serve_app.engine._private.latency import E2E_BOUNDS_S, TTFT_BOUNDS_S, LatencyBuckets
+from serve_app.engine._private.latency import E2E_BOUNDS_S, QUEUE_BOUNDS_S, TTFT_BOUNDS_S, LatencyBuckets
 from serve_app.engine._private.image_encoding import ImageEncoding
 from serve_app.engine._private.memory import vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
@@ -118,6 +118,7 @@ class Scheduler:
         # emit: handing outputs over (inside step); loop/inbox/tick/idle: engine_loop.run's turns.
         self._host = dict.fromkeys(("step", "cpu", "wait", "emit", "loop", "inbox", "tick", "idle"), 0.0)
         self._pending: list[tuple[str, Any]] = []
+        self._queue = LatencyBuckets("queue", QUEUE_BOUNDS_S)
         self._ttft = LatencyBuckets("ttft", TTFT_BOUNDS_S)
         self._e2e = LatencyBuckets("e2e", E2E_BOUNDS_S)
 
@@ -255,7 +256,7 @@ class Scheduler:
         # Admit only about one prefill step ahead: KV is reserved late and the vision features of
         # admitted requests (kept until their prefill ends) stay bounded.
         backlog = sum(len(s.prompt) - s.computed for s in self.prefilling)
-        admitted = []
+        admitted, now = [], time.monotonic()
         while self.waiting and self.free_slots and backlog < self.config.max_prefill_tokens:
             seq = self.waiting[0]
             need = self.kv.pages_for(len(seq.prompt) + seq.max_new)
@@ -263,6 +264,7 @@ class Scheduler:
             if pages is None:
                 break  # head of line waits for pages (FIFO keeps latency fair)
             self.waiting.popleft()
+            self._queue.observe(now - seq.arrival)
             seq.pages = pages
             seq.slot = self.free_slots.pop()
             self.prefilling.append(seq)
@@ -477,7 +479,7 @@ class Scheduler:
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
                 **(self.runner.graph_stats() if self.runner else {}),
-                **self._ttft.stats(), **self._e2e.stats(), **gc_control.PAUSES.stats(),
+                **self._queue.stats(), **self._ttft.stats(), **self._e2e.stats(), **gc_control.PAUSES.stats(),
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()},

@@ -20,6 +20,10 @@ _STEPS = {"prefill_steps": "prefill", "decode_steps": "decode"}
 _REPLAYS = {"prefill_graph_replays": "prefill", "vision_graph_replays": "vision"}
 _EAGER = {"prefill_eager_passes": "prefill"}
 _IMAGES = {"images_encoded": "encoded", "vision_cache_hits": "cache_hit"}
+# the engine's own latencies from a request's arrival in it: to admission, first and last token
+_LATENCIES = ("queue", "ttft", "e2e")
+_LATENCY_SECONDS = {f"{k}_s_total": k for k in _LATENCIES}
+_LATENCY_COUNTS = {f"{k}_count": k for k in _LATENCIES}     # from the bucket counts, in update()
 _HOST_SECONDS = {f"host_{k}_s_total": k for k in ("step", "cpu", "wait", "emit", "loop", "idle", "inbox", "tick")}
 
 
@@ -57,10 +61,21 @@ class EngineMetrics:
                                             "time: host-bound. Also its loop: all of it, idle, taking "
                                             "requests, stats pushes, and handing outputs over (emit)",
                                             tag_keys=("kind",))),
+            (_LATENCY_SECONDS, "kind", counter("serve_app_vlm_engine_latency_seconds",
+                                               "summed engine latencies from a request's arrival in the "
+                                               "engine: to admission (queue: the wait for a row and KV "
+                                               "pages), to first token (ttft), to last token (e2e); "
+                                               "divide the rate by that of latency_requests for a mean",
+                                               tag_keys=("kind",))),
+            (_LATENCY_COUNTS, "kind", counter("serve_app_vlm_engine_latency_requests",
+                                              "requests timed in serve_app_vlm_engine_latency_seconds",
+                                              tag_keys=("kind",))),
         ]
         self._last: dict[str, float] = {}
 
     def update(self, stats: dict) -> None:
+        stats = {**stats, **{f"{k}_count": sum(stats[f"{k}_bucket_counts"]) for k in _LATENCIES
+                             if isinstance(stats.get(f"{k}_bucket_counts"), list)}}
         if isinstance(stats.get("kv_utilization"), (int, float)):
             self._kv.set(float(stats["kv_utilization"]))
         for key, state in _STATES.items():

@@ -44,7 +44,8 @@ def test_engine_metrics_mapping():
               "prefill_s_total": 2.0, "decode_s_total": 4.0, "prefill_steps": 12, "decode_steps": 450,
               "prefill_graph_replays": 9, "images_encoded": 12,
               "host_step_s_total": 3.0, "host_cpu_s_total": 2.5, "host_wait_s_total": 1.0,
-              "prefill_eager_passes": 4})
+              "prefill_eager_passes": 4, "queue_s_total": 0.5, "queue_bucket_counts": [3, 1, 0],
+              "ttft_s_total": 2.0, "ttft_bucket_counts": [2, 2]})
     assert made["serve_app_vlm_kv_utilization"].values == {(): 0.5}
     assert made["serve_app_vlm_engine_requests"].values == {
         (("state", "waiting"),): 0, (("state", "prefilling"),): 0, (("state", "running"),): 2}
@@ -57,6 +58,10 @@ def test_engine_metrics_mapping():
     assert made["serve_app_vlm_engine_eager_passes"].values == {(("kind", "prefill"),): 4}
     assert made["serve_app_vlm_engine_host_seconds"].values == {
         (("kind", "step"),): 3.0, (("kind", "cpu"),): 2.5, (("kind", "wait"),): 1.0}
+    assert made["serve_app_vlm_engine_latency_seconds"].values == {(("kind", "queue"),): 0.5,
+                                                                   (("kind", "ttft"),): 2.0}
+    assert made["serve_app_vlm_engine_latency_requests"].values == {(("kind", "queue"),): 4,
+                                                                    (("kind", "ttft"),): 4}
     # An engine restarted under the replica: its totals start again, the counters never go down.
     m.update({"decode_steps": 5})
     m.update({"decode_steps": 25})
@@ -104,4 +109,7 @@ def test_engine_metrics_exported(client, model_name, metrics_url):
     assert any('state="waiting"' in lab for lab in states)
     host = {lab: v for lab, v in _samples(text, "serve_app_vlm_engine_host_seconds")}
     assert any('kind="step"' in lab and v > 0 for lab, v in host.items())
+    timed = {lab: v for lab, v in _samples(text, "serve_app_vlm_engine_latency_requests")}
+    assert any('kind="ttft"' in lab and v >= 1 for lab, v in timed.items())
+    assert any('kind="queue"' in lab and v >= 1 for lab, v in timed.items())
     assert _samples(text, "serve_app_vlm_requests")      # the VLM's request counter, same endpoint

@@ -343,7 +343,9 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
         note = s.get("stopped") or s.get("error") or ("" if "max_at_slo" in s else "in progress")
         lines.append(f"| {s['engine']} | {best.get('offered', 'none')} | {best.get('achieved_qps', '-')} | "
                      f"{s.get('first_miss', '-')} | {s.get('max_achieved_qps', '-')} | {note} |")
-    lines += ["", "Engine time per step (from /v1/stats; 'other' = scheduling and idle):", "",
+    lines += ["", "Engine time per step (from /v1/stats; 'other' = scheduling and idle; with the engine's "
+              "vision_stream or prefill_stream the phases run on two CUDA streams and overlap, so "
+              "their shares can add up to over 100 %):", "",
               "| engine | load | prefill s | decode s | other % | decode ms/step | mean decode batch | "
               "prefill tok/s | prefill graph replays / eager passes | engine thread busy / CPU % | "
               "engine loop gap / idle % | engine queue mean / P95 under ms | engine TTFT mean / P95 under ms | "

@@ -155,18 +155,15 @@ class _FakeStream:
         pass
 
 
-def _prefill_on_a_stand_in_stream(monkeypatch, polls: int, graph_tokens: int = 0, depth: int = 1) -> list:
+def _prefill_on_a_stand_in_stream(monkeypatch, polls: int) -> list:
     """The scheduler's prefill_stream path on the CPU: a stand-in side stream, and side prefills
-    that stay pending for ``polls`` queries, up to ``depth`` in flight. ``graph_tokens``: the
-    scheduler takes prompts shorter than that for ones that replay a prefill graph (the CPU runner
-    runs them eagerly)."""
+    that stay pending for ``polls`` queries."""
     log: list = []
     init, step = Scheduler.__init__, Scheduler._prefill_step
 
     def init_side(self, *a, **kw):
         init(self, *a, **kw)
         self._side, self.images.main = _FakeStream(), _FakeStream()
-        self.config = self.config.model_copy(update={"prefill_stream_depth": depth})
 
     def slow_step(self):
         launch = step(self)
@@ -175,8 +172,6 @@ def _prefill_on_a_stand_in_stream(monkeypatch, polls: int, graph_tokens: int = 0
             log.append(("prefill", [s.rid for s in launch.seqs]))
         return launch
     monkeypatch.setattr(Scheduler, "__init__", init_side)
-    if graph_tokens:
-        monkeypatch.setattr(ModelRunner, "prefill_graph_tokens", property(lambda self: graph_tokens))
     monkeypatch.setattr(Scheduler, "_prefill_step", slow_step)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     return log
@@ -216,57 +211,23 @@ def test_a_request_cancelled_during_its_side_prefill_frees_its_slot_at_the_join(
     sched.add(_request(1, rng, 0, 5), 0.0)
     sched._admit()
     with torch.cuda.stream(sched._side):
-        sched._side_prefills.append(sched._prefill_step())
-    seqs = list(sched._side_prefills[0].seqs)
+        sched._side_prefill = sched._prefill_step()
+    seqs = list(sched._side_prefill.seqs)
     assert len(seqs) == 2 and not sched.running
     free = len(sched.free_slots)
     sched.cancel(seqs[0].rid)
     assert seqs[0].done and len(sched.free_slots) == free      # not yet: the prefill is in flight
     sched._join_side_prefill()
     assert len(sched.free_slots) == free + 1 and sched.running == [seqs[1]]
-    assert not sched._side_prefills
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="stand-ins for the CPU path")
-def test_deeper_side_stream_prefills_each_graph_prompt_alone_and_joins_in_order(model_dir, hf_model,  # noqa: F811
-                                                                                 monkeypatch):
-    """prefill_stream_depth 2: a prompt that would replay a graph is a side step of its own, a
-    second step is launched while the first is pending, the steps join in launch order, and the
-    greedy tokens are HF generate's."""
-    rng = np.random.default_rng(7)
-    text = [_request(i, rng, 0, 30) for i in range(2)]
-    later = [_image_request(10, rng, [4], 6), _request(11, rng, 0, 8), _image_request(12, rng, [6], 6),
-             _request(13, rng, 0, 6)]
-    log = _prefill_on_a_stand_in_stream(monkeypatch, polls=3, graph_tokens=4096, depth=2)
-
-    toks, stats = _run(_config(model_dir, max_prefill_tokens=256), _later_while_decoding(text, later))
-    assert stats["finished_total"] == 6 and stats["kv_pages_free"] == stats["kv_pages_total"]
-    prefills = [e for e in log if isinstance(e, tuple)]
-    later_ids = {r.request_id for r in later}
-    assert all(len(ids) == 1 for _, ids in prefills if set(ids) & later_ids), prefills
-    assert log.count("order") == len(prefills), log
-    # some step was launched while the one before it was still pending (two in flight)
-    marks = [e for e in log if e != "query"]
-    assert any(isinstance(a, tuple) and isinstance(b, tuple) for a, b in zip(marks, marks[1:])), marks
-    for req, t in zip(text + later, toks):
-        _assert_greedy(hf_model, req, t)
-
-
-def test_prefill_stream_depth_needs_the_stream():
-    assert EngineConfig(prefill_stream=True, prefill_stream_depth=2).prefill_stream_depth == 2
-    with pytest.raises(ValueError, match="needs prefill_stream"):
-        EngineConfig(prefill_stream_depth=2)
+    assert sched._side_prefill is None
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a second CUDA stream: ENGINE_TEST_DEVICE=cuda")
-@pytest.mark.parametrize("stream", ["vision_stream", "prefill_stream", "prefill_stream_depth"])
+@pytest.mark.parametrize("stream", ["vision_stream", "prefill_stream"])
 @pytest.mark.parametrize("vision_graph_grids", [0, 2])
 def test_side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids):  # noqa: F811
     """Image requests (a recurring size, so graphs are captured where enabled) and text-only ones,
-    staggered so that images are encoded while other rows decode: HF's greedy tokens.
-    ``prefill_stream_depth``: two side prefills in flight, whole prompts replaying prefill graphs."""
-    opts = ({"prefill_stream": True, "prefill_stream_depth": 2, "prefill_graph_tokens": 256}
-            if stream == "prefill_stream_depth" else {stream: True})
+    staggered so that images are encoded while other rows decode: HF's greedy tokens."""
     rng = np.random.default_rng(9)
     first = [_image_request(i, rng, [6], 8) for i in range(2)]
     later = [_image_request(10 + i, rng, [6, 4], 8) if i % 2 else _request(10 + i, rng, 0, 12) for i in range(6)]
@@ -281,8 +242,8 @@ def test_side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids):
         return res, engine.stats(), engine.health()
 
     res, stats, health = _run(_config(model_dir, vision_graph_grids=vision_graph_grids, max_prefill_tokens=256,
-                                      **opts), scenario)
-    assert health["prefill_stream" if stream == "prefill_stream_depth" else stream] is True
+                                      **{stream: True}), scenario)
+    assert health[stream] is True
     assert stats["finished_total"] == len(first) + len(later) and stats["images_encoded"] >= 5
     if vision_graph_grids:
         assert stats["vision_graph_replays"] >= 1

@@ -65,13 +65,6 @@ class EngineConfig(BaseModel):
                            "decode batch once their prefill is done. On in deployments.gpu.yaml: on "
                            "an H200 the engine served 22.35 req/s at 23 offered against 19.97 "
                            "(RESULTS.md)")
-    prefill_stream_depth: int = Field(
-        1, ge=1, le=4, description="prefill_stream: prefill steps in flight on the second stream. 1: a "
-                                   "step packs the ready prompts up to max_prefill_tokens and their first "
-                                   "tokens go out together when it ends; the next step is launched once "
-                                   "the engine has seen it end. Above 1: a prompt that replays a prefill "
-                                   "graph is a step of its own (its first token goes out when its graph "
-                                   "is done) and the next steps wait on the stream, not on the host")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a bucket of prefill_graph_step (0: off). An eager "
@@ -114,6 +107,4 @@ class EngineConfig(BaseModel):
                               ("vision_stream", False), ("prefill_stream", False)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
-        if self.prefill_stream_depth > 1 and not self.prefill_stream:
-            raise ValueError("prefill_stream_depth > 1 needs prefill_stream: true")
         return self

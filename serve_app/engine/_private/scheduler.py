@@ -101,11 +101,10 @@ class Scheduler:
         self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
         self.images = ImageEncoding(runner, self.vision_cache, self.vision_budget,
                                     config.vision_stream or config.prefill_stream, config.prefill_stream)
-        # prefill_stream: prefill steps run on the images' stream, up to prefill_stream_depth of
-        # them in flight there, and their rows join the decode batch in order once each is done
-        # (_join_side_prefill).
+        # prefill_stream: prefill steps run on the images' stream; one at a time is in flight there,
+        # and its rows join the decode batch once it is done (_join_side_prefill).
         self._side = self.images.stream if config.prefill_stream else None
-        self._side_prefills: deque[_Launch] = deque()
+        self._side_prefill: _Launch | None = None
         self.slots = SlotSampling(config.max_num_seqs, runner.vocab, runner.device)
         self._inflight: list[_Launch] = []
         self._inflight_timers: list[tuple[str, StepTimer]] = []
@@ -169,7 +168,7 @@ class Scheduler:
         return self._host
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self._inflight or self._side_prefills)
+        return bool(self.waiting or self.prefilling or self.running or self._inflight or self._side_prefill)
 
     def idle_work(self) -> bool:
         """Work for a moment with no requests: build one queued cuDNN attention plan (~30 ms)
@@ -195,12 +194,10 @@ class Scheduler:
         launched = []
         if self.prefilling and self._side is None:
             launched.append(self._prefill_step())
-        elif self.prefilling and len(self._side_prefills) < self.config.prefill_stream_depth:
+        elif self.prefilling and self._side_prefill is None:
             self._side.wait_stream(self.images.main)   # after the main stream's KV pages, tables, slots
             with torch.cuda.stream(self._side):
-                launch = self._prefill_step()
-            if launch is not None:
-                self._side_prefills.append(launch)
+                self._side_prefill = self._prefill_step()
         rows = [s for s in self.running if not s.done and s.launched < s.max_new]
         if rows:
             launched.append(self._decode_step(rows))
@@ -213,15 +210,13 @@ class Scheduler:
             # before the decode step just launched, which keeps the GPU busy meanwhile.
             self._collect(launched[0])
             self._inflight = launched[1:]
-        if self._side_prefills:
-            if not launched:                    # nothing else to run: wait for the oldest
-                self._join_side_prefill()
-            while self._side_prefills and self._side_prefills[0].timer.done():
+        if self._side_prefill is not None:
+            if not launched or self._side_prefill.timer.done():   # done, or nothing else to run
                 self._join_side_prefill()
         elif not launched and self.prefilling:
             # Only images on the vision stream are left: wait for the first, not a busy loop.
             self._wait_for_images()
-        if not rows and not self.prefilling and not self._side_prefills:
+        if not rows and not self.prefilling and self._side_prefill is None:
             # nothing will follow: take in this launch too
             for launch in self._inflight:
                 self._collect(launch)
@@ -229,9 +224,9 @@ class Scheduler:
         self._flush()
 
     def _join_side_prefill(self) -> None:
-        """Take in the side stream's oldest prefill: its first tokens, and its rows into the decode
-        batch, the main stream ordered after it (the rows' KV, last tokens and sampling state)."""
-        launch = self._side_prefills.popleft()
+        """Take in the side stream's prefill: its first tokens, and its rows into the decode batch,
+        the main stream ordered after it (the rows' KV, last tokens and sampling state)."""
+        launch, self._side_prefill = self._side_prefill, None
         self._collect(launch)
         launch.timer.order(self.images.main)
         for s in launch.seqs:
@@ -311,9 +306,6 @@ class Scheduler:
         timer = StepTimer(self.runner.is_cuda)
         budget = self.config.max_prefill_tokens
         whole = self.runner.prefill_graph_tokens   # 0: no prefill graphs
-        # Several side prefills in flight: a whole prompt that replays its graph is a step of its
-        # own, so its first token goes out when its graph is done, not with the step's last one.
-        one_graph = self._side is not None and self.config.prefill_stream_depth > 1
         chunks, seqs = [], []
         for s in self.prefilling:
             if budget <= 0:
@@ -327,8 +319,6 @@ class Scheduler:
                 # pieces would run as launch-bound eager passes.
                 break
             n = min(left, budget)
-            if one_graph and chunks and s.computed == 0 and left < whole:
-                break                          # a prompt that replays a graph goes alone
             a, b = s.computed, s.computed + n
             c = PrefillChunk(ids=torch.tensor(s.prompt[a:b], dtype=torch.long),
                              positions=s.positions[:, a:b], start=a, pages=s.pages_dev,
@@ -342,8 +332,6 @@ class Scheduler:
             chunks.append(c)
             seqs.append(s)
             budget -= n
-            if one_graph and s.computed == 0 and left < whole:
-                break
         if not chunks:
             return None
         try:
@@ -468,7 +456,7 @@ class Scheduler:
             self.running.remove(s)
         if s in self.prefilling:
             self.prefilling.remove(s)
-        if not any(s in launch.seqs for launch in self._side_prefills):
+        if not (self._side_prefill is not None and s in self._side_prefill.seqs):
             self._free_slot(s)    # else at the join: the side stream may still write the slot's rows
         if s.pages:
             self.kv.release(s.pages)

@@ -80,7 +80,7 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
                 kv_dtype=str(runner.kv_dtype).replace("torch.", ""),
                 quantization=config.quantization, vision_quantization=config.vision_quantization,
                 pdl=config.pdl, decode_balance=config.decode_balance, vision_stream=config.vision_stream,
-                prefill_stream=config.prefill_stream, prefill_stream_depth=config.prefill_stream_depth,
+                prefill_stream=config.prefill_stream,
                 device=str(device), page_size=runner.page_size,
                 startup_s=round(time.perf_counter() - t0, 2))
     return runner, info

@@ -77,7 +77,9 @@ class EngineConfig(BaseModel):
                     "to the next multiple). On the article's workload (loadgen resolutions, "
                     "~1.2k-token prompts) 256 pads 14 % of the prompt tokens, 128 pads 6.5 % "
                     "(benchmarks/engine_arrivals.py --padding), at twice "
-                    "the graphs (one memory pool: the largest bucket's activations)")
+                    "the graphs (one memory pool: the largest bucket's activations). "
+                    "deployments.gpu.yaml sets 128: on an H200, 22 QPS at SLO in 30-s steps "
+                    "where 256 missed 20 (RESULTS.md)")
     vision_graph_grids: int = Field(
         0, ge=0, description="continuous engine: keep up to this many CUDA graphs of the vision tower, "
                              "one per image grid seen twice, captured while idle (0: off). An eager "

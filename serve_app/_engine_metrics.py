@@ -24,6 +24,7 @@ _IMAGES = {"images_encoded": "encoded", "vision_cache_hits": "cache_hit"}
 _LATENCIES = ("queue", "ttft", "e2e")
 _LATENCY_SECONDS = {f"{k}_s_total": k for k in _LATENCIES}
 _LATENCY_COUNTS = {f"{k}_count": k for k in _LATENCIES}     # from the bucket counts, in update()
+_ADMISSION_BLOCKED = {f"admission_blocked_{k}_s_total": k for k in ("rows", "prefill_backlog", "kv_pages")}
 _HOST_SECONDS = {f"host_{k}_s_total": k for k in ("step", "cpu", "wait", "emit", "loop", "idle", "inbox", "tick")}
 
 
@@ -67,6 +68,12 @@ class EngineMetrics:
                                                "pages), to first token (ttft), to last token (e2e); "
                                                "divide the rate by that of latency_requests for a mean",
                                                tag_keys=("kind",))),
+            (_ADMISSION_BLOCKED, "limit", counter("serve_app_vlm_engine_admission_blocked_seconds",
+                                                  "seconds the head of the engine's queue was held, per "
+                                                  "limit: no free row (rows; more max_num_seqs would admit "
+                                                  "it), max_prefill_tokens of prompts already waiting "
+                                                  "(prefill_backlog), no KV pages (kv_pages); may overlap",
+                                                  tag_keys=("limit",))),
             (_LATENCY_COUNTS, "kind", counter("serve_app_vlm_engine_latency_requests",
                                               "requests timed in serve_app_vlm_engine_latency_seconds",
                                               tag_keys=("kind",))),

@@ -197,6 +197,34 @@ def test_queue_time_is_the_wait_for_a_free_row(model_dir):
     # the second waited about the first's whole run (min(took)), the third that and the second's
     assert stats["queue_s_total"] >= 1.5 * min(took)
     assert stats["queue_s_total"] < stats["ttft_s_total"]
+    # the head of the queue waited behind the full row for about two runs; nothing else held it
+    rows = stats["admission_blocked_rows_s_total"]
+    assert min(took) <= rows <= stats["queue_s_total"]
+    assert stats["admission_blocked_kv_pages_s_total"] == 0
+    assert stats["admission_blocked_prefill_backlog_s_total"] < 0.5 * rows
+
+
+def test_admission_blocks_name_the_limit_that_held(model_dir):
+    """Eight requests at once with rows to spare: admission stops at max_prefill_tokens of
+    waiting prompt tokens, and only that limit is charged. Two requests that each need the whole
+    KV cache: the second waits for pages, and that limit is charged."""
+    rng = np.random.default_rng(8)
+    reqs = [_request(i, rng, 0, 8) for i in range(8)]
+    stats = _run(_config(model_dir, max_num_seqs=8, max_prefill_tokens=64), lambda engine: _collect_all(engine, reqs))
+    assert stats["admission_blocked_prefill_backlog_s_total"] > 0
+    assert stats["admission_blocked_rows_s_total"] == stats["admission_blocked_kv_pages_s_total"] == 0
+
+    big = [_request(10 + i, rng, 0, 16) for i in range(2)]
+    stats = _run(_config(model_dir, max_num_seqs=4, kv_cache_tokens=64),
+                 lambda engine: _collect_all(engine, big))
+    assert stats["finished_total"] == 2
+    assert stats["admission_blocked_kv_pages_s_total"] > 0
+    assert stats["admission_blocked_rows_s_total"] == 0
+
+
+async def _collect_all(engine, reqs):
+    await asyncio.gather(*[_collect(engine, r) for r in reqs])
+    return engine.stats()
 
 
 def test_repetition_penalty_matches_hf_generate(model_dir, hf_model):

@@ -27,7 +27,7 @@ from benchmarks.loadgen import client as lg_client  # noqa: E402
 from benchmarks.loadgen.client import (LoadSpec, RequestResult, RunResult, SSEParser,  # noqa: E402
                                        StreamOutcome, apply_event, check_local, profile_arrivals,
                                        run_load)
-from benchmarks.loadgen.metrics import (engine_breakdown, markdown_table, percentile,  # noqa: E402
+from benchmarks.loadgen.metrics import (blocked_cell, engine_breakdown, markdown_table, percentile,  # noqa: E402
                                         slo_check, summarize)
 from benchmarks.loadgen.workload import (DEFAULT_CLASSES, Conversation, PooledImage,  # noqa: E402
                                          Workload, build_image_pool, classes_with_tokens,
@@ -265,6 +265,13 @@ def test_engine_latency_from_bucket_counts():
     after["vlm"].update(queue_s_total=2.0, queue_bucket_bounds_s=qb, queue_bucket_counts=[85, 0, 0, 10, 10] + [0] * 4)
     b = engine_breakdown(before, after, wall_s=10.0)
     assert (b["engine_queue_mean_ms"], b["engine_queue_p50_le_ms"], b["engine_queue_p95_le_ms"]) == (20.0, 10, 200)
+    assert "engine_blocked_rows_pct" not in b    # an engine without the admission limits' seconds
+    for k, (x, y) in {"rows": (1.0, 3.5), "prefill_backlog": (0.5, 1.0), "kv_pages": (0.0, 0.0)}.items():
+        before["vlm"][f"admission_blocked_{k}_s_total"], after["vlm"][f"admission_blocked_{k}_s_total"] = x, y
+    b = engine_breakdown(before, after, wall_s=10.0)
+    assert (b["engine_blocked_rows_pct"], b["engine_blocked_prefill_backlog_pct"], b["engine_blocked_kv_pages_pct"]) \
+        == (25.0, 5.0, 0.0)
+    assert blocked_cell(b) == "25.0 / 5.0 / 0.0" and blocked_cell({}) == "- / - / -"
     after["vlm"]["ttft_bucket_counts"] = [5, 90, 0, 0, 0, 0, 10]
     assert engine_breakdown(before, after, 10.0)["engine_ttft_p95_le_ms"] is None   # past the last bound
     assert "engine_ttft_mean_ms" not in engine_breakdown(before, before, 10.0)      # nothing new

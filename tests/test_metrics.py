@@ -45,7 +45,9 @@ def test_engine_metrics_mapping():
               "prefill_graph_replays": 9, "images_encoded": 12,
               "host_step_s_total": 3.0, "host_cpu_s_total": 2.5, "host_wait_s_total": 1.0,
               "prefill_eager_passes": 4, "queue_s_total": 0.5, "queue_bucket_counts": [3, 1, 0],
-              "ttft_s_total": 2.0, "ttft_bucket_counts": [2, 2]})
+              "ttft_s_total": 2.0, "ttft_bucket_counts": [2, 2],
+              "admission_blocked_rows_s_total": 1.25, "admission_blocked_prefill_backlog_s_total": 0.0,
+              "admission_blocked_kv_pages_s_total": 0.0})
     assert made["serve_app_vlm_kv_utilization"].values == {(): 0.5}
     assert made["serve_app_vlm_engine_requests"].values == {
         (("state", "waiting"),): 0, (("state", "prefilling"),): 0, (("state", "running"),): 2}
@@ -62,6 +64,8 @@ def test_engine_metrics_mapping():
                                                                    (("kind", "ttft"),): 2.0}
     assert made["serve_app_vlm_engine_latency_requests"].values == {(("kind", "queue"),): 4,
                                                                     (("kind", "ttft"),): 4}
+    # a limit that never held has no sample (counters advance on growth only)
+    assert made["serve_app_vlm_engine_admission_blocked_seconds"].values == {(("limit", "rows"),): 1.25}
     # An engine restarted under the replica: its totals start again, the counters never go down.
     m.update({"decode_steps": 5})
     m.update({"decode_steps": 25})

@@ -29,8 +29,8 @@ from typing import Any
 
 from benchmarks._host import host_speed
 from benchmarks.loadgen.client import LoadSpec, check_local, run_load
-from benchmarks.loadgen.metrics import (ResourceSampler, engine_breakdown, markdown_table, now_stamp,
-                                        summarize)
+from benchmarks.loadgen.metrics import (ResourceSampler, blocked_cell, engine_breakdown, markdown_table,
+                                        now_stamp, summarize)
 from benchmarks.loadgen.server import (ROOT, LocalServe, build_serve_config, cpus_needed, gpu_count,
                                       memory_overrides)
 from benchmarks.loadgen.sweep import (SLO, SweepPlan, get_stats, run_sweep, step_line, warm_up,
@@ -348,9 +348,9 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
               "their shares can add up to over 100 %):", "",
               "| engine | load | prefill s | decode s | other % | decode ms/step | mean decode batch | "
               "prefill tok/s | prefill graph replays / eager passes | engine thread busy / CPU % | "
-              "engine loop gap / idle % | engine queue mean / P95 under ms | engine TTFT mean / P95 under ms | "
-              "engine e2e mean / P95 under ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "engine loop gap / idle % | engine queue mean / P95 under ms | admission held by rows / "
+              "prefill backlog / KV pages % | engine TTFT mean / P95 under ms | engine e2e mean / P95 under ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         for st in s["steps"]:
             et = st.get("engine_time") or {}
@@ -363,6 +363,7 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
                              f"{et.get('host_busy_pct', '-')} / {et.get('host_cpu_pct', '-')} | "
                              f"{et.get('host_gap_pct', '-')} / {et.get('host_idle_pct', '-')} | "
                              f"{et.get('engine_queue_mean_ms', '-')} / {et.get('engine_queue_p95_le_ms', '-')} | "
+                             f"{blocked_cell(et)} | "
                              f"{et.get('engine_ttft_mean_ms', '-')} / {et.get('engine_ttft_p95_le_ms', '-')} | "
                              f"{et.get('engine_e2e_mean_ms', '-')} / {et.get('engine_e2e_p95_le_ms', '-')} |")
     starts = [(s["engine"], s["engine_info"]) for s in sweeps if s.get("engine_info")]

@@ -237,8 +237,8 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
             counters[k] = a[k] - b[k]
     tb, ta = _engine_times(b), _engine_times(a)
     out: dict[str, Any] = {"engine": a.get("engine"), "counters": counters,
-                           **engine_latency(b, a, "queue"), **engine_latency(b, a, "ttft"),
-                           **engine_latency(b, a, "e2e")}
+                           **engine_latency(b, a, "queue"), **admission_blocks(b, a, wall_s),
+                           **engine_latency(b, a, "ttft"), **engine_latency(b, a, "e2e")}
     if "gc_collections" in a and "gc_collections" in b and "gc_pause_s_total" in a:
         # Python's collections in the VLM process and the time they held the GIL (every thread's)
         out["gc_collections"] = [x - y for x, y in zip(a["gc_collections"], b["gc_collections"])]
@@ -277,6 +277,28 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
     if counters.get("prompt_tokens_total") and pre > 0:
         out["prefill_tokens_per_s"] = round(counters["prompt_tokens_total"] / pre, 1)
     return out
+
+
+ADMISSION_LIMITS = ("rows", "prefill_backlog", "kv_pages")
+
+
+def admission_blocks(b: dict[str, Any], a: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """Shares of the wall time during which the head of the engine's queue was held, per limit
+    (``rows``: no free row; ``prefill_backlog``: max_prefill_tokens of prompts already waiting for
+    prefill; ``kv_pages``); they may overlap. Behind full rows a request loses time that more rows
+    would give back; behind the backlog it only waits for the prompt work before admission rather
+    than after."""
+    out = {}
+    for k in ADMISSION_LIMITS:
+        key = f"admission_blocked_{k}_s_total"
+        if key in a and key in b and wall_s > 0:
+            out[f"engine_blocked_{k}_pct"] = round(100 * (a[key] - b[key]) / wall_s, 1)
+    return out
+
+
+def blocked_cell(et: dict[str, Any]) -> str:
+    """``admission_blocks``' shares as one table cell: rows / prefill backlog / KV pages."""
+    return " / ".join(str(et.get(f"engine_blocked_{k}_pct", "-")) for k in ADMISSION_LIMITS)
 
 
 def engine_latency(b: dict[str, Any], a: dict[str, Any], name: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import httpx
 
 from benchmarks.loadgen.client import LoadSpec, make_client, run_load, send
-from benchmarks.loadgen.metrics import (SLO_E2E_P95_S, SLO_TTFT_P95_S, ResourceSampler,
+from benchmarks.loadgen.metrics import (SLO_E2E_P95_S, SLO_TTFT_P95_S, ResourceSampler, blocked_cell,
                                         engine_breakdown, slo_check, summarize)
 from benchmarks.loadgen.workload import Turn, Workload
 
@@ -193,7 +193,8 @@ def step_line(step: dict[str, Any]) -> str:
                   f"{et['engine_ttft_p95_le_ms'] or 'inf'} ms")
     if et.get("engine_queue_mean_ms") is not None:
         split += (f" (queue mean {et['engine_queue_mean_ms']:.0f} ms, P95 <= "
-                  f"{et['engine_queue_p95_le_ms'] or 'inf'} ms)")
+                  f"{et['engine_queue_p95_le_ms'] or 'inf'} ms; admission held by rows/backlog/KV "
+                  f"{blocked_cell(et)}%)")
     if et.get("gc_collections") is not None:
         split += f", GC {et['gc_collections']} collections {1000 * et['gc_pause_s']:.0f} ms"
     if et.get("engine_e2e_mean_ms") is not None:

@@ -4,7 +4,7 @@ Why: a client's TTFT or end-to-end tail can be made inside the engine (queueing 
 decode steps) or in front of it (Serve's router, Preprocess, the Ingress, the proxy); inside, the
 queue share says whether requests waited for admission (rows, KV pages) or for their prompt work. A
 benchmark differences two ``stats()`` snapshots of these buckets and sets them beside what the
-client measured.
+client measured. :class:`AdmissionBlocks` then says which limit the queue waited on.
 """
 
 from __future__ import annotations
@@ -33,3 +33,30 @@ class LatencyBuckets:
         return {f"{self.name}_s_total": round(self.total, 4),
                 f"{self.name}_bucket_counts": list(self.counts),
                 f"{self.name}_bucket_bounds_s": list(self.bounds)}
+
+
+ADMISSION_LIMITS = ("rows", "prefill_backlog", "kv_pages")
+
+
+class AdmissionBlocks:
+    """Seconds during which the head of the engine's queue could not be admitted, per limit that
+    held it: no free row (``max_num_seqs``), prompt tokens already waiting for prefill at
+    ``max_prefill_tokens``, no KV pages. Limits can hold at once, so the totals may overlap.
+
+    Why: a queue wait behind full rows is lost time (more rows would cut it); one behind the
+    prefill backlog only moves the wait for the prompt work from after admission to before it."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(ADMISSION_LIMITS, 0.0)
+        self._since = 0.0
+        self._held: tuple[str, ...] = ()
+
+    def update(self, now: float, held: tuple[str, ...]) -> None:
+        """At each admission pass: charge the time since the last pass to the limits that held
+        then, and remember the ones holding now (empty when the queue is empty)."""
+        for limit in self._held:
+            self.seconds[limit] += now - self._since
+        self._since, self._held = now, held
+
+    def stats(self) -> dict:
+        return {f"admission_blocked_{k}_s_total": round(v, 4) for k, v in self.seconds.items()}

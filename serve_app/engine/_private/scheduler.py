@@ -30,7 +30,8 @@ import torch
 from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private import gc_control, startup
 from serve_app.engine._private.limits import RequestLimits
-from serve_app.engine._private.latency import E2E_BOUNDS_S, QUEUE_BOUNDS_S, TTFT_BOUNDS_S, LatencyBuckets
+from serve_app.engine._private.latency import (ADMISSION_LIMITS, E2E_BOUNDS_S, QUEUE_BOUNDS_S, TTFT_BOUNDS_S,
+                                              AdmissionBlocks, LatencyBuckets)
 from serve_app.engine._private.image_encoding import ImageEncoding
 from serve_app.engine._private.memory import vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
@@ -119,6 +120,7 @@ class Scheduler:
         self._host = dict.fromkeys(("step", "cpu", "wait", "emit", "loop", "inbox", "tick", "idle"), 0.0)
         self._pending: list[tuple[str, Any]] = []
         self._queue = LatencyBuckets("queue", QUEUE_BOUNDS_S)
+        self._blocks = AdmissionBlocks()
         self._ttft = LatencyBuckets("ttft", TTFT_BOUNDS_S)
         self._e2e = LatencyBuckets("e2e", E2E_BOUNDS_S)
 
@@ -256,12 +258,13 @@ class Scheduler:
         # Admit only about one prefill step ahead: KV is reserved late and the vision features of
         # admitted requests (kept until their prefill ends) stay bounded.
         backlog = sum(len(s.prompt) - s.computed for s in self.prefilling)
-        admitted, now = [], time.monotonic()
+        admitted, now, no_pages = [], time.monotonic(), False
         while self.waiting and self.free_slots and backlog < self.config.max_prefill_tokens:
             seq = self.waiting[0]
             need = self.kv.pages_for(len(seq.prompt) + seq.max_new)
             pages = self.kv.allocate(need)
             if pages is None:
+                no_pages = True
                 break  # head of line waits for pages (FIFO keeps latency fair)
             self.waiting.popleft()
             self._queue.observe(now - seq.arrival)
@@ -271,6 +274,9 @@ class Scheduler:
             admitted.append(seq)
             backlog += len(seq.prompt)
             self.counters["prompt_tokens_total"] += len(seq.prompt)
+        self._blocks.update(now, () if not self.waiting else tuple(
+            k for k, held in zip(ADMISSION_LIMITS, (not self.free_slots, backlog >= self.config.max_prefill_tokens,
+                                                    no_pages)) if held))
         # The vision tower goes first: the host work below (M-RoPE positions, block tables,
         # sampling rows) then runs while the GPU encodes, instead of before it.
         self._encode_new_images()
@@ -479,7 +485,7 @@ class Scheduler:
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
                 **(self.runner.graph_stats() if self.runner else {}),
-                **self._queue.stats(), **self._ttft.stats(), **self._e2e.stats(), **gc_control.PAUSES.stats(),
+                **self._queue.stats(), **self._blocks.stats(), **self._ttft.stats(), **self._e2e.stats(), **gc_control.PAUSES.stats(),
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()},

@@ -209,6 +209,13 @@ def test_summarize_window_rates_latencies_and_errors():
     assert any("errors" in w for w in why) and any("P95 e2e" in w for w in why)
     clean = summarize(RunResult(LoadSpec(duration_s=9), rs[1:9], wall_s=9.0), 1.0)
     assert slo_check(clean) == [] and slo_check(clean, ttft_p95_s=0.2)[0].startswith("P95 TTFT")
+    assert s["slices"] == []                                     # 10 s: shorter than two slices
+    # 4-s slices of the 10-s window: [1, 5), [5, 9), [9, 11)
+    sl = summarize(run, warmup_s=1.0, slice_s=4.0)["slices"]
+    assert [(x["start_s"], x["seconds"], x["requests"], x["errors"]) for x in sl] == \
+        [(0.0, 4.0, 4, 0), (4.0, 4.0, 5, 0), (8.0, 2.0, 3, 2)]
+    assert sl[0]["ttft_p95"] == pytest.approx(float(np.percentile([0.2, 0.21, 0.22, 0.23], 95)), abs=1e-4)
+    assert sl[2]["ttft_p95"] == pytest.approx(0.1) and sl[2]["e2e_p95"] == pytest.approx(0.3)
 
 
 def test_engine_breakdown_from_stats_snapshots():
@@ -703,9 +710,13 @@ def test_sweep_report_names_the_code_and_the_engine_start_up(tmp_path, monkeypat
     results["sweeps"][0]["engine_info"] = {"status": "ready", "startup_s": 41.2, "graph_capture_s": 3.1,
                                            "prefill_graph_capture_s": 6.5, "kv_tokens": 90112,
                                            "quantization": "fp8"}
+    results["sweeps"][0]["steps"][0]["summary"]["slices"] = [
+        {"start_s": 0.0, "seconds": 60.0, "requests": 1300, "errors": 0, "ttft_p95": 0.35, "e2e_p95": 1.6},
+        {"start_s": 60.0, "seconds": 37.5, "requests": 800, "errors": 1, "ttft_p95": None, "e2e_p95": None}]
     monkeypatch.setenv("LOADGEN_NO_PLOT", "1")
     cli.write_reports(results, tmp_path)
     md = (tmp_path / "sweep.md").read_text()
+    assert "| 60 | 37.5 | 800 | 1 | - | - |" in md and "| 0 | 60 | 1300 | 0 | 350 | 1600 |" in md
     assert len(cli.code_sha()) == 12 and f"serve_app sources {cli.code_sha()}" in md
     assert "| continuous | 41.2 | 3.1 | 6.5 | 90112 | fp8 |" in md
     assert "| continuous | 13.5 | 12.83 |" in md                      # the steps still render
@@ -717,7 +728,7 @@ def test_sweep_report_names_the_code_and_the_engine_start_up(tmp_path, monkeypat
         elif cur:
             tables.append(cur)
             cur = []
-    assert len(tables) >= 3 and all(len(set(t)) == 1 for t in tables), tables
+    assert len(tables) >= 4 and all(len(set(t)) == 1 for t in tables), tables
 
 
 def test_step_line_reports_the_engine_split_and_its_thread():
@@ -736,6 +747,12 @@ def test_step_line_reports_the_engine_split_and_its_thread():
     assert "engine thread busy 47.0% gap 10.0% idle 1.0% tick 0.1% emit 0.5%" in line
     del step["engine_time"]["host_gap_pct"]
     assert "gap" not in step_line(step)                      # an engine without loop timers
+    step["engine_time"].update(engine_queue_mean_ms=86.0, engine_queue_p95_le_ms=800, engine_blocked_rows_pct=30.5,
+                               engine_blocked_prefill_backlog_pct=2.0, engine_blocked_kv_pages_pct=0.0)
+    step["summary"]["slices"] = [{"ttft_p95": 0.31}, {"ttft_p95": 0.62}]
+    line = step_line(step)
+    assert "(queue mean 86 ms, P95 <= 800 ms; admission held by rows/backlog/KV 30.5 / 2.0 / 0.0%)" in line
+    assert "TTFT P95 per slice 310/620 ms" in line
 
 
 def test_engine_arrivals_schedule_is_seeded_and_shaped_like_the_app():

@@ -366,6 +366,15 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
                              f"{blocked_cell(et)} | "
                              f"{et.get('engine_ttft_mean_ms', '-')} / {et.get('engine_ttft_p95_le_ms', '-')} | "
                              f"{et.get('engine_e2e_mean_ms', '-')} / {et.get('engine_e2e_p95_le_ms', '-')} |")
+    sliced = [(s["engine"], st["summary"]) for s in sweeps for st in s["steps"] if st["summary"].get("slices")]
+    if sliced:
+        ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"  # noqa: E731
+        lines += ["", "Long steps by slice of request start times (the SLO's percentiles per slice):", "",
+                  "| engine | load | slice start s | seconds | requests | errors | TTFT P95 ms | e2e P95 ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e, sm in sliced:
+            lines += [f"| {e} | {sm['offered']:g} | {x['start_s']:g} | {x['seconds']:g} | {x['requests']} | "
+                      f"{x['errors']} | {ms(x['ttft_p95'])} | {ms(x['e2e_p95'])} |" for x in sm["slices"]]
     starts = [(s["engine"], s["engine_info"]) for s in sweeps if s.get("engine_info")]
     if starts:
         keys = ("startup_s", "graph_capture_s", "prefill_graph_capture_s", "kv_tokens", "quantization")

@@ -36,13 +36,18 @@ def _dist(values: list[float]) -> dict[str, float | None]:
     return {k: (round(v, 5) if v is not None else None) for k, v in out.items()}
 
 
-def summarize(run: RunResult, warmup_s: float = 0.0) -> dict[str, Any]:
+SLICE_S = 60.0
+
+
+def summarize(run: RunResult, warmup_s: float = 0.0, slice_s: float = SLICE_S) -> dict[str, Any]:
     """Metrics over the requests *started* in ``[warmup_s, window end)``.
 
     ``achieved_qps`` is throughput: successful requests that *finished* inside the window (whenever
     they started) per second, so a server that keeps up shows the offered rate and one that falls
     behind shows its capacity (not the rate the client sent at). ``completed_qps``: requests started
-    in the window that succeeded, per second of window.
+    in the window that succeeded, per second of window. A window of two ``slice_s`` or more also
+    gets ``slices``: the same latencies per ``slice_s`` of start times, so a 5-minute run shows
+    whether its tail came from all of it or from a few bursts.
     """
     lo, hi = warmup_s, run.wall_s
     window = max(1e-9, hi - lo)
@@ -82,7 +87,23 @@ def summarize(run: RunResult, warmup_s: float = 0.0) -> dict[str, Any]:
         "mean_output_tokens": round(out_tokens / len(ok), 1) if ok else None,
         "output_length_mismatches": mismatched,
         "per_class": per_class,
+        "slices": _slices(rs, lo, hi, slice_s) if hi - lo >= 2 * slice_s else [],
     }
+
+
+def _slices(rs: list, lo: float, hi: float, slice_s: float) -> list[dict[str, Any]]:
+    """Per ``slice_s`` of start times from ``lo`` (the last slice may be shorter): requests,
+    errors, TTFT and e2e P95."""
+    out = []
+    for i in range(math.ceil((hi - lo) / slice_s - 1e-9)):
+        a, b = lo + i * slice_s, min(hi, lo + (i + 1) * slice_s)
+        part = [r for r in rs if a <= r.start < b]
+        ok = [r for r in part if r.ok]
+        out.append({"start_s": round(a - lo, 1), "seconds": round(b - a, 1), "requests": len(part),
+                    "errors": len(part) - len(ok),
+                    "ttft_p95": _dist([r.ttft for r in ok if r.ttft is not None])["p95"],
+                    "e2e_p95": _dist([r.e2e for r in ok])["p95"]})
+    return out
 
 
 def slo_check(summary: dict[str, Any], ttft_p95_s: float = SLO_TTFT_P95_S,

@@ -203,6 +203,8 @@ def step_line(step: dict[str, Any]) -> str:
     if et.get("host_gap_pct") is not None:
         split += (f", engine thread busy {et.get('host_busy_pct')}% gap {et['host_gap_pct']}% "
                   f"idle {et.get('host_idle_pct')}% tick {et.get('host_tick_pct')}% emit {et.get('host_emit_pct')}%")
+    if s.get("slices"):
+        split += ", TTFT P95 per slice " + "/".join(ms(x["ttft_p95"]) for x in s["slices"]) + " ms"
     verdict = ""
     if "slo_violations" in step:
         verdict = " SLO ok" if not step["slo_violations"] else " SLO MISS: " + "; ".join(step["slo_violations"])

@@ -1,5 +1,5 @@
-# Calls 3-5 (app, prefill_graph_step 128), as run: CALL=3 bash calls3-5.sh; CALL=4 RATE=22 bash calls3-5.sh;
-# call 5 ran CALL=4 RATE=21 after `sed -i 's/420 300 --qps/235 120 --qps/; s/step128-300s/step128-120s/'`
+# Calls 2-5 (the app sweeps): CALL=2 bash calls2-5.sh; CALL=3 ...; CALL=4 RATE=22 ...; call 5 ran
+# CALL=4 RATE=21 after `sed -i 's/420 300 --qps/235 120 --qps/; s/step128-300s/step128-120s/'`
 # (a 120-s window at 21; its 235-s budget was too short for the app's start, the warm-up and
 # 120 + 15 s of step, so the step did not start - log kept).
 R=$OUT/r; mkdir -p $R
@@ -12,6 +12,9 @@ run() { name=$1; ej=$2; secs=$3; step=$4; shift 4
   echo "== $name ($(( $(date +%s) - t0 )) s)"; grep -E "app ready|continuous\] open" $R/sweep-$name.log | cut -c1-700
 }
 case $CALL in
+  2) run step128 '{"pdl": true, "prefill_graph_step": 128}' 240 30 --qps 20,21,22   # then the 256-token buckets,
+     run shipped '{"pdl": true}' 200 30 --qps 20,21                               # same seeded arrivals
+     ;;
   3) run step128 '{"pdl": true, "prefill_graph_step": 128}' 180 30 --qps 23,24 ;;
   4) run step128-300s '{"pdl": true, "prefill_graph_step": 128}' 420 300 --qps $RATE ;;
 esac

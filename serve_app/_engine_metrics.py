@@ -14,7 +14,8 @@ from typing import Any, Callable
 INTERVAL_S = 5.0
 
 # engine.stats() key -> (metric, tag value) for the tagged families below
-_STATES = {"waiting": "waiting", "prefilling": "prefilling", "running": "running"}
+_STATES = {"waiting": "waiting", "prefilling": "prefilling", "running": "running",
+           "decode_deferred": "deferred"}
 _GPU_SECONDS = {"prefill_s_total": "prefill", "decode_s_total": "decode", "vision_s_total": "vision"}
 _STEPS = {"prefill_steps": "prefill", "decode_steps": "decode"}
 _REPLAYS = {"prefill_graph_replays": "prefill", "vision_graph_replays": "vision"}
@@ -39,7 +40,9 @@ class EngineMetrics:
             counter, gauge = counter or Counter, gauge or Gauge
         self._kv = gauge("serve_app_vlm_kv_utilization", "fraction of the KV cache's pages in use")
         self._states = gauge("serve_app_vlm_engine_requests",
-                             "requests in the engine: waiting for admission, prefilling, decoding",
+                             "requests in the engine: waiting for admission, prefilling, decoding "
+                             "(running), and of those running, the ones past max_decode_rows that wait "
+                             "for a decode row after their first token (deferred)",
                              tag_keys=("state",))
         self._families = [
             (_GPU_SECONDS, "phase", counter("serve_app_vlm_engine_gpu_seconds",

@@ -204,6 +204,47 @@ def test_queue_time_is_the_wait_for_a_free_row(model_dir):
     assert stats["admission_blocked_prefill_backlog_s_total"] < 0.5 * rows
 
 
+def test_rows_past_max_decode_rows_get_their_first_token_then_wait(model_dir, hf_model, monkeypatch):
+    """Four rows, two decoding at once: all four requests of a burst get their first token
+    before the first one finishes (the last two wait for a decode row after it, counted as
+    decode_deferred), no decode step has more than two rows, and every request's greedy tokens
+    are HF generate's."""
+    from serve_app.engine._private.runner import ModelRunner
+    batches: list[int] = []
+    decode = ModelRunner.decode
+
+    def logged(self, x, pos, *a, **kw):
+        batches.append(len(pos))
+        return decode(self, x, pos, *a, **kw)
+    monkeypatch.setattr(ModelRunner, "decode", logged)
+    rng = np.random.default_rng(9)
+    reqs = [_request(i, rng, i % 2, 24, ignore_eos=True) for i in range(4)]
+
+    async def scenario(engine):
+        events: list[tuple[str, str]] = []
+        seen: list[dict] = []
+
+        async def run(req):
+            toks = []
+            async for d in engine.generate(req):
+                if not toks:
+                    events.append(("first", req.request_id))
+                    if len(events) == 4:
+                        seen.append(engine.stats())
+                toks += d.token_ids
+            events.append(("done", req.request_id))
+            return toks
+        return await asyncio.gather(*[run(r) for r in reqs]), events, seen
+
+    toks, events, seen = _run(_config(model_dir, max_num_seqs=4, max_decode_rows=2), scenario)
+    assert [kind for kind, _ in events[:4]] == ["first"] * 4, events
+    assert max(batches) == 2 and seen and seen[0]["decode_deferred"] == 2
+    for req, t in zip(reqs, toks):
+        _assert_greedy(hf_model, req, t)
+    with pytest.raises(ValueError, match="must not exceed max_num_seqs"):
+        EngineConfig(max_num_seqs=4, max_decode_rows=5)
+
+
 def test_admission_blocks_name_the_limit_that_held(model_dir):
     """Eight requests at once with rows to spare: admission stops at max_prefill_tokens of
     waiting prompt tokens, and only that limit is charged. Two requests that each need the whole

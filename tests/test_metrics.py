@@ -40,7 +40,7 @@ def test_engine_metrics_mapping():
               "prefill_s_total": 1.5, "decode_s_total": 4.0, "vision_s_total": 0.5,
               "prefill_steps": 10, "decode_steps": 400, "prefill_graph_replays": 8,
               "vision_graph_replays": 0, "images_encoded": 12, "vision_cache_hits": 2, "engine": "x"})
-    m.update({"kv_utilization": 0.5, "waiting": 0, "prefilling": 0, "running": 2,
+    m.update({"kv_utilization": 0.5, "waiting": 0, "prefilling": 0, "running": 2, "decode_deferred": 1,
               "prefill_s_total": 2.0, "decode_s_total": 4.0, "prefill_steps": 12, "decode_steps": 450,
               "prefill_graph_replays": 9, "images_encoded": 12,
               "host_step_s_total": 3.0, "host_cpu_s_total": 2.5, "host_wait_s_total": 1.0,
@@ -50,7 +50,8 @@ def test_engine_metrics_mapping():
               "admission_blocked_kv_pages_s_total": 0.0})
     assert made["serve_app_vlm_kv_utilization"].values == {(): 0.5}
     assert made["serve_app_vlm_engine_requests"].values == {
-        (("state", "waiting"),): 0, (("state", "prefilling"),): 0, (("state", "running"),): 2}
+        (("state", "waiting"),): 0, (("state", "prefilling"),): 0, (("state", "running"),): 2,
+        (("state", "deferred"),): 1}
     gpu = made["serve_app_vlm_engine_gpu_seconds"].values
     assert gpu == {(("phase", "prefill"),): 2.0, (("phase", "decode"),): 4.0, (("phase", "vision"),): 0.5}
     assert made["serve_app_vlm_engine_steps"].values == {(("kind", "prefill"),): 12, (("kind", "decode"),): 450}

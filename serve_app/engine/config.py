@@ -24,6 +24,14 @@ class EngineConfig(BaseModel):
         None, gt=0, description="cap on this replica's GPU memory (weights + activations + KV)")
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1, description="cap as a fraction of the card")
     max_num_seqs: int = Field(64, ge=1, description="most requests decoding at once")
+    max_decode_rows: int | None = Field(
+        None, ge=1, description="continuous engine: most rows in one decode step (None: max_num_seqs). "
+                                "Below max_num_seqs, the requests admitted past it get their prompt "
+                                "processed and their first token out, then wait for a decode row (first "
+                                "joined, first in): a burst's TTFT no longer waits for rows to free, "
+                                "while the decode batch, and so the step time, stays bounded. Their "
+                                "wait shows in the time to the second token and in /v1/stats' "
+                                "decode_deferred")
     max_model_len: int = Field(8192, ge=64, description="prompt + output tokens per request")
     max_prefill_tokens: int = Field(8192, ge=64, description="tokens per prefill chunk")
     quantization: Literal["fp8"] | None = Field(
@@ -106,7 +114,10 @@ class EngineConfig(BaseModel):
         if self.engine != "continuous":       # the options only the continuous engine has, and their off
             for name, off in (("quantization", None), ("vision_quantization", None), ("kv_cache_dtype", "auto"),
                               ("pdl", False), ("separate_process", False), ("decode_balance", 0),
-                              ("vision_stream", False), ("prefill_stream", False)):
+                              ("vision_stream", False), ("prefill_stream", False), ("max_decode_rows", None)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
+        if self.max_decode_rows is not None and self.max_decode_rows > self.max_num_seqs:
+            raise ValueError(f"max_decode_rows ({self.max_decode_rows}) must not exceed max_num_seqs "
+                             f"({self.max_num_seqs})")
         return self

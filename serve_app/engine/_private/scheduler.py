@@ -99,6 +99,8 @@ class Scheduler:
         self.running: list[_Seq] = []
         self.by_id: dict[str, _Seq] = {}
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self._decode_rows = config.max_decode_rows or config.max_num_seqs
+        self._deferred = 0
         self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
         self.images = ImageEncoding(runner, self.vision_cache, self.vision_budget,
                                     config.vision_stream or config.prefill_stream, config.prefill_stream)
@@ -201,6 +203,9 @@ class Scheduler:
             with torch.cuda.stream(self._side):
                 self._side_prefill = self._prefill_step()
         rows = [s for s in self.running if not s.done and s.launched < s.max_new]
+        # max_decode_rows: the rows past it (joined last) have their first token and wait
+        self._deferred = max(0, len(rows) - self._decode_rows)
+        rows = rows[:self._decode_rows]
         if rows:
             launched.append(self._decode_step(rows))
         launched = [x for x in launched if x is not None]
@@ -478,7 +483,7 @@ class Scheduler:
     def stats(self) -> dict:
         c = self.counters
         return {**c, "running": len(self.running), "prefilling": len(self.prefilling),
-                "waiting": len(self.waiting),
+                "waiting": len(self.waiting), "decode_deferred": self._deferred,
                 "kv_utilization": round(self.kv.utilization(), 4) if self.kv else 0.0,
                 "kv_pages_free": self.kv.free_pages if self.kv else 0,
                 "kv_pages_total": self.kv.capacity_pages if self.kv else 0,

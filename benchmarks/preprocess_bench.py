@@ -136,6 +136,23 @@ def per_image(args) -> list[dict]:
     return rows
 
 
+def pairs(args) -> list[dict]:
+    """A request with two images of one size (the workload's comparison class), cache off: the
+    images one after the other, against both at once on a pool (what Preprocess does)."""
+    from concurrent.futures import ThreadPoolExecutor
+    miss = ImagePipeline(PreprocessOptions.from_dict({"cache_mb": 0, "upload_store": "local"}))
+    rows = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for name in args.sizes:
+            w, h = SIZES[name]
+            two = [photo_jpeg(w, h, args.quality, seed=s) for s in (1, 2)]
+            t = timed({"sequential_ms": lambda: miss.process(two),
+                       "pool_ms": lambda: miss.process(two, pool=pool)}, args.n)
+            rows.append({"size": name, **{k: statistics.median(v) for k, v in t.items()},
+                         "min_ms": {k: min(v) for k, v in t.items()}})
+    return rows
+
+
 def sizing(rows: list[dict], rates: list[float], two_share: float, util: float) -> list[dict]:
     """Cores for each request rate: images/s x mean per-image cache-miss time (every image a cache
     miss: the worst case), planned at ``util`` utilisation per core. Excludes Ray's per-request
@@ -223,9 +240,24 @@ def main() -> None:
                     help="also saturate the real Preprocess deployment for S seconds (starts Ray)")
     ap.add_argument("--concurrency", type=int, default=4, help="client threads for --serve")
     ap.add_argument("--hf-device", help="also time transformers' torchvision processor on this device")
+    ap.add_argument("--pairs", action="store_true",
+                    help="only time two-image requests, one image after the other against both at once")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
 
+    if args.pairs:
+        two = pairs(args)
+        print(f"\ntwo images per request, median (min) of {args.n}, ms; JPEG q{args.quality}; "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}\n")
+        print("| size | one after the other | both at once (pool) |\n|---|---|---|")
+        for r in two:
+            print(f"| {r['size']} | {r['sequential_ms']:.1f} ({r['min_ms']['sequential_ms']:.1f}) "
+                  f"| {r['pool_ms']:.1f} ({r['min_ms']['pool_ms']:.1f}) |")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M"),
+                                            "cpus": os.cpu_count(), "pairs": two}, indent=2))
+        return
     rows = per_image(args)
     print(f"\nmedian (min) of {args.n}, ms per image, JPEG q{args.quality}, one thread; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}\n")

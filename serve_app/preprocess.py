@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -83,6 +84,8 @@ class Preprocess:
         store = (ActorImageStore(self.options.upload_cache_bytes) if self.options.upload_store == "actor"
                  else None)
         self.pipeline = ImagePipeline(self.options, store)
+        # a multi-image request's images at once (PIL's decode and resize release the GIL)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="preprocess-image")
         self._m_errors = Counter("serve_app_preprocess_errors", "refused images", tag_keys=("code",))
         self._m_images = Counter("serve_app_preprocess_images", "images returned (cache hits included)")
         self._m_latency = Histogram("serve_app_preprocess_seconds", "process() latency per request",
@@ -96,7 +99,7 @@ class Preprocess:
             self.pipeline.check_count(len(sources))
             lo, hi = self.pipeline.pixel_bounds(min_pixels, max_pixels)
             sources = await self._fetch_urls(list(sources))
-            out = await asyncio.to_thread(self.pipeline.process, sources, lo, hi)
+            out = await asyncio.to_thread(self.pipeline.process, sources, lo, hi, self._pool)
         except ServeAppError as e:
             self._error(e)
             raise

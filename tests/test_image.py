@@ -314,6 +314,33 @@ def test_error_names_the_failing_image():
     assert e.message.startswith("image 1:") and e.code == "unsupported_image_format"
 
 
+def test_images_of_a_request_at_once_on_a_pool():
+    """With a pool, a request's images are processed at once on its threads (the first two meet
+    at a barrier, which only two concurrent calls can pass): the same outputs in order, and an
+    error still names the first failing image in order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    imgs = [encode(noise(w, h, seed=w)) for w, h in [(300, 200), (64, 64), (500, 90)]]
+    seq = pipeline().process(imgs)
+    p = pipeline()
+    meet, calls = threading.Barrier(2, timeout=10), []
+    one = p.process_one
+
+    def process_one(*a):
+        calls.append(threading.get_ident())
+        if len(calls) <= 2:
+            meet.wait()                  # BrokenBarrierError unless a second call runs meanwhile
+        return one(*a)
+    p.process_one = process_one
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        par = p.process(imgs, pool=pool)
+        assert [x.grid_thw for x in par] == [x.grid_thw for x in seq]
+        assert all(np.array_equal(x.pixel_values, y.pixel_values) for x, y in zip(par, seq))
+        assert len(set(calls[:2])) == 2 and threading.get_ident() not in calls
+        e = err(pipeline().process, [imgs[0], b"junk", b"more junk"], pool=pool)
+        assert e.message.startswith("image 1:") and e.code == "unsupported_image_format"
+
+
 # ------------------------------------------------------------------------------ odd-but-valid images
 
 def test_exif_orientation_6_is_applied():

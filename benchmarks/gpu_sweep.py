@@ -29,6 +29,19 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.loadgen.server import LocalServe, build_serve_config, memory_overrides  # noqa: E402
 
 
+# Before a run's first step: Ray and the app's start (60-70 s on the H200 machines, with Ray's
+# own start), the images' encoding and the warm-up load's 5 s of quiet; after each step, the drain.
+START_S, WARMUP_EXTRA_S, DRAIN_S = 75.0, 10.0, 15.0
+
+
+def first_step_shortfall(seconds: float, step: float, warmup_load: float, kept: float = 0.0) -> float:
+    """Seconds the budget lacks for the first run to reach the end of its first step (0: it
+    fits), ``kept`` being held back for the runs after it. A device call whose budget is too short
+    otherwise spends its minutes starting an app that measures nothing."""
+    need = START_S + (warmup_load + WARMUP_EXTRA_S if warmup_load else 0.0) + step + DRAIN_S
+    return max(0.0, need - (seconds - kept))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -60,11 +73,10 @@ def main() -> int:
                    help='more engine settings for the continuous runs, e.g. \'{"vision_cache_mb": 0}\'')
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="engine.quantization of the continuous runs (hf-generate stays in bf16)")
+    p.add_argument("--no-budget-check", action="store_true",
+                   help="start even if --seconds looks too short for the first step")
     a = p.parse_args()
     t_end = time.time() + a.seconds
-    srv = LocalServe(num_cpus=a.cpus)  # first: before NVML, images, or anything else
-    from benchmarks.loadgen.cli import main as loadgen
-
     runs = [("capped-continuous", "continuous", a.cap_gb, a.qps, 1),
             ("capped-hf-generate", "hf-generate", a.cap_gb, a.hf_qps, 1)]
     if a.uncapped:
@@ -79,6 +91,15 @@ def main() -> int:
     reserve = {"capped-hf-generate": a.hf_seconds, "uncapped-continuous": 150, "uncapped-hf-generate": a.hf_seconds,
                "two-replicas-one-gpu": 130,
                "two-replicas-two-gpus": 130}
+    short = first_step_shortfall(a.seconds, a.step, a.warmup_load, sum(reserve[r[0]] for r in runs[1:]))
+    if runs and short and not a.no_budget_check:
+        print(f"--seconds {a.seconds:g} is ~{short:.0f} s short of {runs[0][0]}'s first step (start "
+              f"~{START_S:.0f} s, warm-up, a {a.step:g}-s step and {DRAIN_S:.0f} s of drain, plus what the "
+              f"later runs keep): raise it, or pass --no-budget-check", file=sys.stderr)
+        return 2
+    srv = LocalServe(num_cpus=a.cpus)  # first: before NVML, images, or anything else
+    from benchmarks.loadgen.cli import main as loadgen
+
     cpu = a.device == "cpu"
     try:
         for i, (name, engine, cap, qps, replicas) in enumerate(runs):

@@ -180,13 +180,14 @@ class ImagePipeline:
 
     def process(self, sources: Sequence[str | bytes], min_pixels: int | None = None,
                 max_pixels: int | None = None, pool: Executor | None = None) -> list[ImageInput]:
-        """One ``ImageInput`` per source, in order. With ``pool``, a request's images are processed
-        at once on its threads (decoding and resizing release the GIL): a two-image request's wait
-        is about one image's, not two. An error names the first failing image in order."""
+        """One ``ImageInput`` per source, in order. With ``pool``, every image is processed on its
+        threads, a request's images at once (decoding and resizing release the GIL): a two-image
+        request's wait is about one image's, not two, and the pool's size bounds how many images
+        (up to 64 MP each) are decoded at once however many requests come. An error names the
+        first failing image in order."""
         self.check_count(len(sources))
         lo, hi = self.pixel_bounds(min_pixels, max_pixels)
-        futures = ([pool.submit(self.process_one, src, lo, hi) for src in sources]
-                   if pool is not None and len(sources) > 1 else None)
+        futures = [pool.submit(self.process_one, src, lo, hi) for src in sources] if pool is not None else None
         out = []
         try:
             for i, src in enumerate(sources):

@@ -84,7 +84,9 @@ class Preprocess:
         store = (ActorImageStore(self.options.upload_cache_bytes) if self.options.upload_store == "actor"
                  else None)
         self.pipeline = ImagePipeline(self.options, store)
-        # a multi-image request's images at once (PIL's decode and resize release the GIL)
+        # Every image is processed here, a multi-image request's at once (PIL's decode and resize
+        # release the GIL); 4 workers: at most 4 decodes in memory at a time, as with one image per
+        # request at max_ongoing_requests 4 before.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="preprocess-image")
         self._m_errors = Counter("serve_app_preprocess_errors", "refused images", tag_keys=("code",))
         self._m_images = Counter("serve_app_preprocess_images", "images returned (cache hits included)")

@@ -253,10 +253,8 @@ def main() -> None:
         for r in two:
             print(f"| {r['size']} | {r['sequential_ms']:.1f} ({r['min_ms']['sequential_ms']:.1f}) "
                   f"| {r['pool_ms']:.1f} ({r['min_ms']['pool_ms']:.1f}) |")
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M"),
-                                            "cpus": os.cpu_count(), "pairs": two}, indent=2))
+        write_json(args.out, {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M"),
+                              "cpus": os.cpu_count(), "pairs": two})
         return
     rows = per_image(args)
     print(f"\nmedian (min) of {args.n}, ms per image, JPEG q{args.quality}, one thread; "
@@ -292,14 +290,17 @@ def main() -> None:
             print(f"  {rate:g} req/s -> {rate / sat['requests_per_s']:.2f} replicas busy, "
                   f"{math.ceil(rate / (sat['requests_per_s'] * args.target_util))} at "
                   f"{args.target_util:.0%}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"n": args.n, "quality": args.quality, "python": sys.version.split()[0],
-                "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
-                "machine": platform.machine(), "load_avg": os.getloadavg(), "argv": sys.argv[1:]}
-        args.out.write_text(json.dumps({"meta": meta, "results": rows, "sizing": plan, "serve": sat},
-                                       indent=2))
-        print(f"\nwrote {args.out}")
+    meta = {"n": args.n, "quality": args.quality, "python": sys.version.split()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "load_avg": os.getloadavg(), "argv": sys.argv[1:]}
+    write_json(args.out, {"meta": meta, "results": rows, "sizing": plan, "serve": sat})
+
+
+def write_json(path: Path | None, obj: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2))
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

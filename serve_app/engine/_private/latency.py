@@ -51,12 +51,13 @@ class AdmissionBlocks:
         self._since = 0.0
         self._held: tuple[str, ...] = ()
 
-    def update(self, now: float, held: tuple[str, ...]) -> None:
+    def update(self, now: float, rows: bool, prefill_backlog: bool, kv_pages: bool) -> None:
         """At each admission pass: charge the time since the last pass to the limits that held
-        then, and remember the ones holding now (empty when the queue is empty)."""
+        then, and remember the ones holding the head of the queue now (none if it is empty)."""
         for limit in self._held:
             self.seconds[limit] += now - self._since
-        self._since, self._held = now, held
+        self._since = now
+        self._held = tuple(k for k, held in zip(ADMISSION_LIMITS, (rows, prefill_backlog, kv_pages)) if held)
 
     def stats(self) -> dict:
         return {f"admission_blocked_{k}_s_total": round(v, 4) for k, v in self.seconds.items()}

@@ -12,7 +12,8 @@ token computed at N+1, which is dropped.
 With ``engine.vision_stream`` the vision tower runs on a second CUDA stream (``image_encoding``)
 and a request's prefill waits for its images; with ``engine.prefill_stream`` each prefill step
 runs there too, one at a time, and its rows join the decode batch once it is done. Decode steps
-stay on the main stream either way.
+stay on the main stream either way. With ``engine.max_decode_rows`` below ``max_num_seqs`` the rows
+past it (joined last) wait after their first token until a decode row frees.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private import gc_control, startup
 from serve_app.engine._private.limits import RequestLimits
-from serve_app.engine._private.latency import (ADMISSION_LIMITS, E2E_BOUNDS_S, QUEUE_BOUNDS_S, TTFT_BOUNDS_S,
-                                              AdmissionBlocks, LatencyBuckets)
+from serve_app.engine._private.latency import (E2E_BOUNDS_S, QUEUE_BOUNDS_S, TTFT_BOUNDS_S, AdmissionBlocks,
+                                              LatencyBuckets)
 from serve_app.engine._private.image_encoding import ImageEncoding
 from serve_app.engine._private.memory import vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
@@ -279,9 +280,9 @@ class Scheduler:
             admitted.append(seq)
             backlog += len(seq.prompt)
             self.counters["prompt_tokens_total"] += len(seq.prompt)
-        self._blocks.update(now, () if not self.waiting else tuple(
-            k for k, held in zip(ADMISSION_LIMITS, (not self.free_slots, backlog >= self.config.max_prefill_tokens,
-                                                    no_pages)) if held))
+        queued = bool(self.waiting)
+        self._blocks.update(now, queued and not self.free_slots,
+                            queued and backlog >= self.config.max_prefill_tokens, queued and no_pages)
         # The vision tower goes first: the host work below (M-RoPE positions, block tables,
         # sampling rows) then runs while the GPU encodes, instead of before it.
         self._encode_new_images()

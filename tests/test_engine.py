@@ -234,9 +234,10 @@ def test_rows_past_max_decode_rows_get_their_first_token_then_wait(model_dir, hf
                 toks += d.token_ids
             events.append(("done", req.request_id))
             return toks
-        return await asyncio.gather(*[run(r) for r in reqs]), events, seen
+        return await asyncio.gather(*[run(r) for r in reqs]), events, seen + [engine.health()]
 
     toks, events, seen = _run(_config(model_dir, max_num_seqs=4, max_decode_rows=2), scenario)
+    assert (seen[-1]["max_num_seqs"], seen[-1]["max_decode_rows"]) == (4, 2)     # /readyz shows both
     assert [kind for kind, _ in events[:4]] == ["first"] * 4, events
     assert max(batches) == 2 and seen and seen[0]["decode_deferred"] == 2
     for req, t in zip(reqs, toks):

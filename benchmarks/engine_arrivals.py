@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_bench import CHAT_HEAD, CHAT_TAIL, IMG, VE, VS  # noqa: E402
-from benchmarks.loadgen.metrics import admission_blocks, blocked_cell, engine_latency, percentile  # noqa: E402
+from benchmarks.loadgen.metrics import (admission_blocks, arrival_clumping, blocked_cell, engine_latency,  # noqa: E402
+                                        percentile)
 from benchmarks.loadgen.workload import DEFAULT_CLASSES, RESOLUTIONS  # noqa: E402
 from serve_app._image import FACTOR, PATCH_SIZE, smart_resize  # noqa: E402
 from serve_app.engine import create_engine  # noqa: E402
@@ -147,7 +148,8 @@ async def run_rate(engine, qps: float, seconds: float, a, patches: Patches, tag:
            **{f"gpu_ms_per_request_{k}": round(1000 * d.get(f"{k}_s_total", 0) / max(1, n), 2)
               for k in ("prefill", "vision", "decode")},
            "gpu_s_per_wall_s": round(sum(d.get(f"{k}_s_total", 0) for k in ("prefill", "vision", "decode")) / wall, 3),
-           **engine_latency(before, after, "queue"), **admission_blocks(before, after, wall)}
+           **engine_latency(before, after, "queue"), **admission_blocks(before, after, wall),
+           **arrival_clumping(before, after, n / seconds)}
     print(f"  {qps:g}/s: {json.dumps(row)}", flush=True)
     return row
 
@@ -208,8 +210,9 @@ def markdown(out: dict) -> str:
     lines = [f"`{out['meta']['command']}` ({out['meta']['date']})", "",
              "| variant | offered/s | served/s | TTFT P50/P95 ms | TPOT P50 ms | e2e P50/P95 s | decode ms/step (batch) "
              "| GPU ms/request prefill / vision / decode | GPU s per s | engine queue mean / P95 under ms "
-             "| admission held by rows / prefill backlog / KV pages % | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| admission held by rows / prefill backlog / KV pages % | arrivals within 10 ms: engine / Poisson % "
+             "| errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in out["variants"].items():
         for r in v["rates"]:
             lines.append(f"| {name} | {r['offered_qps']:g} | {r['served_per_s']} | {1000 * r['ttft_p50_s']:.0f}/"
@@ -218,7 +221,8 @@ def markdown(out: dict) -> str:
                          f"{r['gpu_ms_per_request_prefill']} / {r['gpu_ms_per_request_vision']} / "
                          f"{r['gpu_ms_per_request_decode']} | {r['gpu_s_per_wall_s']} | "
                          f"{r.get('engine_queue_mean_ms', '-')} / {r.get('engine_queue_p95_le_ms', '-')} | "
-                         f"{blocked_cell(r)} | {r['errors']} |")
+                         f"{blocked_cell(r)} | {r.get('engine_gaps_within_10ms_pct', '-')} / "
+                         f"{r.get('poisson_gaps_within_10ms_pct', '-')} | {r['errors']} |")
     return "\n".join(lines) + "\n"
 
 

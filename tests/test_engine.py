@@ -264,6 +264,19 @@ def test_admission_blocks_name_the_limit_that_held(model_dir):
     assert stats["admission_blocked_rows_s_total"] == 0
 
 
+def test_arrival_gaps_are_bucketed(model_dir):
+    """The gaps between requests' arrivals in the engine, in buckets: 1 ms, 3 ms, 96 ms, 2.9 s."""
+    from serve_app.engine._private.scheduler import Scheduler
+    sched = Scheduler.load(_config(model_dir), emit=lambda items: None)
+    rng = np.random.default_rng(11)
+    for i, t in enumerate([10.0, 10.001, 10.004, 10.1, 13.0]):
+        sched.add(_request(i, rng, 0, 4), t)
+    st = sched.stats()
+    assert st["arrival_gap_bucket_bounds_s"][:3] == [0.002, 0.005, 0.01]
+    assert st["arrival_gap_bucket_counts"] == [1, 1, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert st["arrival_gap_s_total"] == pytest.approx(3.0)
+
+
 async def _collect_all(engine, reqs):
     await asyncio.gather(*[_collect(engine, r) for r in reqs])
     return engine.stats()

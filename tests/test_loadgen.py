@@ -27,8 +27,8 @@ from benchmarks.loadgen import client as lg_client  # noqa: E402
 from benchmarks.loadgen.client import (LoadSpec, RequestResult, RunResult, SSEParser,  # noqa: E402
                                        StreamOutcome, apply_event, check_local, profile_arrivals,
                                        run_load)
-from benchmarks.loadgen.metrics import (blocked_cell, engine_breakdown, markdown_table, percentile,  # noqa: E402
-                                        slo_check, summarize)
+from benchmarks.loadgen.metrics import (arrival_clumping, blocked_cell, engine_breakdown, markdown_table,  # noqa: E402
+                                        percentile, slo_check, summarize)
 from benchmarks.loadgen.workload import (DEFAULT_CLASSES, Conversation, PooledImage,  # noqa: E402
                                          Workload, build_image_pool, classes_with_tokens,
                                          make_image, mean_output_tokens, poisson_arrivals,
@@ -286,6 +286,17 @@ def test_engine_latency_from_bucket_counts():
     after["vlm"].update(gc_collections=[150, 14, 3], gc_pause_s_total=0.9, gc_pause_max_s=0.25)
     b = engine_breakdown(before, after, 10.0)
     assert (b["gc_collections"], b["gc_pause_s"], b["gc_pause_max_s"]) == ([50, 4, 2], 0.4, 0.25)
+
+
+def test_arrival_clumping_against_poisson():
+    """100 gaps, 30 of them within 10 ms; at 20 requests/s Poisson would put 18.1 % there."""
+    gb = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    b = {"arrival_gap_bucket_bounds_s": gb, "arrival_gap_bucket_counts": [0] * 10}
+    a = {"arrival_gap_bucket_bounds_s": gb, "arrival_gap_bucket_counts": [10, 10, 10, 20, 30, 15, 5, 0, 0, 0]}
+    assert arrival_clumping(b, a, 20.0) == {"engine_gaps_within_10ms_pct": 30.0,
+                                            "poisson_gaps_within_10ms_pct": 18.1}
+    assert arrival_clumping(b, a, None) == {} and arrival_clumping(b, b, 20.0) == {}   # no rate; no gaps
+    assert arrival_clumping({}, a, 20.0) == {}                                         # an engine without them
 
 
 def test_markdown_table_and_plot(tmp_path):

@@ -349,8 +349,9 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
               "| engine | load | prefill s | decode s | other % | decode ms/step | mean decode batch | "
               "prefill tok/s | prefill graph replays / eager passes | engine thread busy / CPU % | "
               "engine loop gap / idle % | engine queue mean / P95 under ms | admission held by rows / "
-              "prefill backlog / KV pages % | engine TTFT mean / P95 under ms | engine e2e mean / P95 under ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "prefill backlog / KV pages % | arrivals within 10 ms of the last: engine / Poisson % | "
+              "engine TTFT mean / P95 under ms | engine e2e mean / P95 under ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
         for st in s["steps"]:
             et = st.get("engine_time") or {}
@@ -363,7 +364,8 @@ def write_reports(results: dict[str, Any], out: Path, title: str = "") -> None:
                              f"{et.get('host_busy_pct', '-')} / {et.get('host_cpu_pct', '-')} | "
                              f"{et.get('host_gap_pct', '-')} / {et.get('host_idle_pct', '-')} | "
                              f"{et.get('engine_queue_mean_ms', '-')} / {et.get('engine_queue_p95_le_ms', '-')} | "
-                             f"{blocked_cell(et)} | "
+                             f"{blocked_cell(et)} | {et.get('engine_gaps_within_10ms_pct', '-')} / "
+                             f"{et.get('poisson_gaps_within_10ms_pct', '-')} | "
                              f"{et.get('engine_ttft_mean_ms', '-')} / {et.get('engine_ttft_p95_le_ms', '-')} | "
                              f"{et.get('engine_e2e_mean_ms', '-')} / {et.get('engine_e2e_p95_le_ms', '-')} |")
     sliced = [(s["engine"], st["summary"]) for s in sweeps for st in s["steps"] if st["summary"].get("slices")]

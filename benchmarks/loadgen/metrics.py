@@ -317,6 +317,24 @@ def admission_blocks(b: dict[str, Any], a: dict[str, Any], wall_s: float) -> dic
     return out
 
 
+def arrival_clumping(b: dict[str, Any], a: dict[str, Any], rate: float | None,
+                     within_s: float = 0.01) -> dict[str, Any]:
+    """The share of requests that reached the engine within ``within_s`` of the one before, between
+    two snapshots, beside what Poisson arrivals at ``rate`` (the clients' rate) would give
+    (1 - exp(-rate * within_s)). Above it, the serving layer hands the clients' arrivals to the
+    engine in clumps, and clumps queue for rows and prompt work."""
+    key, bounds = "arrival_gap_bucket_counts", a.get("arrival_gap_bucket_bounds_s") or []
+    if key not in a or key not in b or within_s not in bounds or not rate:
+        return {}
+    counts = [x - y for x, y in zip(a[key], b[key])]
+    n = sum(counts)
+    if n < 20:
+        return {}
+    within = sum(counts[:bounds.index(within_s) + 1])
+    return {"engine_gaps_within_10ms_pct": round(100 * within / n, 1),
+            "poisson_gaps_within_10ms_pct": round(100 * (1 - math.exp(-rate * within_s)), 1)}
+
+
 def blocked_cell(et: dict[str, Any]) -> str:
     """``admission_blocks``' shares as one table cell: rows / prefill backlog / KV pages."""
     return " / ".join(str(et.get(f"engine_blocked_{k}_pct", "-")) for k in ADMISSION_LIMITS)

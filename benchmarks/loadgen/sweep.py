@@ -17,8 +17,8 @@ from typing import Any, Callable
 import httpx
 
 from benchmarks.loadgen.client import LoadSpec, make_client, run_load, send
-from benchmarks.loadgen.metrics import (SLO_E2E_P95_S, SLO_TTFT_P95_S, ResourceSampler, blocked_cell,
-                                        engine_breakdown, slo_check, summarize)
+from benchmarks.loadgen.metrics import (SLO_E2E_P95_S, SLO_TTFT_P95_S, ResourceSampler, arrival_clumping,
+                                        blocked_cell, engine_breakdown, slo_check, summarize)
 from benchmarks.loadgen.workload import Turn, Workload
 
 
@@ -89,8 +89,11 @@ def run_step(url: str, workload: Workload, spec: LoadSpec, warmup_s: float,
         run = asyncio.run(run_load(url, workload, spec, allow_remote=allow_remote))
     after, ta = get_stats(url), time.perf_counter()
     summary = summarize(run, warmup_s)
+    et = engine_breakdown(before, after, ta - tb)
+    if et is not None:
+        et.update(arrival_clumping(before["vlm"], after["vlm"], summary["offered_qps_actual"]))
     step: dict[str, Any] = {"spec": asdict(spec), "summary": summary, "resources": sampler.summary(),
-                            "engine_time": engine_breakdown(before, after, ta - tb),
+                            "engine_time": et,
                             "engine_stats_after": (after or {}).get("vlm")}
     if slo is not None:
         step["slo_violations"] = slo_check(summary, slo.ttft_p95_s, slo.e2e_p95_s)
@@ -195,6 +198,9 @@ def step_line(step: dict[str, Any]) -> str:
         split += (f" (queue mean {et['engine_queue_mean_ms']:.0f} ms, P95 <= "
                   f"{et['engine_queue_p95_le_ms'] or 'inf'} ms; admission held by rows/backlog/KV "
                   f"{blocked_cell(et)}%)")
+    if et.get("engine_gaps_within_10ms_pct") is not None:
+        split += (f", arrivals within 10 ms {et['engine_gaps_within_10ms_pct']}% "
+                  f"(Poisson {et['poisson_gaps_within_10ms_pct']}%)")
     if et.get("gc_collections") is not None:
         split += f", GC {et['gc_collections']} collections {1000 * et['gc_pause_s']:.0f} ms"
     if et.get("engine_e2e_mean_ms") is not None:

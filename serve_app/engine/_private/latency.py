@@ -15,6 +15,10 @@ QUEUE_BOUNDS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 TTFT_BOUNDS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 # arrival in the engine -> the finishing token on the host (finished requests only, not cancelled)
 E2E_BOUNDS_S = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 8.0)
+# one request's arrival in the engine -> the next one's: whether the serving layer delivers the
+# clients' arrivals as they came or in clumps (Poisson arrivals at rate r put 1 - exp(-r * b) of
+# the gaps under b)
+ARRIVAL_GAP_BOUNDS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class LatencyBuckets:

@@ -31,8 +31,8 @@ import torch
 from serve_app.engine._private.attention import cudnn_plans
 from serve_app.engine._private import gc_control, startup
 from serve_app.engine._private.limits import RequestLimits
-from serve_app.engine._private.latency import (E2E_BOUNDS_S, QUEUE_BOUNDS_S, TTFT_BOUNDS_S, AdmissionBlocks,
-                                              LatencyBuckets)
+from serve_app.engine._private.latency import (ARRIVAL_GAP_BOUNDS_S, E2E_BOUNDS_S, QUEUE_BOUNDS_S, TTFT_BOUNDS_S,
+                                              AdmissionBlocks, LatencyBuckets)
 from serve_app.engine._private.image_encoding import ImageEncoding
 from serve_app.engine._private.memory import vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
@@ -124,6 +124,7 @@ class Scheduler:
         self._pending: list[tuple[str, Any]] = []
         self._queue = LatencyBuckets("queue", QUEUE_BOUNDS_S)
         self._blocks = AdmissionBlocks()
+        self._gaps, self._last_arrival = LatencyBuckets("arrival_gap", ARRIVAL_GAP_BOUNDS_S), None
         self._ttft = LatencyBuckets("ttft", TTFT_BOUNDS_S)
         self._e2e = LatencyBuckets("e2e", E2E_BOUNDS_S)
 
@@ -156,6 +157,9 @@ class Scheduler:
         self.by_id[req.request_id] = seq
         self.waiting.append(seq)
         self.counters["requests_total"] += 1
+        if self._last_arrival is not None:
+            self._gaps.observe(max(0.0, arrival - self._last_arrival))
+        self._last_arrival = arrival
 
     def cancel(self, rid: str) -> None:
         seq = self.by_id.get(rid)
@@ -491,7 +495,7 @@ class Scheduler:
                 "vision_cache_bytes": self.vision_cache.bytes,
                 **self._plan_stats(),
                 **(self.runner.graph_stats() if self.runner else {}),
-                **self._queue.stats(), **self._blocks.stats(), **self._ttft.stats(), **self._e2e.stats(), **gc_control.PAUSES.stats(),
+                **self._queue.stats(), **self._blocks.stats(), **self._gaps.stats(), **self._ttft.stats(), **self._e2e.stats(), **gc_control.PAUSES.stats(),
                 "decode_ms_avg": round(1000 * self._time["decode"] / max(1, c["decode_steps"]), 3),
                 "prefill_ms_avg": round(1000 * self._time["prefill"] / max(1, c["prefill_steps"]), 3),
                 **{f"{k}_s_total": round(v, 4) for k, v in self._time.items()},

@@ -22,7 +22,6 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -37,6 +36,7 @@ from serve_app.engine._private.image_encoding import ImageEncoding
 from serve_app.engine._private.memory import vision_patch_budget
 from serve_app.engine._private.runner import ModelRunner, PrefillChunk
 from serve_app.engine._private.sampler import SlotSampling
+from serve_app.engine._private.sequence import Launch, Seq
 from serve_app.engine._private.timing import StepTimer
 from serve_app.engine._private.transfer import upload
 from serve_app.engine._private.vision_cache import VisionCache
@@ -48,36 +48,6 @@ from serve_app.errors import ServeAppError
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[list[tuple[str, Any]]], None]
-
-
-@dataclass
-class _Seq:
-    req: EngineRequest
-    arrival: float
-    prompt: list[int]
-    max_new: int
-    stop_ids: set[int]
-    ban_ids: list[int]
-    seed: int
-    detok: IncrementalDetokenizer
-    slot: int = -1
-    pages: list[int] = field(default_factory=list)
-    pages_dev: torch.Tensor | None = None
-    positions: torch.Tensor | None = None      # [3, L] CPU
-    rope_delta: int = 0
-    vis_index: np.ndarray | None = None       # prompt indices of image tokens
-    vis_embeds: torch.Tensor | None = None
-    deepstack: list[torch.Tensor] = field(default_factory=list)
-    vis_event: Any = None                      # vision_stream: its encoding is done when this is
-    computed: int = 0
-    out: list[int] = field(default_factory=list)   # tokens the host has seen
-    launched: int = 0                              # tokens whose sampling was launched
-    done: bool = False
-    first_token_at: float | None = None
-
-    @property
-    def rid(self) -> str:
-        return self.req.request_id
 
 
 class Scheduler:
@@ -95,10 +65,10 @@ class Scheduler:
         self.limits = RequestLimits(config.max_model_len, runner.merge, runner.image_token_id,
                                     self.vision_budget, self.kv.page_size, self.kv.capacity_pages,
                                     runner.patch_dim)
-        self.waiting: deque[_Seq] = deque()
-        self.prefilling: list[_Seq] = []
-        self.running: list[_Seq] = []
-        self.by_id: dict[str, _Seq] = {}
+        self.waiting: deque[Seq] = deque()
+        self.prefilling: list[Seq] = []
+        self.running: list[Seq] = []
+        self.by_id: dict[str, Seq] = {}
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self._decode_rows = config.max_decode_rows or config.max_num_seqs
         self._deferred = 0
@@ -108,9 +78,9 @@ class Scheduler:
         # prefill_stream: prefill steps run on the images' stream; one at a time is in flight there,
         # and its rows join the decode batch once it is done (_join_side_prefill).
         self._side = self.images.stream if config.prefill_stream else None
-        self._side_prefill: _Launch | None = None
+        self._side_prefill: Launch | None = None
         self.slots = SlotSampling(config.max_num_seqs, runner.vocab, runner.device)
-        self._inflight: list[_Launch] = []
+        self._inflight: list[Launch] = []
         self._inflight_timers: list[tuple[str, StepTimer]] = []
         self.counters = dict(requests_total=0, finished_total=0, cancelled_total=0,
                              prompt_tokens_total=0, generation_tokens_total=0, prefill_steps=0,
@@ -151,7 +121,7 @@ class Scheduler:
         sp = req.sampling
         stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.eos_ids))
         seed = sp.seed if sp.seed is not None else random.getrandbits(62)
-        seq = _Seq(req=req, arrival=arrival, prompt=list(req.prompt_token_ids), max_new=self.limits.max_new(req),
+        seq = Seq(req=req, arrival=arrival, prompt=list(req.prompt_token_ids), max_new=self.limits.max_new(req),
                    stop_ids=stop_ids, ban_ids=sorted(stop_ids),
                    seed=seed, detok=IncrementalDetokenizer(self.tokenizer, sp.stop))
         self.by_id[req.request_id] = seq
@@ -300,7 +270,7 @@ class Scheduler:
             self.slots.assign(seq.slot, seq.req.sampling, seq.seed, seq.prompt)
             self._prepare_positions(seq)
 
-    def _prepare_positions(self, seq: _Seq) -> None:
+    def _prepare_positions(self, seq: Seq) -> None:
         ids = torch.tensor([seq.prompt], dtype=torch.long)
         if seq.req.images:
             mm = (ids == self.runner.image_token_id).int()
@@ -318,7 +288,7 @@ class Scheduler:
         todo = [s for s in self.prefilling if s.req.images and s.vis_embeds is None and not s.done]
         self.images.encode(todo, self.counters, self._inflight_timers, self._fail_oom)
 
-    def _prefill_step(self) -> "_Launch | None":
+    def _prefill_step(self) -> "Launch | None":
         timer = StepTimer(self.runner.is_cuda)
         budget = self.config.max_prefill_tokens
         whole = self.runner.prefill_graph_tokens   # 0: no prefill graphs
@@ -374,7 +344,7 @@ class Scheduler:
         steps = torch.zeros(len(done), dtype=torch.int64, device=dev)
         return self._launch_sample("prefill", timer, logits, done, slots, steps)
 
-    def _decode_step(self, rows: list[_Seq]) -> "_Launch":
+    def _decode_step(self, rows: list[Seq]) -> "Launch":
         timer = StepTimer(self.runner.is_cuda)
         p = self.runner.page_size
         pos, pages, offs, lens, slots, steps = [], [], [], [], [], []
@@ -391,8 +361,8 @@ class Scheduler:
         self.counters["decode_steps"] += 1
         return self._launch_sample("decode", timer, logits, rows, slot_dev, step_dev)
 
-    def _launch_sample(self, kind: str, timer: "StepTimer", logits: torch.Tensor, seqs: list[_Seq],
-                       slots: torch.Tensor, steps: torch.Tensor) -> "_Launch":
+    def _launch_sample(self, kind: str, timer: "StepTimer", logits: torch.Tensor, seqs: list[Seq],
+                       slots: torch.Tensor, steps: torch.Tensor) -> "Launch":
         """Sample on the device, feed the tokens back as the slots' next inputs, start the copy
         to the host; the host reads them in :meth:`_collect`, after launching the next step."""
         banned = None
@@ -410,9 +380,9 @@ class Scheduler:
             host.copy_(tokens, non_blocking=True)
         else:
             host = tokens
-        return _Launch(kind, seqs, host, timer.stop())
+        return Launch(kind, seqs, host, timer.stop())
 
-    def _collect(self, launch: "_Launch") -> None:
+    def _collect(self, launch: "Launch") -> None:
         """Wait for a launch's tokens and take them in (stream, stop, finish)."""
         t0 = time.perf_counter()
         launch.timer.synchronize()
@@ -435,7 +405,7 @@ class Scheduler:
             self._accept(s, tok)
 
 
-    def _accept(self, s: _Seq, tok: int) -> None:
+    def _accept(self, s: Seq, tok: int) -> None:
         """Take one sampled token: stream it, or finish the request."""
         s.out.append(tok)
         sp = s.req.sampling
@@ -450,7 +420,7 @@ class Scheduler:
         else:
             self._out(s.rid, TokenDelta(s.rid, text, [tok], len(s.prompt), len(s.out)))
 
-    def _finish(self, s: _Seq, reason: str, toks: list[int], texts: list[str]) -> None:
+    def _finish(self, s: Seq, reason: str, toks: list[int], texts: list[str]) -> None:
         text = "".join(texts) + ("" if reason == "cancelled" else s.detok.flush())
         self._out(s.rid, TokenDelta(s.rid, text, toks, len(s.prompt), len(s.out), reason))
         self._release(s)
@@ -459,14 +429,14 @@ class Scheduler:
             self._e2e.observe(time.monotonic() - s.arrival)
         self.counters["generation_tokens_total"] += len(s.out)
 
-    def _fail_oom(self, s: _Seq, during: str) -> None:
+    def _fail_oom(self, s: Seq, during: str) -> None:
         """A request the GPU had no memory for: a retryable 503 for it, the engine goes on."""
         self._out(s.rid, ServeAppError(f"the GPU ran out of memory {during}; retry the request",
                                        503, "gpu_out_of_memory", retry_after_s=1))
         self._release(s)
         self.counters["failed_oom_total"] += 1
 
-    def _release(self, s: _Seq) -> None:
+    def _release(self, s: Seq) -> None:
         s.done = True
         if s in self.running:
             self.running.remove(s)
@@ -479,7 +449,7 @@ class Scheduler:
             s.pages = []
         self.by_id.pop(s.rid, None)
 
-    def _free_slot(self, s: _Seq) -> None:
+    def _free_slot(self, s: Seq) -> None:
         if s.slot >= 0:
             self.free_slots.append(s.slot)
             s.slot = -1
@@ -508,13 +478,3 @@ class Scheduler:
 
     def describe(self) -> dict:
         return dict(self.info)
-
-
-@dataclass
-class _Launch:
-    """Tokens sampled on the device for ``seqs``, on their way to the host."""
-
-    kind: str
-    seqs: list[_Seq]
-    tokens: torch.Tensor
-    timer: StepTimer

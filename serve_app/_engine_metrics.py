@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from serve_app.engine._private.latency import ADMISSION_LIMITS
+
 INTERVAL_S = 5.0
 
 # engine.stats() key -> (metric, tag value) for the tagged families below
@@ -25,7 +27,7 @@ _IMAGES = {"images_encoded": "encoded", "vision_cache_hits": "cache_hit"}
 _LATENCIES = ("queue", "ttft", "e2e")
 _LATENCY_SECONDS = {f"{k}_s_total": k for k in _LATENCIES}
 _LATENCY_COUNTS = {f"{k}_count": k for k in _LATENCIES}     # from the bucket counts, in update()
-_ADMISSION_BLOCKED = {f"admission_blocked_{k}_s_total": k for k in ("rows", "prefill_backlog", "kv_pages")}
+_ADMISSION_BLOCKED = {f"admission_blocked_{k}_s_total": k for k in ADMISSION_LIMITS}
 _HOST_SECONDS = {f"host_{k}_s_total": k for k in ("step", "cpu", "wait", "emit", "loop", "idle", "inbox", "tick")}
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from benchmarks.loadgen.client import RunResult
+from serve_app.engine._private.latency import ADMISSION_LIMITS  # the engine's names for its limits
 
 # The article's service-level objective (A10, 12 sessions).
 SLO_TTFT_P95_S = 0.412
@@ -300,9 +301,6 @@ def engine_breakdown(before: dict[str, Any] | None, after: dict[str, Any] | None
     return out
 
 
-ADMISSION_LIMITS = ("rows", "prefill_backlog", "kv_pages")
-
-
 def admission_blocks(b: dict[str, Any], a: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """Shares of the wall time during which the head of the engine's queue was held, per limit
     (``rows``: no free row; ``prefill_backlog``: max_prefill_tokens of prompts already waiting for
@@ -317,22 +315,24 @@ def admission_blocks(b: dict[str, Any], a: dict[str, Any], wall_s: float) -> dic
     return out
 
 
-def arrival_clumping(b: dict[str, Any], a: dict[str, Any], rate: float | None,
-                     within_s: float = 0.01) -> dict[str, Any]:
-    """The share of requests that reached the engine within ``within_s`` of the one before, between
-    two snapshots, beside what Poisson arrivals at ``rate`` (the clients' rate) would give
-    (1 - exp(-rate * within_s)). Above it, the serving layer hands the clients' arrivals to the
+CLUMP_S = 0.01     # a bound of the engine's arrival-gap buckets
+
+
+def arrival_clumping(b: dict[str, Any], a: dict[str, Any], rate: float | None) -> dict[str, Any]:
+    """The share of requests that reached the engine within 10 ms (``CLUMP_S``) of the one before,
+    between two snapshots, beside what Poisson arrivals at ``rate`` (the clients' rate) would give
+    (1 - exp(-rate * CLUMP_S)). Above it, the serving layer hands the clients' arrivals to the
     engine in clumps, and clumps queue for rows and prompt work."""
     key, bounds = "arrival_gap_bucket_counts", a.get("arrival_gap_bucket_bounds_s") or []
-    if key not in a or key not in b or within_s not in bounds or not rate:
+    if key not in a or key not in b or CLUMP_S not in bounds or not rate:
         return {}
     counts = [x - y for x, y in zip(a[key], b[key])]
     n = sum(counts)
     if n < 20:
         return {}
-    within = sum(counts[:bounds.index(within_s) + 1])
+    within = sum(counts[:bounds.index(CLUMP_S) + 1])
     return {"engine_gaps_within_10ms_pct": round(100 * within / n, 1),
-            "poisson_gaps_within_10ms_pct": round(100 * (1 - math.exp(-rate * within_s)), 1)}
+            "poisson_gaps_within_10ms_pct": round(100 * (1 - math.exp(-rate * CLUMP_S)), 1)}
 
 
 def blocked_cell(et: dict[str, Any]) -> str:

@@ -84,9 +84,9 @@ class Preprocess:
         store = (ActorImageStore(self.options.upload_cache_bytes) if self.options.upload_store == "actor"
                  else None)
         self.pipeline = ImagePipeline(self.options, store)
-        # Every image is processed here, a multi-image request's at once (PIL's decode and resize
-        # release the GIL); 4 workers: at most 4 decodes in memory at a time, as with one image per
-        # request at max_ongoing_requests 4 before.
+        # Every image is decoded here (chat images, uploads, table images), a multi-image request's
+        # at once (PIL's decode and resize release the GIL); 4 workers: at most 4 decodes (up to
+        # 64 MP each) in memory at a time, whatever the mix of requests.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="preprocess-image")
         self._m_errors = Counter("serve_app_preprocess_errors", "refused images", tag_keys=("code",))
         self._m_images = Counter("serve_app_preprocess_images", "images returned (cache hits included)")
@@ -114,7 +114,7 @@ class Preprocess:
         try:
             if isinstance(data, str) and _is_http(data):
                 data = (await self._fetch_urls([data]))[0]
-            return await asyncio.to_thread(self.pipeline.upload, data)
+            return await asyncio.wrap_future(self._pool.submit(self.pipeline.upload, data))
         except ServeAppError as e:
             self._error(e)
             raise
@@ -124,7 +124,7 @@ class Preprocess:
         try:
             if isinstance(source, str) and _is_http(source):
                 source = (await self._fetch_urls([source]))[0]
-            return await asyncio.to_thread(self.pipeline.decode_rgb, source)
+            return await asyncio.wrap_future(self._pool.submit(self.pipeline.decode_rgb, source))
         except ServeAppError as e:
             self._error(e)
             raise

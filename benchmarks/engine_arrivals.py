@@ -208,14 +208,14 @@ def main() -> None:
 
 def markdown(out: dict) -> str:
     lines = [f"`{out['meta']['command']}` ({out['meta']['date']})", "",
-             "| variant | offered/s | served/s | TTFT P50/P95 ms | TPOT P50 ms | e2e P50/P95 s | decode ms/step (batch) "
+             "| variant | offered (arrived)/s | served/s | TTFT P50/P95 ms | TPOT P50 ms | e2e P50/P95 s | decode ms/step (batch) "
              "| GPU ms/request prefill / vision / decode | GPU s per s | engine queue mean / P95 under ms "
              "| admission held by rows / prefill backlog / KV pages % | arrivals within 10 ms: engine / Poisson % "
              "| errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in out["variants"].items():
         for r in v["rates"]:
-            lines.append(f"| {name} | {r['offered_qps']:g} | {r['served_per_s']} | {1000 * r['ttft_p50_s']:.0f}/"
+            lines.append(f"| {name} | {r['offered_qps']:g} ({r['arrived_per_s']}) | {r['served_per_s']} | {1000 * r['ttft_p50_s']:.0f}/"
                          f"{1000 * r['ttft_p95_s']:.0f} | {1000 * r['tpot_p50_s']:.1f} | {r['e2e_p50_s']:.2f}/"
                          f"{r['e2e_p95_s']:.2f} | {r['decode_ms_per_step']} ({r['mean_decode_batch']}) | "
                          f"{r['gpu_ms_per_request_prefill']} / {r['gpu_ms_per_request_vision']} / "

@@ -100,6 +100,11 @@ def _later_while_decoding(first: list, later: list):
 
 def test_vision_stream_settings():
     assert EngineConfig(vision_stream=True).vision_stream and EngineConfig(prefill_stream=True).prefill_stream
+    assert EngineConfig(prefill_stream=True, stream_priority="decode").stream_priority == "decode"
+    with pytest.raises(ValueError, match="needs vision_stream or prefill_stream"):
+        EngineConfig(stream_priority="decode")
+    with pytest.raises(ValueError):
+        EngineConfig(prefill_stream=True, stream_priority="vision")
     for name in ("vision_stream", "prefill_stream"):
         with pytest.raises(ValueError, match="needs engine='continuous'"):
             EngineConfig(engine="hf-generate", **{name: True})
@@ -228,6 +233,17 @@ def test_a_request_cancelled_during_its_side_prefill_frees_its_slot_at_the_join(
 def test_side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids):  # noqa: F811
     """Image requests (a recurring size, so graphs are captured where enabled) and text-only ones,
     staggered so that images are encoded while other rows decode: HF's greedy tokens."""
+    _side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a second CUDA stream: ENGINE_TEST_DEVICE=cuda")
+def test_decode_first_stream_priority_matches_hf(model_dir, hf_model):  # noqa: F811
+    """stream_priority "decode": the engine thread's work on a high-priority stream of its own,
+    the prompt work on the side stream below it; the cross-stream ordering must still hold."""
+    _side_streams_match_hf(model_dir, hf_model, "prefill_stream", 2, stream_priority="decode")
+
+
+def _side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids, **settings):  # noqa: F811
     rng = np.random.default_rng(9)
     first = [_image_request(i, rng, [6], 8) for i in range(2)]
     later = [_image_request(10 + i, rng, [6, 4], 8) if i % 2 else _request(10 + i, rng, 0, 12) for i in range(6)]
@@ -242,8 +258,8 @@ def test_side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids):
         return res, engine.stats(), engine.health()
 
     res, stats, health = _run(_config(model_dir, vision_graph_grids=vision_graph_grids, max_prefill_tokens=256,
-                                      **{stream: True}), scenario)
-    assert health[stream] is True
+                                      **{stream: True}, **settings), scenario)
+    assert health[stream] is True and health["stream_priority"] == settings.get("stream_priority", "prompt")
     assert stats["finished_total"] == len(first) + len(later) and stats["images_encoded"] >= 5
     if vision_graph_grids:
         assert stats["vision_graph_replays"] >= 1

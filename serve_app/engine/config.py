@@ -73,6 +73,14 @@ class EngineConfig(BaseModel):
                            "decode batch once their prefill is done. On in deployments.gpu.yaml: on "
                            "an H200 the engine served 22.35 req/s at 23 offered against 19.97 "
                            "(RESULTS.md)")
+    stream_priority: Literal["prompt", "decode"] = Field(
+        "prompt", description="continuous engine, GPU, with vision_stream or prefill_stream: which of "
+                              "the two CUDA streams gets SMs first when blocks of both wait. 'prompt' "
+                              "(the side stream, as prompt work ran first on one stream: TTFT), or "
+                              "'decode' (the decode steps run on a high-priority stream of their own: a "
+                              "decode kernel then waits for one block of a prefill GEMM to end, not for "
+                              "its waves, so steps, and the rows they hold, finish sooner). "
+                              "Experimental: not yet measured on a GPU")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a bucket of prefill_graph_step (0: off). An eager "
@@ -117,6 +125,9 @@ class EngineConfig(BaseModel):
                               ("vision_stream", False), ("prefill_stream", False), ("max_decode_rows", None)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
+        if self.stream_priority != "prompt" and not (self.vision_stream or self.prefill_stream):
+            raise ValueError(f"stream_priority={self.stream_priority!r} needs vision_stream or prefill_stream "
+                             "(with one stream there is nothing to rank)")
         if self.max_decode_rows is not None and self.max_decode_rows > self.max_num_seqs:
             raise ValueError(f"max_decode_rows ({self.max_decode_rows}) must not exceed max_num_seqs "
                              f"({self.max_num_seqs})")

@@ -21,6 +21,7 @@ def run(sched: Scheduler, inbox: queue.SimpleQueue, wake: threading.Event, stop:
     The thread's time outside ``step()`` lands in the scheduler's host timers: ``inbox`` (taking
     requests), ``tick``, ``idle`` (no work: waiting or idle-time captures) and ``loop`` (all of
     it), so that loop - step - idle - inbox - tick is time lost between steps (GIL waits)."""
+    sched.enter_thread()
     host = sched.host_times
     clock = time.perf_counter
     with torch.inference_mode():

@@ -32,16 +32,19 @@ class ImageEncoding:
     the prefill reads the features on that stream too (``engine.prefill_stream``), so nothing
     crosses streams and there is nothing to wait for."""
 
-    def __init__(self, runner, cache: VisionCache, budget: int, side_stream: bool, prefill_on_side: bool = False):
+    def __init__(self, runner, cache: VisionCache, budget: int, side_stream: bool, prefill_on_side: bool = False,
+                 main: "torch.cuda.Stream | None" = None):
         if side_stream and not runner.is_cuda:
             raise ValueError("vision_stream and prefill_stream need a CUDA GPU (they run work on a second stream)")
         self.runner = runner
         self.cache = cache
         self.budget = budget
-        # Higher priority than the main stream: when SMs free up, prompt work (which sets TTFT, the
-        # SLO that binds first) gets them before decode kernels, as on one stream where it ran first.
-        self.stream = torch.cuda.Stream(runner.device, priority=-1) if side_stream else None
-        self.main = torch.cuda.current_stream(runner.device) if side_stream else None
+        # With the main stream the current one (engine.stream_priority "prompt"), the side stream
+        # ranks higher: when SMs free up, prompt work (which sets TTFT, the SLO that binds first)
+        # gets them before decode kernels, as on one stream where it ran first. Given a ``main``
+        # stream ("decode": a high-priority one the engine thread runs on), it ranks lower.
+        self.stream = torch.cuda.Stream(runner.device, priority=0 if main is not None else -1) if side_stream else None
+        self.main = (main or torch.cuda.current_stream(runner.device)) if side_stream else None
         self._cross = side_stream and not prefill_on_side
 
     def encode(self, todo: list, counters: dict, timers: list, fail: Callable[[Any, str], None]) -> None:

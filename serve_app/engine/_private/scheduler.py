@@ -73,8 +73,12 @@ class Scheduler:
         self._decode_rows = config.max_decode_rows or config.max_num_seqs
         self._deferred = 0
         self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
+        # stream_priority "decode": the engine thread's work on a high-priority stream of its own
+        # (enter_thread), the side stream below it
+        self._main = torch.cuda.Stream(runner.device, priority=-1) \
+            if config.stream_priority == "decode" and runner.is_cuda else None   # (else ImageEncoding says why)
         self.images = ImageEncoding(runner, self.vision_cache, self.vision_budget,
-                                    config.vision_stream or config.prefill_stream, config.prefill_stream)
+                                    config.vision_stream or config.prefill_stream, config.prefill_stream, self._main)
         # prefill_stream: prefill steps run on the images' stream; one at a time is in flight there,
         # and its rows join the decode batch once it is done (_join_side_prefill).
         self._side = self.images.stream if config.prefill_stream else None
@@ -475,6 +479,13 @@ class Scheduler:
         if not self.runner or not self.runner.is_cuda:
             return {}
         return {"attn_plans_built": cudnn_plans.built_total, "attn_plans_pending": cudnn_plans.pending_total}
+
+    def enter_thread(self) -> None:
+        """Called first on the thread that steps the scheduler: with stream_priority "decode" its
+        work goes on the high-priority main stream, ordered after start-up's (default stream)."""
+        if self._main is not None:
+            self._main.wait_stream(torch.cuda.current_stream(self.runner.device))
+            torch.cuda.set_stream(self._main)
 
     def describe(self) -> dict:
         return dict(self.info)

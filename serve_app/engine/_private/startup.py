@@ -80,6 +80,7 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
                 kv_dtype=str(runner.kv_dtype).replace("torch.", ""),
                 quantization=config.quantization, vision_quantization=config.vision_quantization,
                 pdl=config.pdl, decode_balance=config.decode_balance, vision_stream=config.vision_stream,
+                stream_priority=config.stream_priority,
                 prefill_stream=config.prefill_stream, max_num_seqs=config.max_num_seqs,
                 max_decode_rows=config.max_decode_rows or config.max_num_seqs,
                 device=str(device), page_size=runner.page_size,

@@ -482,9 +482,12 @@ class Scheduler:
 
     def enter_thread(self) -> None:
         """Called first on the thread that steps the scheduler: with stream_priority "decode" its
-        work goes on the high-priority main stream, ordered after start-up's (default stream)."""
+        work goes on the high-priority main stream, ordered after start-up's (default stream).
+        The caching allocator keeps blocks per stream: what start-up left cached on the default
+        stream goes back to the driver, so it stays inside the memory budget for this stream."""
         if self._main is not None:
             self._main.wait_stream(torch.cuda.current_stream(self.runner.device))
+            torch.cuda.empty_cache()
             torch.cuda.set_stream(self._main)
 
     def describe(self) -> dict:

@@ -245,20 +245,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
 
+    meta = {"n": args.n, "quality": args.quality, "python": sys.version.split()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "load_avg": os.getloadavg(), "argv": sys.argv[1:]}
+    host = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
     if args.pairs:
         two = pairs(args)
-        print(f"\ntwo images per request, median (min) of {args.n}, ms; JPEG q{args.quality}; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}\n")
+        print(f"\ntwo images per request, median (min) of {args.n}, ms; JPEG q{args.quality}; {host}\n")
         print("| size | one after the other | both at once (pool) |\n|---|---|---|")
         for r in two:
             print(f"| {r['size']} | {r['sequential_ms']:.1f} ({r['min_ms']['sequential_ms']:.1f}) "
                   f"| {r['pool_ms']:.1f} ({r['min_ms']['pool_ms']:.1f}) |")
-        write_json(args.out, {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M"),
-                              "cpus": os.cpu_count(), "pairs": two})
+        write_json(args.out, {"meta": meta, "pairs": two})
         return
     rows = per_image(args)
-    print(f"\nmedian (min) of {args.n}, ms per image, JPEG q{args.quality}, one thread; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}\n")
+    print(f"\nmedian (min) of {args.n}, ms per image, JPEG q{args.quality}, one thread; {host}\n")
     print("| size | tokens | pixel_values | ours (decode+resize+patchify) | HF Qwen2VLImageProcessorPil "
           "| speed-up | ours pipeline, cache miss | cache hit | ours uint8, no normalise | identical |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -290,9 +291,6 @@ def main() -> None:
             print(f"  {rate:g} req/s -> {rate / sat['requests_per_s']:.2f} replicas busy, "
                   f"{math.ceil(rate / (sat['requests_per_s'] * args.target_util))} at "
                   f"{args.target_util:.0%}")
-    meta = {"n": args.n, "quality": args.quality, "python": sys.version.split()[0],
-            "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "load_avg": os.getloadavg(), "argv": sys.argv[1:]}
     write_json(args.out, {"meta": meta, "results": rows, "sizing": plan, "serve": sat})
 
 

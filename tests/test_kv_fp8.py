@@ -137,12 +137,13 @@ def test_runner_logits_on_fp8_cache_equal_rounded_cache_only(model_dir, monkeypa
     assert 1e-3 < rel(got, plain) < 0.5
 
 
-def _runner_with_random_kv(model_dir, kv_cache_dtype="auto", b=5, ctx=70, quantization=None):  # noqa: F811
+def _runner_with_random_kv(model_dir, kv_cache_dtype="auto", b=5, ctx=70, quantization=None, **runner_kw):  # noqa: F811
     """A bf16 GPU runner and the decode args of ``b`` rows over ``ctx`` tokens of random K/V
     (never zeros), the same values for every cache dtype."""
     from serve_app.models import load_model
     model = load_model(model_dir, dtype=torch.bfloat16, device="cpu").eval()
-    r = ModelRunner(model, torch.device("cuda"), 8, 256, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+    r = ModelRunner(model, torch.device("cuda"), 8, 256, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                    **runner_kw)
     r.allocate_kv(8 * 96)
     g = torch.Generator(device="cuda").manual_seed(1)
     pages = []

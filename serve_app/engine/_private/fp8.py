@@ -2,8 +2,9 @@
 fly (the "dynamic fp8" scheme of vLLM's ``quantization="fp8"`` and of Qwen's FP8 checkpoints).
 
 Why: a decode step reads every weight once, so halving the weight bytes shortens it; prefill's
-GEMMs run at twice the bf16 rate on Hopper's FP8 tensor cores. The LM head, embeddings, norms
-and the vision tower stay in the model's dtype.
+GEMMs run at twice the bf16 rate on Hopper's FP8 tensor cores. Embeddings and norms stay in the
+model's dtype; the LM head and the vision tower have options of their own
+(``lm_head_quantization``, ``vision_quantization``).
 
 ``torch._scaled_mm`` does the GEMM on the GPU (fp32 accumulation, ``out = (xq @ wq.T) * sx * sw``);
 the CPU (tests) computes the same product in fp32. On CUDA the per-token quantisation is a
@@ -46,11 +47,16 @@ def supported(device: torch.device) -> str | None:
 
 
 @torch.no_grad()
-def quantize_weight(w: torch.Tensor, name: str = "") -> Fp8Weight:
+def quantize_weight(w: torch.Tensor, name: str = "", chunk_rows: int = 8192) -> Fp8Weight:
     """Per-output-channel scales from each row's absolute maximum (a weight row is quantised as
-    an activation row is)."""
-    q, scale = quantize_rows_torch(w.detach())
-    return Fp8Weight(q.contiguous(), scale.reshape(1, -1).contiguous(), name)
+    an activation row is). In chunks of rows: the fp32 copy of a whole LM head (151,936 x 2,560)
+    would be 1.6 GB on the GPU for a moment; each row's result is the same either way."""
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    scale = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], chunk_rows):
+        q[i:i + chunk_rows], scale[i:i + chunk_rows] = quantize_rows_torch(w[i:i + chunk_rows])
+    return Fp8Weight(q, scale.reshape(1, -1).contiguous(), name)
 
 
 def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -171,33 +171,62 @@ def candidates(k: int) -> list[tuple]:
     return [c for c in out if -(-k // c[1]) >= c[2]]
 
 
+def _times(ws: list, bm: int, dtype: torch.dtype, partial: bool, fp8_in_costs: bool) -> dict:
+    """GPU us per call of each way to multiply ``bm`` random rows by the FP8 weights ``ws``:
+    cuBLASLt's W8A8 ("w8a8") and every :func:`candidates` config. With ``fp8_in_costs`` the
+    e4m3 kernels pay for quantising their input (no norm or SiLU kernel writes it for them)."""
+    from serve_app.engine._private import fp8
+    from serve_app.engine._private.kernels import quantize_rows
+
+    k = ws[0].q.shape[1]
+    x = torch.randn(bm, k, dtype=dtype, device=ws[0].q.device)
+    xq = quantize_rows(x)
+    fp8_in = (lambda: quantize_rows(x)) if fp8_in_costs else (lambda: xq)
+    times = {"w8a8": _graph_time_us([lambda w=w: fp8.linear(fp8_in(), w, dtype) for w in ws])}
+    for cfg in candidates(k):
+        src = fp8_in if takes_fp8(cfg) else (lambda: x)
+        times[cfg] = _graph_time_us([lambda w=w: linear(src(), w.q, w.scale, cfg, partial, dtype) for w in ws])
+    return times
+
+
+def _timing_row(best, times: dict) -> dict:
+    return {"pick": str(best), **{str(c): round(t, 2) for c, t in times.items()}}
+
+
 @torch.inference_mode()
 def plan_decode(layers: list[dict], row_tiles: list[int], dtype: torch.dtype) -> tuple[dict, dict]:
     """For each decode projection and row tile (16/32/64 rows): this kernel's fastest config, or
     None where cuBLASLt's W8A8 GEMM (its activation quantisation included where no norm kernel
     fuses it: the o projection) is faster on this GPU. Returns (plan, timings in us)."""
-    from serve_app.engine._private import fp8
-    from serve_app.engine._private.kernels import quantize_rows
-
     layers = layers[:12]
     plan, timings = {}, {}
     for bm in row_tiles:
         for name in ("qkv", "o", "gu", "down"):
-            ws = [lw[name] for lw in layers]
-            k = ws[0].q.shape[1]
-            x = torch.randn(bm, k, dtype=dtype, device=ws[0].q.device)
-            xq = quantize_rows(x)
             # The o projection's input comes from attention in bf16: a kernel that takes e4m3
-            # pays for quantising it here (the other inputs come quantised from a norm or SiLU).
-            fp8_in = (lambda: quantize_rows(x)) if name == "o" else (lambda: xq)
-            times = {"w8a8": _graph_time_us([lambda w=w: fp8.linear(fp8_in(), w, dtype) for w in ws])}
-            partial = name in ("o", "down")      # their partials go to a norm that sums them
-            for cfg in candidates(k):
-                src = fp8_in if takes_fp8(cfg) else (lambda: x)
-                times[cfg] = _graph_time_us(
-                    [lambda w=w: linear(src(), w.q, w.scale, cfg, partial, dtype) for w in ws])
+            # pays for quantising it here (the other inputs come quantised from a norm or SiLU);
+            # o and down hand their partials to a norm that sums them.
+            times = _times([lw[name] for lw in layers], bm, dtype, name in ("o", "down"), name == "o")
             best = min(times, key=times.get)
             plan[(name, bm)] = None if best == "w8a8" else best
-            timings[f"{name}@{bm}"] = {"pick": str(best), **{str(c): round(t, 2) for c, t in times.items()}}
+            timings[f"{name}@{bm}"] = _timing_row(best, times)
     torch.cuda.empty_cache()         # the timing graphs' pools: back before KV is sized
+    return plan, timings
+
+
+@torch.inference_mode()
+def plan_head(head, bf16_weight: torch.Tensor | None, row_tiles: list[int],
+              dtype: torch.dtype) -> tuple[dict, dict]:
+    """The FP8 LM head's kernel per row tile, as :func:`plan_decode` picks the projections';
+    ``"bf16"`` where the model's own head (``bf16_weight``, when it is kept) is faster. One
+    weight of ~390 MB: far past L2, so timing it in a loop reads it from HBM as a step does."""
+    plan, timings = {}, {}
+    for bm in row_tiles:
+        times = _times([head], bm, dtype, False, True)
+        if bf16_weight is not None:
+            x = torch.randn(bm, bf16_weight.shape[1], dtype=dtype, device=bf16_weight.device)
+            times["bf16"] = _graph_time_us([lambda: torch.nn.functional.linear(x, bf16_weight)])
+        best = min(times, key=times.get)
+        plan[bm] = None if best == "w8a8" else best
+        timings[f"lm_head@{bm}"] = _timing_row(best, times)
+    torch.cuda.empty_cache()
     return plan, timings

@@ -58,7 +58,7 @@ class ModelRunner:
     def __init__(self, model, device: torch.device, max_num_seqs: int, max_model_len: int,
                  page_size: int = 16, fuse: bool | None = None, quantization: str | None = None,
                  kv_cache_dtype: str = "auto", vision_quantization: str | None = None,
-                 pdl: bool = False, decode_balance: int = 0):
+                 pdl: bool = False, decode_balance: int = 0, lm_head_quantization: str | None = None):
         self.model = model
         self.device = device
         cfg = model.config
@@ -103,7 +103,8 @@ class ModelRunner:
         # separate ones so fp32 results stay identical to HF.
         self.fuse = self.is_cuda if fuse is None else fuse
         self.fused_prefill = True      # GPU: fused prefill layers (False: the plain torch layers)
-        for name, value in (("quantization", quantization), ("vision_quantization", vision_quantization)):
+        for name, value in (("quantization", quantization), ("vision_quantization", vision_quantization),
+                            ("lm_head_quantization", lm_head_quantization)):
             if value not in (None, "fp8"):
                 raise ValueError(f"unknown {name} {value!r} (supported: 'fp8')")
             if value == "fp8" and (why := fp8.supported(device)):
@@ -115,6 +116,15 @@ class ModelRunner:
         self.fp8_plan: dict[tuple[str, int], tuple | None] = {}
         self.fp8_timings: dict = {}
         self._prepare_weights()
+        # The LM head in FP8 (lm_head_quantization): a decode step reads the whole head. Per row
+        # tile a kernel, "bf16" (the model's head) or None (cuBLASLt W8A8), timed at start-up;
+        # empty: W8A8 (CPU, no graphs). A tied head stays: the embedding lookup reads it.
+        self.head8: fp8.Fp8Weight | None = None
+        self.head_plan: dict[int, tuple | str | None] = {}
+        if lm_head_quantization == "fp8":
+            self.head8 = fp8.quantize_weight(self.lm_head.weight, "lm_head")
+            if self.lm_head.weight.data_ptr() != self.lm.embed_tokens.weight.data_ptr():
+                self.lm_head.weight.data = torch.empty(0, dtype=self.dtype, device=device)
         # 1-D RoPE table for decode: all three M-RoPE components equal (t + rope_delta) there.
         pos = torch.arange(max_model_len, device=device)
         probe = torch.empty(1, dtype=self.dtype, device=device)
@@ -225,10 +235,35 @@ class ModelRunner:
         return {name: self.fp8_plan.get((name, bm)) for name in ("qkv", "o", "gu", "down")}
 
     def tune_fp8_decode(self) -> None:
-        """Time the decode projections' FP8 kernels on this GPU (``fp8_gemv.plan_decode``)."""
+        """Time the FP8 kernels of the decode projections and of the LM head on this GPU
+        (``fp8_gemv.plan_decode``, ``fp8_gemv.plan_head``)."""
         from serve_app.engine._private import fp8_gemv
         tiles = sorted({fp8_gemv.row_tile(b) for b in self.buckets if b <= fp8_gemv.MAX_ROWS})
-        self.fp8_plan, self.fp8_timings = fp8_gemv.plan_decode(self.w, tiles, self.dtype)
+        if self.fp8:
+            self.fp8_plan, self.fp8_timings = fp8_gemv.plan_decode(self.w, tiles, self.dtype)
+        if self.head8 is not None:
+            kept = self.lm_head.weight if self.lm_head.weight.numel() else None
+            self.head_plan, timings = fp8_gemv.plan_head(self.head8, kept, tiles, self.dtype)
+            self.fp8_timings.update(timings)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of final-normed rows: the model's head, or its FP8 copy through the
+        kernel planned for this many rows (W8A8 where none is: the CPU, more than 64 rows)."""
+        if self.head8 is None:
+            return self.lm_head(x).float()
+        cfg = None
+        if self.head_plan:
+            from serve_app.engine._private import fp8_gemv
+            if x.shape[0] <= fp8_gemv.MAX_ROWS:
+                cfg = self.head_plan.get(fp8_gemv.row_tile(x.shape[0]))
+        if cfg == "bf16":
+            return self.lm_head(x).float()
+        if cfg is None:
+            return fp8.linear(x, self.head8, self.dtype).float()
+        from serve_app.engine._private import fp8_gemv
+        if fp8_gemv.takes_fp8(cfg):
+            x = fp8.quantize_rows(x)
+        return fp8_gemv.linear(x, self.head8.q, self.head8.scale, cfg, False, self.dtype).float()
 
     def _qkv(self, w: dict, x: torch.Tensor):
         t = x.shape[0]
@@ -376,7 +411,7 @@ class ModelRunner:
         if not last:
             return None
         hl = _rms(h[upload(last, dev, torch.int64)], self.final_norm, self.eps)
-        return self.lm_head(hl).float()
+        return self._logits(hl)
 
     def _attend(self, q, k, v, i: int, chunks, offsets) -> torch.Tensor:
         """Prefill attention: first chunks packed (varlen / batched SDPA), later chunks against
@@ -493,7 +528,7 @@ class ModelRunner:
         else:
             h = self._prefill_layers(h, cos[0][:, None, :], sin[0][:, None, :], *args)
         hl = _rms(h.index_select(0, bufs.last), self.final_norm, self.eps)
-        return self.lm_head(hl).float()
+        return self._logits(hl)
 
     # --------------------------------------------------------------------------------- decode
     def _decode_forward(self, staging: torch.Tensor, batch: int, reference: bool = False) -> torch.Tensor:
@@ -517,7 +552,7 @@ class ModelRunner:
             attn = decode_attention_torch(q, kv.k[i], kv.v[i], bt_rows, lens_l, self.scale)
             h = res + self._lin(attn.reshape(batch, -1), w["o"])
             h = h + self._mlp(w, _rms(h, w["ln2"], self.eps))
-        return self.lm_head(_rms(h, self.final_norm, self.eps)).float()
+        return self._logits(_rms(h, self.final_norm, self.eps))
 
     def _decode_forward_fused(self, ids, pos, page, off, lens, slot, batch: int) -> torch.Tensor:
         """GPU decode: about ten kernels per layer (fused norms, q/k-norm+RoPE+KV store, SiLU).
@@ -555,7 +590,7 @@ class ModelRunner:
             gu = self._dec_lin(x, w["gu"], plan)
             h = self._dec_lin(K.silu_mul(gu, quant=qz["down"]), w["down"], plan, partial=True)
         x, _ = K.rms_norm(h, self.final_norm, eps, residual=res)
-        return self.lm_head(x).float()
+        return self._logits(x)
 
     def bucket_for(self, batch: int) -> int:
         for b in self.buckets:

@@ -43,8 +43,9 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
     runner = ModelRunner(model, device, config.max_num_seqs, config.max_model_len,
                          quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
                          vision_quantization=config.vision_quantization, pdl=config.pdl,
-                         decode_balance=config.decode_balance)
-    if runner.fp8 and device.type == "cuda" and config.cuda_graphs:
+                         decode_balance=config.decode_balance,
+                         lm_head_quantization=config.lm_head_quantization)
+    if (runner.fp8 or runner.head8 is not None) and device.type == "cuda" and config.cuda_graphs:
         runner.tune_fp8_decode()     # before KV is sized: its scratch is freed first
     kv_tokens, info = plan_kv_tokens(config, runner, budget)
     runner.eager_prefill.update(passes=0, tokens=0)   # the memory profile's pass is not served work
@@ -79,7 +80,8 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
     info.update(kv_tokens=kv_tokens, dtype=str(runner.dtype).replace("torch.", ""),
                 kv_dtype=str(runner.kv_dtype).replace("torch.", ""),
                 quantization=config.quantization, vision_quantization=config.vision_quantization,
-                pdl=config.pdl, decode_balance=config.decode_balance, vision_stream=config.vision_stream,
+                lm_head_quantization=config.lm_head_quantization, pdl=config.pdl,
+                decode_balance=config.decode_balance, vision_stream=config.vision_stream,
                 stream_priority=config.stream_priority,
                 prefill_stream=config.prefill_stream, max_num_seqs=config.max_num_seqs,
                 max_decode_rows=config.max_decode_rows or config.max_num_seqs,

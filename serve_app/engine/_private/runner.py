@@ -260,7 +260,6 @@ class ModelRunner:
             return self.lm_head(x).float()
         if cfg is None:
             return fp8.linear(x, self.head8, self.dtype).float()
-        from serve_app.engine._private import fp8_gemv
         if fp8_gemv.takes_fp8(cfg):
             x = fp8.quantize_rows(x)
         return fp8_gemv.linear(x, self.head8.q, self.head8.scale, cfg, False, self.dtype).float()

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen.server import LocalServe, build_serve_config, memory_overrides  # noqa: E402
+from serve_app.engine.config import CONTINUOUS_ONLY  # noqa: E402
 
 
 # Before a run's first step: imports, Ray's start (~13 s) and the app's (59-69 s on the H200
@@ -42,6 +43,25 @@ def first_step_shortfall(seconds: float, step: float, warmup_load: float, kept: 
     otherwise spends its minutes starting an app that measures nothing."""
     need = START_S + (warmup_load + WARMUP_EXTRA_S if warmup_load else 0.0) + step + DRAIN_S
     return max(0.0, need - (seconds - kept))
+
+
+def engine_overrides(a: argparse.Namespace, engine: str, cap: float | None) -> dict:
+    """The engine fields one run sets over the yaml's. The continuous-engine options (the
+    ``--quantization`` and ``--engine-json`` ones, and the yaml's own, such as
+    ``separate_process``) go to continuous runs only: every other engine gets them off, which its
+    config requires."""
+    eng = {"model": a.model, "engine": engine, **memory_overrides(cap)}
+    if engine == "continuous":
+        if a.quantization:
+            eng["quantization"] = a.quantization
+        eng.update(json.loads(a.engine_json or "{}"))
+    else:
+        eng.update(CONTINUOUS_ONLY)
+    if a.device:
+        eng["device"] = a.device
+    if a.device == "cpu":
+        eng["dtype"] = "float32"
+    return eng
 
 
 def main() -> int:
@@ -109,15 +129,7 @@ def main() -> int:
             if left < 60:
                 print(f"skip {name}: {left:.0f} s left", flush=True)
                 continue
-            eng = {"model": a.model, "engine": engine, **memory_overrides(cap)}
-            if a.quantization and engine == "continuous":
-                eng["quantization"] = a.quantization
-            if a.engine_json and engine == "continuous":
-                eng.update(json.loads(a.engine_json))
-            if a.device:
-                eng["device"] = a.device
-            if a.device == "cpu":
-                eng["dtype"] = "float32"
+            eng = engine_overrides(a, engine, cap)
             vlm = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas}}
             vlm_gpus = None if cpu else (a.replica_gpus if replicas > 1 and a.replica_gpus
                                          else 1.0 / replicas)

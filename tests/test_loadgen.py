@@ -806,3 +806,28 @@ def test_gpu_sweep_refuses_a_budget_too_short_for_its_first_step():
     assert first_step_shortfall(460, 300, 20) == 0
     assert first_step_shortfall(240, 30, 20) == 0 and first_step_shortfall(240, 30, 20, kept=100) > 0
     assert first_step_shortfall(110, 10, 0) == 0            # no warm-up load: start, step and drain
+
+
+@pytest.mark.parametrize("config", ["deployments.gpu.yaml", "deployments.yaml"])
+def test_gpu_sweep_engine_fields_validate_for_each_engine(config):
+    """A device call lost two deploys to this: the sweep handed deployments.gpu.yaml's
+    continuous-engine options (separate_process, prefill_stream) to its hf-generate runs, which the
+    app's config rejects. Each run's engine section must validate, and the continuous runs keep the
+    yaml's options and the command line's."""
+    import argparse
+
+    from benchmarks.gpu_sweep import engine_overrides
+    from benchmarks.loadgen.server import build_serve_config
+    from serve_app.config import AppConfig
+    a = argparse.Namespace(model="/models/m", quantization="fp8", device=None,
+                           engine_json='{"pdl": true, "lm_head_quantization": "fp8"}')
+    for engine in ("continuous", "hf-generate"):
+        for cap in (24, None):
+            cfg = build_serve_config(ROOT / config, port=8000, engine=engine_overrides(a, engine, cap))
+            eng = AppConfig.model_validate(cfg["applications"][0]["args"]).engine
+            assert eng.engine == engine and eng.model == "/models/m"
+            if engine == "continuous":
+                assert eng.quantization == "fp8" and eng.pdl and eng.lm_head_quantization == "fp8"
+                assert eng.separate_process == (config == "deployments.gpu.yaml")
+            else:
+                assert eng.quantization is None and not eng.separate_process and not eng.prefill_stream

@@ -7,6 +7,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# Options only the continuous engine has, with the value that means "off" (the one another engine needs).
+CONTINUOUS_ONLY = {"quantization": None, "vision_quantization": None, "kv_cache_dtype": "auto",
+                   "lm_head_quantization": None, "pdl": False, "separate_process": False, "decode_balance": 0,
+                   "vision_stream": False, "prefill_stream": False, "stream_priority": "prompt",
+                   "max_decode_rows": None}
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -129,10 +136,7 @@ class EngineConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
         if self.engine != "continuous":       # the options only the continuous engine has, and their off
-            for name, off in (("quantization", None), ("vision_quantization", None), ("kv_cache_dtype", "auto"),
-                              ("lm_head_quantization", None),
-                              ("pdl", False), ("separate_process", False), ("decode_balance", 0),
-                              ("vision_stream", False), ("prefill_stream", False), ("max_decode_rows", None)):
+            for name, off in CONTINUOUS_ONLY.items():
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs engine='continuous'")
         if self.stream_priority != "prompt" and not (self.vision_stream or self.prefill_stream):

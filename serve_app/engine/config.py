@@ -56,7 +56,9 @@ class EngineConfig(BaseModel):
                           "the bytes a decode step reads (778 MB of 4.4 GB for Qwen3-VL-4B). On a GPU "
                           "the kernel per row count is timed at start-up against the bf16 head, which "
                           "stays where it is tied to the embeddings (it is used where it is faster). "
-                          "Logits move by the FP8 rounding: check answer quality on trained weights")
+                          "Logits move by the FP8 rounding: check answer quality on trained weights. "
+                          "Measured on one H200: decode steps 2-4 % shorter at the engine, nothing "
+                          "measurable in the app at 22 QPS")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="continuous engine: 'fp8' stores K/V as e4m3 without scales (clamped to "
                             "+-448): half the bytes per token, so twice the KV tokens in a budget and half "

@@ -114,7 +114,7 @@ class Preprocess:
         try:
             if isinstance(data, str) and _is_http(data):
                 data = (await self._fetch_urls([data]))[0]
-            return await asyncio.wrap_future(self._pool.submit(self.pipeline.upload, data))
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.pipeline.upload, data)
         except ServeAppError as e:
             self._error(e)
             raise
@@ -124,7 +124,7 @@ class Preprocess:
         try:
             if isinstance(source, str) and _is_http(source):
                 source = (await self._fetch_urls([source]))[0]
-            return await asyncio.wrap_future(self._pool.submit(self.pipeline.decode_rgb, source))
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.pipeline.decode_rgb, source)
         except ServeAppError as e:
             self._error(e)
             raise

@@ -248,21 +248,18 @@ class ModelRunner:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits of final-normed rows: the model's head, or its FP8 copy through the
-        kernel planned for this many rows (W8A8 where none is: the CPU, more than 64 rows)."""
-        if self.head8 is None:
-            return self.lm_head(x).float()
-        cfg = None
-        if self.head_plan:
-            from serve_app.engine._private import fp8_gemv
-            if x.shape[0] <= fp8_gemv.MAX_ROWS:
-                cfg = self.head_plan.get(fp8_gemv.row_tile(x.shape[0]))
+        kernel planned for this many rows (:meth:`_dec_lin`; W8A8 where none is: the CPU, more
+        than 64 rows)."""
+        cfg = self._head_cfg(x.shape[0]) if self.head8 is not None else "bf16"
         if cfg == "bf16":
             return self.lm_head(x).float()
-        if cfg is None:
-            return fp8.linear(x, self.head8, self.dtype).float()
-        if fp8_gemv.takes_fp8(cfg):
-            x = fp8.quantize_rows(x)
-        return fp8_gemv.linear(x, self.head8.q, self.head8.scale, cfg, False, self.dtype).float()
+        return self._dec_lin(x, self.head8, {self.head8.name: cfg}).float()
+
+    def _head_cfg(self, rows: int) -> tuple | str | None:
+        if not self.head_plan:
+            return None
+        from serve_app.engine._private.fp8_gemv import MAX_ROWS, row_tile
+        return self.head_plan.get(row_tile(rows)) if rows <= MAX_ROWS else None
 
     def _qkv(self, w: dict, x: torch.Tensor):
         t = x.shape[0]

@@ -108,6 +108,13 @@ def test_vision_stream_settings():
     for name in ("vision_stream", "prefill_stream"):
         with pytest.raises(ValueError, match="needs engine='continuous'"):
             EngineConfig(engine="hf-generate", **{name: True})
+    assert EngineConfig(prefill_stream=True, prompt_sms=96).prompt_sms == 96
+    with pytest.raises(ValueError, match="prompt_sms needs prefill_stream"):
+        EngineConfig(vision_stream=True, prompt_sms=96)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        EngineConfig(prefill_stream=True, prompt_sms=0)
+    with pytest.raises(ValueError, match="needs engine='continuous'"):
+        EngineConfig(engine="hf-generate", prompt_sms=96)
 
     class CpuRunner:
         is_cuda = False
@@ -243,6 +250,47 @@ def test_decode_first_stream_priority_matches_hf(model_dir, hf_model):  # noqa: 
     _side_streams_match_hf(model_dir, hf_model, "prefill_stream", 2, stream_priority="decode")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a CUDA green context: ENGINE_TEST_DEVICE=cuda")
+def test_prompt_sms_matches_hf(model_dir, hf_model):  # noqa: F811
+    """engine.prompt_sms: the prompt work, its prefill graphs and its vision graphs on a stream of a
+    green context (8 SMs here): the same tokens as HF, and the start-up info says how many SMs."""
+    _side_streams_match_hf(model_dir, hf_model, "prefill_stream", 2, prompt_sms=8, prefill_graph_tokens=256)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a CUDA green context: ENGINE_TEST_DEVICE=cuda")
+def test_sm_limited_stream_limits_a_gemm():
+    """The green context's stream really holds a compute-bound GEMM to its SMs, eagerly and as a
+    graph captured and replayed on it: several times slower on 8 SMs of ~132."""
+    from serve_app.engine._private import cuda_graphs
+    from serve_app.engine._private.green_context import sm_limited_stream
+    dev = torch.device("cuda", torch.cuda.current_device())
+    stream, got = sm_limited_stream(dev, 8)
+    assert 8 <= got < torch.cuda.get_device_properties(dev).multi_processor_count
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+
+    def timed(s, fn):
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                fn()
+            end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    full = timed(torch.cuda.Stream(dev), lambda: a @ a)
+    limited = timed(stream, lambda: a @ a)
+    assert limited > 4 * full, (full, limited)
+    graph, _ = cuda_graphs.capture(lambda _: a @ a, [0], stream=stream)[0]
+    replayed = timed(stream, graph.replay)                  # as the engine replays its graphs
+    elsewhere = timed(torch.cuda.Stream(dev), graph.replay)  # whether nodes keep their context
+    print(f"GEMM ms x5: all SMs {full:.2f}, {got} SMs {limited:.2f}, graph there {replayed:.2f}, "
+          f"graph replayed on an ordinary stream {elsewhere:.2f}")
+    assert replayed > 4 * full, (full, replayed)
+
+
 def _side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids, **settings):  # noqa: F811
     rng = np.random.default_rng(9)
     first = [_image_request(i, rng, [6], 8) for i in range(2)]
@@ -260,6 +308,9 @@ def _side_streams_match_hf(model_dir, hf_model, stream, vision_graph_grids, **se
     res, stats, health = _run(_config(model_dir, vision_graph_grids=vision_graph_grids, max_prefill_tokens=256,
                                       **{stream: True}, **settings), scenario)
     assert health[stream] is True and health["stream_priority"] == settings.get("stream_priority", "prompt")
+    if settings.get("prompt_sms"):
+        assert health["prompt_sms"] >= settings["prompt_sms"]
+        assert stats["prefill_graph_replays"] >= 1
     assert stats["finished_total"] == len(first) + len(later) and stats["images_encoded"] >= 5
     if vision_graph_grids:
         assert stats["vision_graph_replays"] >= 1

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 CONTINUOUS_ONLY = {"quantization": None, "vision_quantization": None, "kv_cache_dtype": "auto",
                    "lm_head_quantization": None, "pdl": False, "separate_process": False, "decode_balance": 0,
                    "vision_stream": False, "prefill_stream": False, "stream_priority": "prompt",
-                   "max_decode_rows": None}
+                   "max_decode_rows": None, "prompt_sms": None}
 
 
 class EngineConfig(BaseModel):
@@ -99,6 +99,13 @@ class EngineConfig(BaseModel):
                               "its waves, so steps, and the rows they hold, finish sooner). "
                               "Measured on an H200: no gain (decode steps 4.79 vs 4.78 ms at 21 req/s; "
                               "RESULTS.md)")
+    prompt_sms: int | None = Field(
+        None, ge=1, description="continuous engine, GPU, with prefill_stream (experimental): run the "
+                                "prompt work (vision tower, prefill) on a CUDA green context of this many "
+                                "SMs (rounded up by the driver: multiples of 8 on Hopper), so the decode "
+                                "steps' small kernels, which may use every SM, always find some free "
+                                "beside the prompt GEMMs. Prompt work gets slower; decode steps beside it "
+                                "faster. None: the prompt work may use every SM")
     prefill_graph_tokens: int = Field(
         0, ge=0, description="continuous engine: run a request's whole prompt of fewer than this many "
                              "tokens as one CUDA graph, padded to a bucket of prefill_graph_step (0: off). An eager "
@@ -144,6 +151,8 @@ class EngineConfig(BaseModel):
         if self.stream_priority != "prompt" and not (self.vision_stream or self.prefill_stream):
             raise ValueError(f"stream_priority={self.stream_priority!r} needs vision_stream or prefill_stream "
                              "(with one stream there is nothing to rank)")
+        if self.prompt_sms is not None and not self.prefill_stream:
+            raise ValueError("prompt_sms needs prefill_stream (it limits the SMs of that stream's prompt work)")
         if self.max_decode_rows is not None and self.max_decode_rows > self.max_num_seqs:
             raise ValueError(f"max_decode_rows ({self.max_decode_rows}) must not exceed max_num_seqs "
                              f"({self.max_num_seqs})")

@@ -1,7 +1,8 @@
 """CUDA graph capture, as the decode steps, prefill buckets, vision grids and the FP8 plan's
 timings all do it: every size first runs once on a side stream (Triton compiles, cuBLAS handles
 and workspaces are made outside the capture), then each is captured, largest first, into one
-memory pool (graphs that never run at the same time can share it)."""
+memory pool (graphs that never run at the same time can share it). ``stream``: warm up and capture
+on that stream (an SM-limited one records its limit in the graph's kernels), not fresh ones."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 
-def capture(fn: Callable[[Any], Any], sizes: Iterable, pool=None) -> dict:
+def capture(fn: Callable[[Any], Any], sizes: Iterable, pool=None, stream=None) -> dict:
     """``{size: (graph, output of fn(size))}`` for each size, largest first."""
     sizes = sorted(sizes, reverse=True)
-    stream = torch.cuda.Stream()
+    capture_stream = stream
+    stream = stream or torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for s in sizes:
@@ -23,7 +25,7 @@ def capture(fn: Callable[[Any], Any], sizes: Iterable, pool=None) -> dict:
     graphs = {}
     for s in sizes:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
+        with torch.cuda.graph(g, pool=pool, stream=capture_stream):
             out = fn(s)
         graphs[s] = (g, out)
     torch.cuda.synchronize()

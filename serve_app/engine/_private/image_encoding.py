@@ -43,7 +43,10 @@ class ImageEncoding:
         # ranks higher: when SMs free up, prompt work (which sets TTFT, the SLO that binds first)
         # gets them before decode kernels, as on one stream where it ran first. Given a ``main``
         # stream ("decode": a high-priority one the engine thread runs on), it ranks lower.
-        self.stream = torch.cuda.Stream(runner.device, priority=0 if main is not None else -1) if side_stream else None
+        # engine.prompt_sms: the runner's SM-limited stream (made with the same priority rule)
+        green = getattr(runner, "prompt_stream", None)
+        self.stream = None if not side_stream else green if green is not None else \
+            torch.cuda.Stream(runner.device, priority=0 if main is not None else -1)
         self.main = (main or torch.cuda.current_stream(runner.device)) if side_stream else None
         self._cross = side_stream and not prefill_on_side
 

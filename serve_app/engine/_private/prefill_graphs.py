@@ -135,4 +135,5 @@ class PrefillGraphs:
         # warm-up really runs each bucket: image rows point at row 0, in range of every bucket
         self._up.upload(self._dev, h)
         self._graphs, self.attn_impl = capture_pinned(r, "prefill_attn_impl", r.dtype, lambda: cuda_graphs.capture(
-            lambda tb: r._prefill_static(tb, self.bufs), self.buckets, torch.cuda.graph_pool_handle()))
+            lambda tb: r._prefill_static(tb, self.bufs), self.buckets, torch.cuda.graph_pool_handle(),
+            r.prompt_stream))

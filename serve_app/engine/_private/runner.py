@@ -158,6 +158,10 @@ class ModelRunner:
         self._pg = None           # PrefillGraphs, when set up (setup_prefill_graphs)
         self.eager_prefill = {"passes": 0, "tokens": 0}   # packed eager passes (launch-bound)
         self._vg = None           # VisionGraphs, when set up (setup_vision_graphs)
+        # engine.prompt_sms: the SM-limited stream the prompt work (tower, prefill) runs and its
+        # graphs are captured on (green_context); None: an ordinary side stream, if any
+        self.prompt_stream: torch.cuda.Stream | None = None
+        self.prompt_sms: int | None = None
         self.pixels = PixelUpload(device, self.visual.dtype, vc.temporal_patch_size)
 
     # ----------------------------------------------------------------------------------- setup
@@ -324,7 +328,8 @@ class ModelRunner:
         """Vision-tower graphs per recurring grid (``vision_graphs.VisionGraphs``), captured in
         idle time (:meth:`capture_pending_vision_graph`)."""
         from serve_app.engine._private.vision_graphs import VisionGraphs
-        self._vg = VisionGraphs(self.vision, self.device, max_grids, max_patches, self.patch_dim)
+        self._vg = VisionGraphs(self.vision, self.device, max_grids, max_patches, self.patch_dim,
+                                self.prompt_stream)
 
     def capture_pending_vision_graph(self, busy: bool = False) -> bool:
         return self._vg is not None and self._vg.capture_pending(busy)
@@ -477,6 +482,12 @@ class ModelRunner:
                 h[vidx] = h[vidx] + deep_cat[i].to(h.dtype)
                 res = None
         return h if res is None else res + h
+
+    def use_prompt_stream(self, num_sms: int, priority: int) -> None:
+        """Run prompt work on a stream held to ``num_sms`` SMs (``engine.prompt_sms``); call before
+        the prefill and vision graphs are set up, so they are captured on it."""
+        from serve_app.engine._private.green_context import sm_limited_stream
+        self.prompt_stream, self.prompt_sms = sm_limited_stream(self.device, num_sms, priority)
 
     # ------------------------------------------------------------------------ prefill graphs
     def setup_prefill_graphs(self, max_tokens: int, step: int = 256) -> None:

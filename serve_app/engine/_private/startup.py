@@ -45,6 +45,8 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
                          vision_quantization=config.vision_quantization, pdl=config.pdl,
                          decode_balance=config.decode_balance,
                          lm_head_quantization=config.lm_head_quantization)
+    if config.prompt_sms and device.type == "cuda":    # before the graphs captured on it
+        runner.use_prompt_stream(config.prompt_sms, priority=-1 if config.stream_priority == "prompt" else 0)
     if (runner.fp8 or runner.head8 is not None) and device.type == "cuda" and config.cuda_graphs:
         runner.tune_fp8_decode()     # before KV is sized: its scratch is freed first
     kv_tokens, info = plan_kv_tokens(config, runner, budget)
@@ -83,7 +85,8 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
                 lm_head_quantization=config.lm_head_quantization, pdl=config.pdl,
                 decode_balance=config.decode_balance, vision_stream=config.vision_stream,
                 stream_priority=config.stream_priority,
-                prefill_stream=config.prefill_stream, max_num_seqs=config.max_num_seqs,
+                prefill_stream=config.prefill_stream, prompt_sms=runner.prompt_sms,
+                max_num_seqs=config.max_num_seqs,
                 max_decode_rows=config.max_decode_rows or config.max_num_seqs,
                 device=str(device), page_size=runner.page_size,
                 startup_s=round(time.perf_counter() - t0, 2))

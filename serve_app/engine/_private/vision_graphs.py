@@ -33,8 +33,10 @@ MAX_GRAPH_PATCHES = 8192
 
 
 class VisionGraphs:
-    def __init__(self, encoder, device: torch.device, max_grids: int, max_patches: int, patch_dim: int):
+    def __init__(self, encoder, device: torch.device, max_grids: int, max_patches: int, patch_dim: int,
+                 stream: "torch.cuda.Stream | None" = None):
         self.enc = encoder
+        self.stream = stream          # engine.prompt_sms: captured on the SM-limited stream
         self.device = device
         self.max_grids = max_grids
         self.max_patches = max_patches
@@ -89,7 +91,7 @@ class VisionGraphs:
         if self.device.type != "cuda":
             return None, pix, None, [], tables
         graphs, self.attn_impl = capture_pinned(self.enc, "attn_impl", self.enc.dtype, lambda: cuda_graphs.capture(
-            lambda g: self.enc(pix, [g]), [grid], self._pool))
+            lambda g: self.enc(pix, [g]), [grid], self._pool, self.stream))
         graph, (merged, deep) = graphs[grid]
         return graph, pix, merged, deep, tables
 

@@ -153,6 +153,8 @@ def main() -> int:
                         "pushes, health checks) is subtracted from the load's")
     p.add_argument("--stream-interval-ms", type=int, default=None, help="api.stream_interval_ms "
                    "(default: the config's)")
+    p.add_argument("--args-json", default=None, help="merged into the app's args, e.g. "
+                   "'{\"images\": {\"resize_threads\": 1}}'")
     a = p.parse_args()
     from benchmarks.loadgen.cli import main as loadgen
     from benchmarks.loadgen.server import LocalServe, build_serve_config
@@ -162,8 +164,10 @@ def main() -> int:
     srv = LocalServe(num_cpus=a.cpus, env=env)
     out = Path(a.out)
     try:
-        args = {"api": {"stream_interval_ms": a.stream_interval_ms}} if a.stream_interval_ms is not None else None
-        cfg = build_serve_config(a.config, port=srv.port, args=args,
+        args = json.loads(a.args_json) if a.args_json else {}
+        if a.stream_interval_ms is not None:
+            args.setdefault("api", {})["stream_interval_ms"] = a.stream_interval_ms
+        cfg = build_serve_config(a.config, port=srv.port, args=args or None,
                                  engine={**CONTINUOUS_ONLY, "model": "builtin:tiny-qwen3-vl", "engine": ENGINE,
                                          "device": "cpu", "dtype": "float32", "max_gpu_memory_gb": None},
                                  deployments={"VLM": {"autoscaling_config": {"min_replicas": 1,

@@ -36,11 +36,13 @@ import logging
 import math
 import re
 import warnings
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from serve_app._image_stripes import patch_order_split, resize_rgb
 from serve_app.errors import ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -358,11 +360,7 @@ def patch_order(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int =
     """uint8 ``(H, W, C)`` -> uint8 ``(gh*gw, C, p, p)`` in transformers' patch order
     ``(gh/m, gw/m, m, m)``: the model input before normalisation and temporal repeat, 8x smaller
     than ``pixel_values`` (a cheaper thing to ship to the VLM; see benchmarks/transfer_bench.py)."""
-    h, w, c = rgb.shape
-    gh, gw = h // patch_size, w // patch_size
-    blocks = rgb.reshape(gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size,
-                         patch_size, c).transpose(0, 3, 1, 4, 6, 2, 5)
-    return np.ascontiguousarray(blocks).reshape(gh * gw, c, patch_size, patch_size)
+    return patch_order_split(rgb, patch_size, merge_size)
 
 
 def normalise_patches(patches: np.ndarray, temporal_patch_size: int = TEMPORAL_PATCH_SIZE
@@ -385,16 +383,20 @@ def patchify(rgb: np.ndarray, patch_size: int = PATCH_SIZE, merge_size: int = ME
 
 
 def preprocess_rgb(im: Image.Image, min_pixels: int = DEFAULT_MIN_PIXELS,
-                   max_pixels: int = DEFAULT_MAX_PIXELS, compact: bool = False
+                   max_pixels: int = DEFAULT_MAX_PIXELS, compact: bool = False,
+                   pool: Executor | None = None, parts: int = 1
                    ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """RGB PIL image -> ``(pixel_values, grid_thw)`` exactly as Qwen2VLImageProcessorPil; with
-    ``compact`` the uint8 patches of :func:`patch_order` instead (normalised later, on the GPU)."""
+    ``compact`` the uint8 patches of :func:`patch_order` instead (normalised later, on the GPU).
+    ``pool``/``parts``: the resize and the patch reorder in bands on threads, same bytes
+    (``_image_stripes``)."""
     if im.mode != "RGB":
         raise ValueError(f"expected an RGB image, got {im.mode}")
     w, h = im.size
     rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
-    if (rh, rw) != (h, w):
-        im = im.resize((rw, rh), Image.Resampling.BICUBIC)
-    rgb = np.asarray(im)
-    pixel_values = patch_order(rgb) if compact else patchify(rgb)
+    rgb = resize_rgb(im, (rw, rh), pool, parts)
+    if compact:
+        pixel_values = patch_order_split(rgb, PATCH_SIZE, MERGE_SIZE, pool, parts)
+    else:
+        pixel_values = normalise_patches(patch_order_split(rgb, PATCH_SIZE, MERGE_SIZE, pool, parts))
     return pixel_values, (1, rh // PATCH_SIZE, rw // PATCH_SIZE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Protocol, Sequence
 
@@ -112,6 +112,7 @@ class PreprocessOptions:
     cache_bytes: int = 512 * 2**20
     upload_cache_bytes: int = 256 * 2**20
     upload_store: str = "actor"
+    resize_threads: int = 4
     fetch: FetchPolicy = FetchPolicy()
 
     @classmethod
@@ -131,12 +132,15 @@ class PreprocessOptions:
                    max_pixels=int(cfg.pop("max_pixels", DEFAULT_MAX_PIXELS)),
                    cache_bytes=int(cfg.pop("cache_mb", 512)) * 2**20,
                    upload_cache_bytes=int(cfg.pop("upload_cache_mb", 256)) * 2**20,
-                   upload_store=str(cfg.pop("upload_store", "actor")))
+                   upload_store=str(cfg.pop("upload_store", "actor")),
+                   resize_threads=int(cfg.pop("resize_threads", 4)))
         if cfg:
             raise ValueError(f"unknown Preprocess settings: {sorted(cfg)}")
         if not FACTOR * FACTOR <= opts.min_pixels <= opts.max_pixels:
             raise ValueError(f"need {FACTOR * FACTOR} <= min_pixels <= max_pixels, got "
                              f"{opts.min_pixels}, {opts.max_pixels}")
+        if not 1 <= opts.resize_threads <= 32:
+            raise ValueError(f"resize_threads must be 1-32, got {opts.resize_threads}")
         if opts.upload_store not in ("actor", "local"):
             raise ValueError(f"upload_store must be 'actor' or 'local', got {opts.upload_store!r}")
         return opts
@@ -153,6 +157,10 @@ class ImagePipeline:
         self.limits = self.options.limits
         self.store = store if store is not None else LocalImageStore(self.options.upload_cache_bytes)
         self.cache = ByteLRU(self.options.cache_bytes)
+        # bands of one image's resize and patch reorder (leaf tasks only, so a pool apart from
+        # the per-image one the deployment passes to process(): no task waits on its own pool)
+        n = self.options.resize_threads
+        self._bands = ThreadPoolExecutor(n, thread_name_prefix="preprocess-band") if n > 1 else None
         self._lock = threading.Lock()
         self.images_processed = 0
         self.uploads = 0
@@ -210,7 +218,8 @@ class ImagePipeline:
         if hit is not None:
             return hit
         pixel_values, grid_thw = preprocess_rgb(decode_image(data, self.limits), min_pixels, max_pixels,
-                                                compact=True)   # 8x fewer bytes to the VLM
+                                                compact=True,   # 8x fewer bytes to the VLM
+                                                pool=self._bands, parts=self.options.resize_threads)
         pixel_values.flags.writeable = False  # shared by cache hits
         result = ImageInput(pixel_values, grid_thw, image_id)
         self.cache.put((image_id, min_pixels, max_pixels), result, pixel_values.nbytes)

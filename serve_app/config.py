@@ -34,6 +34,11 @@ class ImagesConfig(_Strict):
     url_max_redirects: int = Field(3, ge=0)
     cache_mb: int = Field(512, ge=0, description="LRU of preprocessed tensors by image id")
     upload_cache_mb: int = Field(256, ge=0, description="LRU of uploaded image bytes (image:// ids)")
+    resize_threads: int = Field(
+        4, ge=1, le=32, description="threads that share one image's resize and patch reorder (the "
+                                    "same bytes as one thread; images under 0.3 MP stay on one): the "
+                                    "resize is most of the time to a first token the serving layer "
+                                    "adds (RESULTS.md \"Preprocess\"); 1 = one thread per image")
     upload_store: Literal["actor", "local"] = Field(
         "actor", description="actor: uploads shared by all Preprocess replicas; local: per replica")
 

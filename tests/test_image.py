@@ -111,6 +111,31 @@ def test_parity_sizes(hf, w, h):
     assert np.array_equal(ours, ref)  # in fact bit-identical
 
 
+@pytest.mark.parametrize("w,h", [(1920, 1080), (1280, 720), (1366, 768), (1000, 700), (3000, 2000),
+                                 (1919, 1081), (640, 480), (97, 3001)])
+@pytest.mark.parametrize("parts", [2, 3, 8])
+def test_banded_resize_and_patches_are_bit_identical(hf, w, h, parts):
+    """The resize in bands of rows (horizontal pass) and columns (vertical pass), and the patch
+    reorder in bands of block rows, on threads (``images.resize_threads``): the same bytes as
+    one thread, and as HF's processor; every pass combination (width only, height only, both)."""
+    from concurrent.futures import ThreadPoolExecutor
+    im = noise(w, h, seed=w + h)
+    with ThreadPoolExecutor(parts) as pool:
+        for lo, hi in [(65_536, 2_359_296), (65_536, 16_777_216)]:
+            one, grid = preprocess_rgb(im, lo, hi, compact=True)
+            banded, grid2 = preprocess_rgb(im, lo, hi, compact=True, pool=pool, parts=parts)
+            assert grid == grid2 and banded.dtype == np.uint8 and np.array_equal(one, banded)
+            full, _ = preprocess_rgb(im, lo, hi, pool=pool, parts=parts)
+            ref, ref_grid = hf_run(hf, im, lo, hi)
+            assert ref_grid == grid and np.array_equal(full, ref)
+
+
+def test_resize_threads_setting():
+    assert pipeline(resize_threads=1)._bands is None and pipeline()._bands is not None
+    with pytest.raises(ValueError, match="resize_threads"):
+        pipeline(resize_threads=0)
+
+
 @pytest.mark.parametrize("min_pixels,max_pixels", [(1024, 1024), (4096, 200_000), (65_536, 500_000),
                                                    (1024, 16_777_216)])
 def test_parity_lowered_pixel_limits(hf, min_pixels, max_pixels):

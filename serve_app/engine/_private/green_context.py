@@ -6,6 +6,8 @@ long blocks) fill every SM, and a decode step's small memory-bound kernels wait 
 those blocks: on an H200 decode steps took ~5.2 ms beside prompt work against ~3.2 ms alone
 (RESULTS.md). Stream priority did not change that. A green context holds the prompt work to N of
 the SMs, so the decode kernels (on the primary context, all SMs) always find some free.
+Measured (RESULTS.md "prompt work on fewer SMs"): the decode steps got 10-15 % shorter and the
+prompt work as much longer, TTFT worse; the GPU time per request did not change. Off by default.
 
 The driver API is called through ctypes (CUDA 12.4+ drivers), not ``torch.cuda.green_contexts``,
 whose interface changed between torch 2.10 and 2.12. The stream is wrapped as a

@@ -42,7 +42,8 @@ from serve_app._image import (ImageLimits, decode_image, patch_order, preprocess
                               smart_resize)
 from serve_app._image_pipeline import ImagePipeline, PreprocessOptions  # noqa: E402
 
-SIZES = {"640x480": (640, 480), "1280x720": (1280, 720), "1920x1080": (1920, 1080)}
+SIZES = {"640x480": (640, 480), "1280x720": (1280, 720), "1366x768": (1366, 768), "1600x900": (1600, 900),
+         "1920x1080": (1920, 1080)}
 
 
 def photo_jpeg(w: int, h: int, quality: int, seed: int = 0) -> bytes:
@@ -81,8 +82,10 @@ def per_image(args) -> list[dict]:
     hf = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
                                   image_std=[0.5] * 3, min_pixels=65_536, max_pixels=16_777_216)
     limits = ImageLimits()
-    miss = ImagePipeline(PreprocessOptions.from_dict({"cache_mb": 0, "upload_store": "local"}))
-    hit = ImagePipeline(PreprocessOptions.from_dict({"cache_mb": 1024, "upload_store": "local"}))
+    miss = ImagePipeline(PreprocessOptions.from_dict({"cache_mb": 0, "upload_store": "local",
+                                                      "resize_threads": args.resize_threads}))
+    hit = ImagePipeline(PreprocessOptions.from_dict({"cache_mb": 1024, "upload_store": "local",
+                                                     "resize_threads": args.resize_threads}))
     rows = []
     for name in args.sizes:
         w, h = SIZES[name]
@@ -140,7 +143,8 @@ def pairs(args) -> list[dict]:
     """A request with two images of one size (the workload's comparison class), cache off: the
     images one after the other, against both at once on a pool (what Preprocess does)."""
     from concurrent.futures import ThreadPoolExecutor
-    miss = ImagePipeline(PreprocessOptions.from_dict({"cache_mb": 0, "upload_store": "local"}))
+    miss = ImagePipeline(PreprocessOptions.from_dict({"cache_mb": 0, "upload_store": "local",
+                                                      "resize_threads": args.resize_threads}))
     rows = []
     with ThreadPoolExecutor(max_workers=4) as pool:
         for name in args.sizes:
@@ -242,6 +246,8 @@ def main() -> None:
     ap.add_argument("--hf-device", help="also time transformers' torchvision processor on this device")
     ap.add_argument("--pairs", action="store_true",
                     help="only time two-image requests, one image after the other against both at once")
+    ap.add_argument("--resize-threads", type=int, default=4, help="images.resize_threads of the pipeline "
+                    "columns (the 'ours' and HF columns are one thread)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
 

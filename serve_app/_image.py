@@ -394,9 +394,5 @@ def preprocess_rgb(im: Image.Image, min_pixels: int = DEFAULT_MIN_PIXELS,
         raise ValueError(f"expected an RGB image, got {im.mode}")
     w, h = im.size
     rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
-    rgb = resize_rgb(im, (rw, rh), pool, parts)
-    if compact:
-        pixel_values = patch_order_split(rgb, PATCH_SIZE, MERGE_SIZE, pool, parts)
-    else:
-        pixel_values = normalise_patches(patch_order_split(rgb, PATCH_SIZE, MERGE_SIZE, pool, parts))
-    return pixel_values, (1, rh // PATCH_SIZE, rw // PATCH_SIZE)
+    patches = patch_order_split(resize_rgb(im, (rw, rh), pool, parts), PATCH_SIZE, MERGE_SIZE, pool, parts)
+    return (patches if compact else normalise_patches(patches)), (1, rh // PATCH_SIZE, rw // PATCH_SIZE)

@@ -1,8 +1,7 @@
 """One image's bicubic resize and patch reorder split over threads, bit-identical to one thread.
 
-Why: the resize is most of Preprocess's time per image and sits on every request's path to its
-first token (a 1920x1080 JPEG: ~5 ms to decode, ~14-25 ms to resize to 1920x1088, ~4 ms to reorder
-into patches on a 2-core EPYC VM). PIL resamples one axis per pass: when only the height changes
+Why: the resize is the largest part of Preprocess's time per image, and it sits on every
+request's path to its first token (RESULTS.md "the serving layer's share of TTFT"). PIL resamples one axis per pass: when only the height changes
 (1920x1080 -> 1920x1088, 1280x720 -> 1280x704) each output column reads one input column, and when
 only the width changes each output row reads one input row. So such a resize runs on bands of
 columns (or rows) in threads (PIL releases the GIL while it resamples), and the result is the same

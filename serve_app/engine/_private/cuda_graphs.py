@@ -14,18 +14,17 @@ import torch
 def capture(fn: Callable[[Any], Any], sizes: Iterable, pool=None, stream=None) -> dict:
     """``{size: (graph, output of fn(size))}`` for each size, largest first."""
     sizes = sorted(sizes, reverse=True)
-    capture_stream = stream
-    stream = stream or torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    warm = stream or torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
         for s in sizes:
             fn(s)
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream().wait_stream(warm)
     torch.cuda.synchronize()
     graphs = {}
     for s in sizes:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool, stream=capture_stream):
+        with torch.cuda.graph(g, pool=pool, stream=stream):
             out = fn(s)
         graphs[s] = (g, out)
     torch.cuda.synchronize()

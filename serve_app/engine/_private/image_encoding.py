@@ -27,6 +27,13 @@ from serve_app.engine._private.vision_cache import VisionCache
 logger = logging.getLogger(__name__)
 
 
+def side_priority(main_is_own: bool) -> int:
+    """The side stream's priority: above the main stream when that is the current (default-priority)
+    one (engine.stream_priority "prompt"), below it when the engine thread runs on a high-priority
+    stream of its own ("decode")."""
+    return 0 if main_is_own else -1
+
+
 class ImageEncoding:
     """``side_stream``: the tower on a stream of its own (:attr:`stream`); ``prefill_on_side``:
     the prefill reads the features on that stream too (``engine.prefill_stream``), so nothing
@@ -43,10 +50,10 @@ class ImageEncoding:
         # ranks higher: when SMs free up, prompt work (which sets TTFT, the SLO that binds first)
         # gets them before decode kernels, as on one stream where it ran first. Given a ``main``
         # stream ("decode": a high-priority one the engine thread runs on), it ranks lower.
-        # engine.prompt_sms: the runner's SM-limited stream (made with the same priority rule)
+        # engine.prompt_sms: the runner's SM-limited stream (made with side_priority too)
         green = getattr(runner, "prompt_stream", None)
         self.stream = None if not side_stream else green if green is not None else \
-            torch.cuda.Stream(runner.device, priority=0 if main is not None else -1)
+            torch.cuda.Stream(runner.device, priority=side_priority(main is not None))
         self.main = (main or torch.cuda.current_stream(runner.device)) if side_stream else None
         self._cross = side_stream and not prefill_on_side
 

@@ -46,7 +46,8 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
                          decode_balance=config.decode_balance,
                          lm_head_quantization=config.lm_head_quantization)
     if config.prompt_sms and device.type == "cuda":    # before the graphs captured on it
-        runner.use_prompt_stream(config.prompt_sms, priority=-1 if config.stream_priority == "prompt" else 0)
+        from serve_app.engine._private.image_encoding import side_priority
+        runner.use_prompt_stream(config.prompt_sms, side_priority(config.stream_priority == "decode"))
     if (runner.fp8 or runner.head8 is not None) and device.type == "cuda" and config.cuda_graphs:
         runner.tune_fp8_decode()     # before KV is sized: its scratch is freed first
     kv_tokens, info = plan_kv_tokens(config, runner, budget)

@@ -40,7 +40,8 @@ class ImagesConfig(_Strict):
                                     "resize is most of the time to a first token the serving layer "
                                     "adds: on an H200 host at 22 QPS (paced engine) that share fell from "
                                     "64 / 108 ms (P50 / P95) to 46 / 71 ms (RESULTS.md \"the serving "
-                                    "layer's share of TTFT\"); 1 = one thread per image")
+                                    "layer's share of TTFT\"); with the model the app's TTFT P95 at 22 QPS "
+                                    "did not move (the GPU's queue sets it); 1 = one thread per image")
     upload_store: Literal["actor", "local"] = Field(
         "actor", description="actor: uploads shared by all Preprocess replicas; local: per replica")
 

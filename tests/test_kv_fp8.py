@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from serve_app.engine._private import attention
+from serve_app.engine._private import prefill_pass as prefill_mod
 from serve_app.engine._private import runner as runner_mod
 from serve_app.engine._private.kv_cache import PagedKVCache
 from serve_app.engine._private.runner import ModelRunner
@@ -86,7 +87,8 @@ def test_engine_fp8_kv_equals_e4m3_rounded_32bit_kv(model_dir, monkeypatch):  # 
         real_write(ck, cv, attention.to_cache_dtype(k, E4M3).to(k.dtype),
                    attention.to_cache_dtype(v, E4M3).to(v.dtype), page_idx, offset)
 
-    monkeypatch.setattr(runner_mod, "write_kv", rounded_write)
+    for mod in (runner_mod, prefill_mod):          # decode (torch path) and prefill
+        monkeypatch.setattr(mod, "write_kv", rounded_write)
     ref, health32 = run("auto")
     assert health32["kv_dtype"] == "float32"
     assert got == ref and all(len(t) > 0 for t in got)
@@ -122,10 +124,12 @@ def test_runner_logits_on_fp8_cache_equal_rounded_cache_only(model_dir, monkeypa
 
     got = logits("fp8")
     real_write = attention.write_kv
-    monkeypatch.setattr(runner_mod, "write_kv", lambda ck, cv, k, v, pi, po: real_write(
-        ck, cv, attention.to_cache_dtype(k, E4M3).float(), attention.to_cache_dtype(v, E4M3).float(), pi, po))
+    for mod in (runner_mod, prefill_mod):          # decode (torch path) and prefill
+        monkeypatch.setattr(mod, "write_kv", lambda ck, cv, k, v, pi, po: real_write(
+            ck, cv, attention.to_cache_dtype(k, E4M3).float(), attention.to_cache_dtype(v, E4M3).float(), pi, po))
     rounded = logits("auto")
-    monkeypatch.setattr(runner_mod, "write_kv", real_write)
+    for mod in (runner_mod, prefill_mod):
+        monkeypatch.setattr(mod, "write_kv", real_write)
     plain = logits("auto")
 
     def rel(a, b):

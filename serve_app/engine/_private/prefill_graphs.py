@@ -28,7 +28,7 @@ import torch
 
 from serve_app.engine._private import cuda_graphs
 from serve_app.engine._private.attention import capture_pinned
-from serve_app.engine._private.runner import PrefillChunk
+from serve_app.engine._private.prefill_pass import PrefillChunk
 from serve_app.engine._private.transfer import PinnedStaging
 
 

@@ -34,7 +34,9 @@ from serve_app.engine.config import CONTINUOUS_ONLY  # noqa: E402
 # machines); with a warm-up load, the images' encoding (~4 s), its 5 s of quiet and the loadgen's own
 # 3-s warm-up; after each step, the drain. A 420-s budget for a 300-s step passed the old check (75 +
 # 10 s) and then missed its step by ~3 s on the H200 (RESULTS.md "GPU: decode rows ... 5 minutes").
-START_S, WARMUP_EXTRA_S, DRAIN_S = 85.0, 15.0, 15.0
+# Fresh machines took 83, 96 and 105 s to "app ready" on 2026-11-30; a 235-s budget for a 90-s step
+# passed the 85-s check and then skipped its step ("the banded resize in the app", call 4).
+START_S, WARMUP_EXTRA_S, DRAIN_S = 110.0, 15.0, 15.0
 
 
 def first_step_shortfall(seconds: float, step: float, warmup_load: float, kept: float = 0.0) -> float:

@@ -1,4 +1,4 @@
-# As run (19:31-19:36 UTC, fresh nvidia-h200 machine; 325 s of device time were left): measured nothing, the app was
+# As run (19:31-19:35 UTC, fresh nvidia-h200 machine; 325 s of device time were left): measured nothing, the app was
 # ready after 105 s and the sweep's own time check skipped the step (gpu_sweep.py START_S is now 110 s).
 # Session 22, call 4 (the last ~355 s of device time): the first 90 s of the 22-QPS arrivals (seed 0, the same as the
 # 5-minute runs' first 90 s) with 40 admitted rows (shipped 32), 24 decoding. Compare its first 60-s slice with the

@@ -27,6 +27,7 @@ from serve_app._http import (BodyLimitMiddleware, client_error, read_image_paylo
 from serve_app.config import AppConfig
 from serve_app.errors import ServeAppError
 from serve_app.protocol import ChatCompletionRequest, ModelCard, ModelList
+from serve_app.vlm import PendingImages
 
 logger = logging.getLogger("ray.serve")
 
@@ -202,8 +203,14 @@ class Ingress:
         images = []
         if sources:
             # The pixel tensors go straight from Preprocess to the VLM through the object store;
-            # they are not copied through this replica.
-            images = self.preprocess.process.remote(sources, body.min_pixels, body.max_pixels)
+            # they are not copied through this replica. The VLM call is routed while Preprocess
+            # runs: its result's ref goes nested (PendingImages), so Serve does not wait for it.
+            pre = self.preprocess.process.remote(sources, body.min_pixels, body.max_pixels)
+            try:
+                images = PendingImages(await pre._to_object_ref())   # once a replica accepted it
+            except BaseException as e:
+                pre.cancel()
+                raise _vlm_error(e) if isinstance(e, Exception) else e
         gen = self.vlm.options(stream=True).generate.remote(
             request_id, messages, images, _chat.sampling_overrides(body))
         try:

@@ -19,8 +19,10 @@ import asyncio
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Sequence
 
+import ray
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -33,6 +35,18 @@ from serve_app._prompt import PromptBuilder
 logger = logging.getLogger("ray.serve")
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+@dataclass(frozen=True)
+class PendingImages:
+    """A request's images while Preprocess still works on them: the ``ObjectRef`` of its
+    ``list[ImageInput]`` result, which :meth:`VLM.generate` awaits.
+
+    Why: passed as a top-level argument, Serve's router holds the VLM call until Preprocess has
+    finished, then routes it; nested here, the call is routed while Preprocess runs and only the
+    VLM replica waits for the pixels (``RESULTS.md``, "the Preprocess -> VLM hop")."""
+
+    ref: "ray.ObjectRef"   # of list[ImageInput]; a refused image raises Preprocess's own error
 
 
 @serve.deployment(name="VLM", max_ongoing_requests=64, health_check_period_s=10,
@@ -106,9 +120,12 @@ class VLM:
             params["top_k"] = 0
         return SamplingParams(**params)
 
-    async def generate(self, request_id: str, messages: list[dict], images: Sequence[ImageInput],
+    async def generate(self, request_id: str, messages: list[dict],
+                       images: "Sequence[ImageInput] | PendingImages",
                        sampling: dict[str, Any]) -> AsyncGenerator[TokenDelta, None]:
-        t0 = time.perf_counter()
+        if isinstance(images, PendingImages):
+            images = await images.ref
+        t0 = time.perf_counter()              # the VLM's TTFT: from the pixels in hand
         ids = self.prompts.build(messages, images)
         request = EngineRequest(request_id, ids, list(images), self._sampling(sampling, len(ids)),
                                 stream_interval_s=self.stream_interval_s)

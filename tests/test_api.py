@@ -204,6 +204,18 @@ def test_bad_requests_get_clear_4xx(serve_url, model_name, name, make, status):
     _assert_error(_post(serve_url, make(model_name)), status)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_refused_second_image_is_named_in_the_4xx(serve_url, model_name, stream):
+    """Preprocess refuses the second image while the VLM call is already routed (it waits for the
+    pixels itself): the client still gets Preprocess's own 415, naming the image, not a 5xx or a
+    broken stream."""
+    junk = "data:image/png;base64," + base64.b64encode(b"hello, I am text" * 20).decode()
+    body = {"model": model_name, "max_tokens": 2, "stream": stream,
+            "messages": [user("x", data_url(jpeg_bytes(64, 64)), junk)]}
+    err = _assert_error(_post(serve_url, body), 415, "unsupported_image_format")
+    assert err["message"].startswith("image 1:"), err
+
+
 def test_malformed_json_and_oversized_body(serve_url, model_name):
     _assert_error(_post(serve_url, None, content=b"{not json",
                         headers={"content-type": "application/json"}), 400)

@@ -104,12 +104,7 @@ class PrefillPasses:
             page_idx.append(c.pages[tok // p])
             page_off.append(tok % p)
         page_idx, page_off = torch.cat(page_idx), torch.cat(page_off)
-        if self.is_cuda and self.fuse and self.fused_prefill:
-            h = self._prefill_layers_fused(h, cos[0].contiguous(), sin[0].contiguous(), page_idx,
-                                           page_off, chunks, offsets, vidx, deep_cat)
-        else:
-            h = self._prefill_layers(h, cos[0][:, None, :], sin[0][:, None, :], page_idx, page_off,
-                                     chunks, offsets, vidx, deep_cat)
+        h = self._layers(h, cos, sin, page_idx, page_off, chunks, offsets, vidx, deep_cat)
         last = [off + len(c.ids) - 1 for c, off in zip(chunks, offsets) if c.want_logits]
         if not last:
             return None
@@ -139,6 +134,13 @@ class PrefillPasses:
                                           kv.k[i], kv.v[i], c.pages, c.start, self.scale))
         flush()
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _layers(self, h, cos, sin, *args):
+        """The decoder layers over packed rows ``h``, with ``rotary_emb``'s ``cos``/``sin``
+        ``[1, T, d]``: fused kernels on the GPU, plain torch elsewhere."""
+        if self.is_cuda and self.fuse and self.fused_prefill:
+            return self._prefill_layers_fused(h, cos[0].contiguous(), sin[0].contiguous(), *args)
+        return self._prefill_layers(h, cos[0][:, None, :], sin[0][:, None, :], *args)
 
     def _prefill_layers(self, h, cos, sin, page_idx, page_off, chunks, offsets, vidx, deep_cat):
         """Plain torch layers (CPU: HF's numerics exactly)."""
@@ -214,9 +216,6 @@ class PrefillPasses:
         cos, sin = self.lm.rotary_emb(h, pos[:, None, :])
         chunk = PrefillChunk(ids=bufs.ids[:tb], positions=pos, start=0, pages=bufs.pages)
         args = (bufs.page_idx[:tb], bufs.page_off[:tb], [chunk], [0], vidx, deep)
-        if self.is_cuda and self.fuse and self.fused_prefill:
-            h = self._prefill_layers_fused(h, cos[0].contiguous(), sin[0].contiguous(), *args)
-        else:
-            h = self._prefill_layers(h, cos[0][:, None, :], sin[0][:, None, :], *args)
+        h = self._layers(h, cos, sin, *args)
         hl = rms_norm_ref(h.index_select(0, bufs.last), self.final_norm, self.eps)
         return self._logits(hl)

@@ -10,10 +10,12 @@ from typing import Any
 
 
 def host_speed() -> dict[str, Any]:
-    """The CPU model and a single-thread Python figure (best of 2 runs of a 3M-step loop). The
+    """The CPU model and a single-thread Python figure (best of 5 runs of a 3M-step loop). The
     engine's eager GPU paths (prefill, vision tower) are bound by their launches on the host
     (RESULTS.md, "FP8 decode kernels with swapped roles, host-bound prefill"), so sweeps on two
-    machines of one GPU kind can differ by their CPUs."""
+    machines of one GPU kind can differ by their CPUs. Best of 5, not 2: one H200 machine read
+    0.139, 0.144 and 0.240 s at the start of three calls in a row (RESULTS.md "GPU: 36 admitted
+    rows"), so two runs could take a passing stall for a slow host."""
     model = None
     try:
         with open("/proc/cpuinfo") as f:
@@ -21,7 +23,7 @@ def host_speed() -> dict[str, Any]:
     except OSError:
         pass
     times = []
-    for _ in range(2):
+    for _ in range(5):
         t0 = time.perf_counter()
         sum(i * i for i in range(3_000_000))
         times.append(time.perf_counter() - t0)

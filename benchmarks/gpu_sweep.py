@@ -97,6 +97,9 @@ def main() -> int:
                    help='more engine settings for the continuous runs, e.g. \'{"vision_cache_mb": 0}\'')
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="engine.quantization of the continuous runs (hf-generate stays in bf16)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the load generator's seed (arrivals, images, prompts); 0 gives the arrivals of "
+                        "every earlier sweep in RESULTS.md, another value a fresh draw of the same workload")
     p.add_argument("--no-budget-check", action="store_true",
                    help="start even if --seconds looks too short for the first step")
     a = p.parse_args()
@@ -147,7 +150,7 @@ def main() -> int:
             budget = max(30.0, t_end - time.time() - keep)
             loadgen(["sweep", "--url", url, "--qps", qps, "--duration", str(a.step), "--warmup", "3",
                      "--drain", "15", "--refine", "1", "--warmup-requests", "2",
-                     "--warmup-load", str(a.warmup_load),
+                     "--warmup-load", str(a.warmup_load), "--seed", str(a.seed),
                      "--time-budget", str(budget), "--title", f"{name}: {a.model}",
                      "--out", f"{a.out}/{name}"])
     finally:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from serve_app import _builtin_models as bm
+from serve_app import _builtin_tokenizer as bt
 from serve_app import models
 from serve_app.models import ModelNotFoundError, resolve_model
 
@@ -111,7 +112,7 @@ def test_tokenizer_matches_tiktoken_on_source_and_random_text(tokenizer, qwen_ti
 
     # Real code (special-token strings in it would be encoded as markers by HF, as text by tiktoken).
     texts = [Path(m.__file__).read_text() for m in (llama, qwen3_vl, models)]
-    assert not any(tok in t for t in texts for tok, _ in bm.SPECIAL_TOKENS)
+    assert not any(tok in t for t in texts for tok, _ in bt.SPECIAL_TOKENS)
     pools = [(32, 127), (0x4E00, 0x9FFF), (0x1F600, 0x1F64F), (0xA0, 0x24F), (0x400, 0x4FF)]
     for _ in range(300):
         chars = []
@@ -149,8 +150,8 @@ def test_special_tokens_have_qwen_ids_and_are_not_split(tokenizer, qwen_tiktoken
     ids = tokenizer.encode("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>",
                            add_special_tokens=False)
     assert ids[:1] == [151644] and ids[3:6] == [151652, 151655, 151653] and ids[-1] == 151645
-    assert bm.IMAGE_TOKEN_ID == 151655 and bm.VIDEO_TOKEN_ID == 151656
-    assert bm.VISION_START_TOKEN_ID == 151652 and bm.VISION_END_TOKEN_ID == 151653
+    assert bt.IMAGE_TOKEN_ID == 151655 and bt.VIDEO_TOKEN_ID == 151656
+    assert bt.VISION_START_TOKEN_ID == 151652 and bt.VISION_END_TOKEN_ID == 151653
 
 
 def test_skip_special_tokens_follows_qwen_flags(tokenizer) -> None:
@@ -202,7 +203,7 @@ def test_chat_template_vision_ids_and_structured_system(tokenizer) -> None:
 def test_chat_template_files_agree(tiny_dir: str) -> None:
     tok_cfg = json.loads(Path(tiny_dir, "tokenizer_config.json").read_text())
     proc_tpl = json.loads(Path(tiny_dir, "chat_template.json").read_text())["chat_template"]
-    assert tok_cfg["chat_template"] == proc_tpl == bm.CHAT_TEMPLATE
+    assert tok_cfg["chat_template"] == proc_tpl == bt.CHAT_TEMPLATE
 
 
 # --------------------------------------------------------------------------- tiny model

@@ -47,6 +47,15 @@ def first_step_shortfall(seconds: float, step: float, warmup_load: float, kept: 
     return max(0.0, need - (seconds - kept))
 
 
+def loadgen_argv(a: argparse.Namespace, name: str, url: str, qps: str, budget: float) -> list[str]:
+    """The ``benchmarks.loadgen sweep`` command line of one run."""
+    pool = ["--pool-seed", str(a.pool_seed)] if a.pool_seed is not None else []
+    return ["sweep", "--url", url, "--qps", qps, "--duration", str(a.step), "--warmup", "3",
+            "--drain", str(DRAIN_S), "--refine", "1", "--warmup-requests", "2",
+            "--warmup-load", str(a.warmup_load), "--seed", str(a.seed), *pool,
+            "--time-budget", str(budget), "--title", f"{name}: {a.model}", "--out", f"{a.out}/{name}"]
+
+
 def engine_overrides(a: argparse.Namespace, engine: str, cap: float | None) -> dict:
     """The engine fields one run sets over the yaml's. The continuous-engine options (the
     ``--quantization`` and ``--engine-json`` ones, and the yaml's own, such as
@@ -98,8 +107,11 @@ def main() -> int:
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="engine.quantization of the continuous runs (hf-generate stays in bf16)")
     p.add_argument("--seed", type=int, default=0,
-                   help="the load generator's seed (arrivals, images, prompts); 0 gives the arrivals of "
-                        "every earlier sweep in RESULTS.md, another value a fresh draw of the same workload")
+                   help="the load generator's seed (arrivals, classes, image picks; the image pool too "
+                        "unless --pool-seed); 0 gives the arrivals of every earlier sweep in RESULTS.md")
+    p.add_argument("--pool-seed", type=int, default=None,
+                   help="the image pool's own seed (default: --seed). Pool 0 averages 1,186 prompt "
+                        "tokens per request, pool 1 1,097: hold it at 0 to compare arrivals alone")
     p.add_argument("--no-budget-check", action="store_true",
                    help="start even if --seconds looks too short for the first step")
     a = p.parse_args()
@@ -148,11 +160,7 @@ def main() -> int:
             print(f"{name}: app ready in {time.time() - t:.0f} s", flush=True)
             keep = sum(reserve[r[0]] for r in runs[i + 1:])  # time kept for the runs after this
             budget = max(30.0, t_end - time.time() - keep)
-            loadgen(["sweep", "--url", url, "--qps", qps, "--duration", str(a.step), "--warmup", "3",
-                     "--drain", "15", "--refine", "1", "--warmup-requests", "2",
-                     "--warmup-load", str(a.warmup_load), "--seed", str(a.seed),
-                     "--time-budget", str(budget), "--title", f"{name}: {a.model}",
-                     "--out", f"{a.out}/{name}"])
+            loadgen(loadgen_argv(a, name, url, qps, budget))
     finally:
         srv.shutdown()
     return 0

@@ -91,6 +91,27 @@ def test_image_pool_sizes_quality_and_sources():
     assert len(lo) < len(hi)  # the quality setting reaches the encoder
 
 
+def test_pool_seed_holds_the_images_while_seed_redraws_the_requests():
+    """--pool-seed fixes the pool (it sets the prompt size: pools differ by ~8 % in tokens per request)."""
+    import argparse
+
+    from benchmarks.loadgen import cli
+
+    ap = argparse.ArgumentParser()
+    cli.add_workload_args(ap)
+
+    def workload(*argv):
+        w = cli.make_workload("unused", ap.parse_args(["--model-name", "m", "--pool-size", "3", *argv]))
+        return w, [p.jpeg for p in w.pool], [w.pick_class().name for _ in range(40)]
+
+    (w0, pool0, cls0), (w1, pool1, cls1) = workload("--seed", "0"), workload("--seed", "1")
+    (w10, pool10, cls10) = workload("--seed", "1", "--pool-seed", "0")
+    assert pool1 != pool0 and (w0.pool_seed, w1.pool_seed) == (0, 1)    # default: the pool follows --seed
+    assert pool10 == pool0 and w10.pool_seed == 0                       # held by --pool-seed
+    assert cls10 == cls1 != cls0                                         # the requests follow --seed
+    assert cli.workload_info(w10)["pool"]["seed"] == 0
+
+
 def test_nonce_makes_bytes_unique_but_pixels_identical(pool):
     from PIL import Image
 
@@ -308,6 +329,7 @@ def test_markdown_table_and_plot(tmp_path):
     md = markdown_table([step]).splitlines()
     assert len(md) == 3 and md[0].count("|") == md[1].count("|") == md[2].count("|")
     assert "| continuous | 1 | 0.75 | 100/100/100 |" in md[2] and "| 10/-/50/40 |" in md[2] and "| ok |" in md[2]
+    assert "| 100 | 0 |" in md[2]                                     # prompt tokens per request, errors
     step["engine_time"].update(vision_pct=15.0, other_pct=25.0)       # an engine that times its tower
     assert "| 10/15/50/25 |" in markdown_table([step]).splitlines()[2]
     pytest.importorskip("matplotlib")
@@ -808,6 +830,26 @@ def test_gpu_sweep_refuses_a_budget_too_short_for_its_first_step():
     assert first_step_shortfall(240, 30, 20) == 0 and first_step_shortfall(240, 30, 20, kept=100) > 0
     assert first_step_shortfall(140, 10, 0) == 0            # no warm-up load: start, step and drain
     assert first_step_shortfall(235, 90, 10) > 0            # app ready after 105 s: skipped its step
+
+
+def test_gpu_sweep_passes_the_seeds_to_the_load_generator():
+    """--seed reaches the sweep always, --pool-seed only when given (the loadgen's default, the pool
+    following --seed, keeps every earlier command's workload); both parse in the loadgen."""
+    import argparse
+
+    from benchmarks.gpu_sweep import loadgen_argv
+    from benchmarks.loadgen import cli
+    a = argparse.Namespace(step=300, warmup_load=20, seed=1, pool_seed=None, model="/tmp/m", out="/o")
+    argv = loadgen_argv(a, "capped-continuous", "http://127.0.0.1:1", "23", 400.0)
+    assert argv[argv.index("--seed") + 1] == "1" and "--pool-seed" not in argv
+    a.pool_seed = 0
+    argv = loadgen_argv(a, "capped-continuous", "http://127.0.0.1:1", "23", 400.0)
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd")
+    sp = sub.add_parser("sweep")
+    cli.add_workload_args(sp)
+    parsed, _ = ap.parse_known_args(argv)
+    assert (parsed.seed, parsed.pool_seed) == (1, 0) and argv[-1] == "/o/capped-continuous"
 
 
 @pytest.mark.parametrize("config", ["deployments.gpu.yaml", "deployments.yaml"])

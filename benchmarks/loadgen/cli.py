@@ -102,7 +102,12 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-force-lengths", action="store_true", help="do not send ignore_eos/min_tokens")
     g.add_argument("--turns", type=int, default=3, help="closed loop: turns per conversation")
     g.add_argument("--think-time", type=float, default=0.0, help="closed loop: mean pause (s) between turns")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="arrivals, request classes, image picks; also the image pool unless --pool-seed")
+    g.add_argument("--pool-seed", type=int, default=None,
+                   help="seed of the image pool alone (default: --seed). The pool's 32 images set the "
+                        "prompt size: pools 0-9 average 911-1153 image tokens, so hold the pool fixed "
+                        "to compare arrivals, or vary it to see the spread")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--resolutions", default=None,
@@ -165,10 +170,12 @@ def make_workload(url: str, a: argparse.Namespace) -> Workload:
     res = RESOLUTIONS
     if a.resolutions:
         res = tuple(tuple(int(v) for v in r.lower().split("x")) for r in a.resolutions.split(","))
-    pool = build_image_pool(a.pool_size, a.seed, resolutions=res)
+    pool_seed = a.seed if a.pool_seed is None else a.pool_seed
+    pool = build_image_pool(a.pool_size, pool_seed, resolutions=res)
     log.info("encoded %d images in %.1f s: %s", len(pool), time.time() - t, pool_summary(pool))
-    return Workload(name, classes, pool=pool, seed=a.seed, unique_images=not a.reuse_images,
-                    force_lengths=not a.no_force_lengths, temperature=a.temperature, top_p=a.top_p)
+    return Workload(name, classes, pool=pool, seed=a.seed, pool_seed=pool_seed,
+                    unique_images=not a.reuse_images, force_lengths=not a.no_force_lengths,
+                    temperature=a.temperature, top_p=a.top_p)
 
 
 def workload_info(w: Workload) -> dict[str, Any]:
@@ -177,7 +184,7 @@ def workload_info(w: Workload) -> dict[str, Any]:
             "mean_output_tokens": round(mean_output_tokens(w.classes), 1),
             "unique_images": w.unique_images, "force_lengths": w.force_lengths,
             "temperature": w.temperature, "top_p": w.top_p,
-            "pool": pool_summary(w.pool)}
+            "pool": {**pool_summary(w.pool), "seed": w.pool_seed}}
 
 
 def base_spec(a: argparse.Namespace) -> LoadSpec:

@@ -214,11 +214,12 @@ class Workload:
     def __init__(self, model: str, classes: tuple[RequestClass, ...] = DEFAULT_CLASSES,
                  pool: list[PooledImage] | None = None, pool_size: int = 32, seed: int = 0,
                  unique_images: bool = True, force_lengths: bool = True, temperature: float = 0.7,
-                 top_p: float = 0.95):
+                 top_p: float = 0.95, pool_seed: int | None = None):
         if not classes or any(c.weight < 0 for c in classes) or sum(c.weight for c in classes) <= 0:
             raise ValueError("classes need non-negative weights with a positive sum")
         self.model, self.classes = model, classes
-        self.pool = pool if pool is not None else build_image_pool(pool_size, seed)
+        self.pool_seed = seed if pool_seed is None else pool_seed   # recorded: the pool sets the prompt size
+        self.pool = pool if pool is not None else build_image_pool(pool_size, self.pool_seed)
         if not self.pool:
             raise ValueError("empty image pool")
         self.unique_images, self.force_lengths = unique_images, force_lengths

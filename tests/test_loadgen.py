@@ -832,6 +832,22 @@ def test_gpu_sweep_refuses_a_budget_too_short_for_its_first_step():
     assert first_step_shortfall(235, 90, 10) > 0            # app ready after 105 s: skipped its step
 
 
+def test_pool_spread_counts_the_image_tokens_each_pool_sends():
+    """benchmarks/pool_spread.py: the expectation over the workload's resolutions and mix, and per
+    pool the image tokens per request its draws send, deterministic, inside the pool's own range."""
+    from benchmarks.loadgen.workload import RESOLUTIONS, expected_image_tokens
+    from benchmarks.pool_spread import pool_figures, population_image_tokens
+
+    per_image = sum(expected_image_tokens(w, h) for w, h in RESOLUTIONS) / len(RESOLUTIONS)
+    assert population_image_tokens() == pytest.approx(per_image * 1.1)   # 10 % of requests carry two
+    a, b = pool_figures(3, 300, 4), pool_figures(3, 300, 4)
+    assert a == b and a["seed"] == 3
+    pool = build_image_pool(4, seed=3)
+    toks = [expected_image_tokens(p.width, p.height) for p in pool]
+    assert min(toks) <= a["image_tokens_per_request"] <= 2 * max(toks)
+    assert pool_figures(3, 300, 4, draw_seed=4) != a                      # other draws, same pool
+
+
 def test_gpu_sweep_passes_the_seeds_to_the_load_generator():
     """--seed reaches the sweep always, --pool-seed only when given (the loadgen's default, the pool
     following --seed, keeps every earlier command's workload); both parse in the loadgen."""

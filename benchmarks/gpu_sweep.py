@@ -2,8 +2,8 @@
 
     python3 benchmarks/gpu_sweep.py OUT_DIR [--seconds N] [--uncapped]
     # the same flow on a CPU box, as a smoke test of the script itself:
-    python benchmarks/gpu_sweep.py /tmp/s --model builtin:tiny-qwen3-vl --device cpu \\
-        --qps 0.5,1 --hf-qps 0.25 --cpus 8 --seconds 300 --step 10
+    python benchmarks/gpu_sweep.py /tmp/s --config deployments.yaml --model builtin:tiny-qwen3-vl \\
+        --device cpu --qps 0.5,1 --hf-qps 0.25 --cpus 8 --seconds 300 --step 10
 
 On the GPU machine the sweep's own in-process start once timed out (Ray's node never registered
 when Ray was started after the workload and NVML were set up); starting Ray first, then sweeping
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen.server import LocalServe, build_serve_config, memory_overrides  # noqa: E402
+from serve_app.config import AppConfig  # noqa: E402
 from serve_app.engine.config import CONTINUOUS_ONLY  # noqa: E402
 
 
@@ -54,6 +55,20 @@ def loadgen_argv(a: argparse.Namespace, name: str, url: str, qps: str, budget: f
             "--drain", str(DRAIN_S), "--refine", "1", "--warmup-requests", "2",
             "--warmup-load", str(a.warmup_load), "--seed", str(a.seed), *pool,
             "--time-budget", str(budget), "--title", f"{name}: {a.model}", "--out", f"{a.out}/{name}"]
+
+
+def run_config(a: argparse.Namespace, engine: str, cap: float | None, replicas: int, port: int) -> dict:
+    """The Serve config of one run: the yaml with this run's engine fields and VLM replicas (and,
+    with ``--device cpu``, no GPUs asked for)."""
+    cpu = a.device == "cpu"
+    vlm = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas}}
+    vlm_gpus = None if cpu else (a.replica_gpus if replicas > 1 and a.replica_gpus else 1.0 / replicas)
+    cfg = build_serve_config(a.config, port=port, engine=engine_overrides(a, engine, cap),
+                             deployments={"VLM": vlm}, vlm_num_gpus=vlm_gpus)
+    if cpu:
+        for d in cfg["applications"][0]["deployments"]:
+            d.get("ray_actor_options", {}).pop("num_gpus", None)
+    return cfg
 
 
 def engine_overrides(a: argparse.Namespace, engine: str, cap: float | None) -> dict:
@@ -136,25 +151,22 @@ def main() -> int:
               f"~{START_S:.0f} s, warm-up, a {a.step:g}-s step and {DRAIN_S:.0f} s of drain, plus what the "
               f"later runs keep): raise it, or pass --no-budget-check", file=sys.stderr)
         return 2
+    for name, engine, cap, _, replicas in runs:   # a bad engine field fails here, not in a replica's log
+        try:
+            AppConfig.model_validate(run_config(a, engine, cap, replicas, 8000)["applications"][0]["args"])
+        except ValueError as e:
+            print(f"{name}: the app's config is invalid: {e}", file=sys.stderr)
+            return 2
     srv = LocalServe(num_cpus=a.cpus)  # first: before NVML, images, or anything else
     from benchmarks.loadgen.cli import main as loadgen
 
-    cpu = a.device == "cpu"
     try:
         for i, (name, engine, cap, qps, replicas) in enumerate(runs):
             left = t_end - time.time()
             if left < 60:
                 print(f"skip {name}: {left:.0f} s left", flush=True)
                 continue
-            eng = engine_overrides(a, engine, cap)
-            vlm = {"autoscaling_config": {"min_replicas": replicas, "max_replicas": replicas}}
-            vlm_gpus = None if cpu else (a.replica_gpus if replicas > 1 and a.replica_gpus
-                                         else 1.0 / replicas)
-            cfg = build_serve_config(a.config, port=srv.port, engine=eng, deployments={"VLM": vlm},
-                                     vlm_num_gpus=vlm_gpus)
-            if cpu:
-                for d in cfg["applications"][0]["deployments"]:
-                    d.get("ray_actor_options", {}).pop("num_gpus", None)
+            cfg = run_config(a, engine, cap, replicas, srv.port)
             t = time.time()
             url = srv.deploy(cfg)
             print(f"{name}: app ready in {time.time() - t:.0f} s", flush=True)

@@ -121,3 +121,25 @@ def test_gpu_sweep_engine_fields_validate_for_each_engine(config):
                 assert eng.separate_process == (config == "deployments.gpu.yaml")
             else:
                 assert eng.quantization is None and not eng.separate_process and not eng.prefill_stream
+
+
+def test_gpu_sweep_checks_every_runs_config_before_it_starts_ray(tmp_path):
+    """The docstring's CPU smoke test once ran the GPU yaml on the CPU: Ray started, the app's VLM
+    replicas died in start-up, and the sweep said only "Failed to update the deployments ['VLM']".
+    Now each run's config is validated first, and the sweep exits 2 naming the option."""
+    import argparse
+    import subprocess
+
+    from benchmarks.gpu_sweep import run_config
+    from serve_app.config import AppConfig
+    a = argparse.Namespace(model="builtin:tiny-qwen3-vl", quantization=None, device="cpu", engine_json=None,
+                           config=str(ROOT / "deployments.yaml"), replica_gpus=None)
+    cfg = run_config(a, "continuous", 24.0, 1, 8000)
+    assert AppConfig.model_validate(cfg["applications"][0]["args"]).engine.device == "cpu"
+    assert all("num_gpus" not in d.get("ray_actor_options", {}) for d in cfg["applications"][0]["deployments"])
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_sweep.py"), str(tmp_path / "s"),
+                          "--model", "builtin:tiny-qwen3-vl", "--device", "cpu", "--only", "capped-continuous",
+                          "--no-budget-check"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "capped-continuous: the app's config is invalid" in out.stderr and "need a CUDA GPU" in out.stderr
+    assert "deployments.yaml" in out.stderr and not (tmp_path / "s").exists()

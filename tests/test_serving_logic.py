@@ -245,6 +245,25 @@ def test_engine_import_path_builds_a_custom_engine(tiny_model_path):
         EngineConfig(engine="not an engine")
 
 
+def test_gpu_only_engine_options_are_refused_at_config_time_on_device_cpu():
+    """``serve run deployments.gpu.yaml`` with ``device: cpu`` (or a CPU sweep of that yaml) used to
+    pass validation and fail later in each VLM replica's start-up, as Serve's "Failed to update the
+    deployments ['VLM']"; an explicit CPU device now fails the config with every option named."""
+    from serve_app.engine.config import GPU_ONLY, EngineConfig
+
+    both = r"pdl=True, prefill_stream=True need a CUDA GPU.*deployments\.yaml"
+    with pytest.raises(pydantic.ValidationError, match=both):
+        EngineConfig(device="cpu", prefill_stream=True, pdl=True)
+    for name, value in {"pdl": True, "decode_balance": 4, "vision_stream": True, "prefill_stream": True}.items():
+        assert name in GPU_ONLY
+        with pytest.raises(pydantic.ValidationError, match=f"{name}={value!r} need a CUDA GPU"):
+            EngineConfig(device="cpu", **{name: value})
+        assert getattr(EngineConfig(device="auto", **{name: value}), name) == value   # decided at start-up
+    cpu_ok = EngineConfig(device="cpu", quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=36,
+                          max_decode_rows=24)
+    assert cpu_ok.quantization == "fp8" and cpu_ok.kv_cache_dtype == "fp8"          # these run on the CPU
+
+
 def test_continuous_engine_dispatch_holds_merges_and_flushes_before_an_error():
     """The continuous engine applies the stream interval where its thread's outputs reach the
     loop: held deltas are not queued (the consumer is not woken), and go out merged before an

@@ -12,6 +12,8 @@ CONTINUOUS_ONLY = {"quantization": None, "vision_quantization": None, "kv_cache_
                    "lm_head_quantization": None, "pdl": False, "separate_process": False, "decode_balance": 0,
                    "vision_stream": False, "prefill_stream": False, "stream_priority": "prompt",
                    "max_decode_rows": None, "prompt_sms": None}
+# Of those, the ones the engine's start-up refuses on the CPU (the others run there too).
+GPU_ONLY = ("pdl", "decode_balance", "vision_stream", "prefill_stream")
 
 
 class EngineConfig(BaseModel):
@@ -155,6 +157,11 @@ class EngineConfig(BaseModel):
                              "(with one stream there is nothing to rank)")
         if self.prompt_sms is not None and not self.prefill_stream:
             raise ValueError("prompt_sms needs prefill_stream (it limits the SMs of that stream's prompt work)")
+        if self.device == "cpu":              # the start-up would refuse them inside the replica, later
+            gpu_only = [f"{n}={getattr(self, n)!r}" for n in GPU_ONLY if getattr(self, n) != CONTINUOUS_ONLY[n]]
+            if gpu_only:
+                raise ValueError(f"{', '.join(gpu_only)} need a CUDA GPU, and engine.device is 'cpu' "
+                                 "(deployments.gpu.yaml turns GPU options on: on a CPU use deployments.yaml)")
         if self.max_decode_rows is not None and self.max_decode_rows > self.max_num_seqs:
             raise ValueError(f"max_decode_rows ({self.max_decode_rows}) must not exceed max_num_seqs "
                              f"({self.max_num_seqs})")

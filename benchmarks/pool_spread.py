@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen.workload import (DEFAULT_CLASSES, RESOLUTIONS, Workload,  # noqa: E402
-                                         build_image_pool, expected_image_tokens, pool_summary)
+                                         expected_image_tokens, pool_summary)
 
 
 def population_image_tokens(classes=DEFAULT_CLASSES, resolutions=RESOLUTIONS) -> float:
@@ -36,8 +36,9 @@ def population_image_tokens(classes=DEFAULT_CLASSES, resolutions=RESOLUTIONS) ->
 def pool_figures(seed: int, requests: int, pool_size: int, draw_seed: int | None = None) -> dict:
     """Image tokens per request that a workload with this pool seed sends (its requests drawn with
     ``draw_seed``, by default the pool's seed: the loadgen's ``--seed N`` alone)."""
-    w = Workload("m", pool=build_image_pool(pool_size, seed), seed=seed if draw_seed is None else draw_seed)
-    tokens = {p._tail_b64[-64:]: expected_image_tokens(p.width, p.height) for p in w.pool}
+    w = Workload("m", pool_size=pool_size, seed=seed if draw_seed is None else draw_seed, pool_seed=seed)
+    # a sent image's data URL ends as its pooled JPEG's does (the nonce goes in front)
+    tokens = {p.data_url(0)[-64:]: expected_image_tokens(p.width, p.height) for p in w.pool}
     if len(tokens) != len(w.pool):
         raise RuntimeError("two pooled images end alike: cannot tell them apart")
     per_request = []
@@ -46,7 +47,7 @@ def pool_figures(seed: int, requests: int, pool_size: int, draw_seed: int | None
         urls = [p["image_url"]["url"] for p in messages[0]["content"] if p["type"] == "image_url"]
         per_request.append(sum(tokens[u[-64:]] for u in urls))
     s = pool_summary(w.pool)
-    return {"seed": seed, "pool_mean_image_tokens": s["mean_image_tokens"], "generated": s["generated"],
+    return {"seed": w.pool_seed, "pool_mean_image_tokens": s["mean_image_tokens"], "generated": s["generated"],
             "mean_jpeg_kb": s["mean_jpeg_kb"],
             "image_tokens_per_request": round(statistics.mean(per_request), 1)}
 

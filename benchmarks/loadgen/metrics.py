@@ -374,8 +374,8 @@ def markdown_table(steps: list[dict[str, Any]], offered_label: str = "offered QP
     """One row per sweep step / run (each a dict with ``summary``, optional ``resources``,
     ``engine_time``, ``slo_violations``)."""
     head = (f"| engine | {offered_label} | achieved QPS | TTFT P50/P95/P99 ms | TPOT P50/P95 ms | "
-            "e2e P50/P95/P99 ms | out tok/s | prompt tok/req | errors | GPU mem peak GB | GPU util % | CPU % | "
-            "prefill/vision/decode/other % | SLO |")
+            "e2e P50/P95/P99 ms | out tok/s | prompt tok/req | errors | GPU mem peak GB | GPU util % | "
+            "CPU % | prefill/vision/decode/other % | SLO |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for st in steps:
         s, r, et = st["summary"], st.get("resources") or {}, st.get("engine_time") or {}
@@ -391,17 +391,13 @@ def markdown_table(steps: list[dict[str, Any]], offered_label: str = "offered QP
             f"| {st.get('engine', '-')} | {s['offered']:g} | {s['achieved_qps']:.2f} | "
             f"{_ms(t['p50'])}/{_ms(t['p95'])}/{_ms(t['p99'])} | {_ms(p['p50'])}/{_ms(p['p95'])} | "
             f"{_ms(e['p50'])}/{_ms(e['p95'])}/{_ms(e['p99'])} | {s['output_tokens_per_s']:.0f} | "
-            f"{_fmt0(s.get('mean_prompt_tokens'))} | {err_txt} | {_fmt(r.get('gpu_mem_peak_gb'))} | {_fmt(r.get('gpu_util_mean_pct'))} | "
-            f"{_fmt(r.get('cpu_mean_pct'))} | {split} | {slo} |")
+            f"{_fmt(s.get('mean_prompt_tokens'), 0)} | {err_txt} | {_fmt(r.get('gpu_mem_peak_gb'))} | "
+            f"{_fmt(r.get('gpu_util_mean_pct'))} | {_fmt(r.get('cpu_mean_pct'))} | {split} | {slo} |")
     return "\n".join(lines)
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
-def _fmt0(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0f}"
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def now_stamp() -> str:

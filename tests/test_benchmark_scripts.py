@@ -1,6 +1,6 @@
 """The GPU benchmark scripts' parts that run without a GPU: engine_arrivals.py's seeded schedule and
-padding, gpu_sweep.py's budget check, engine fields and load-generator command line, and
-pool_spread.py's image-token counts. A device call lost to one of these costs minutes of the
+padding, gpu_sweep.py's budget check, engine fields and load-generator command line,
+pool_spread.py's image-token counts, and decode_order_sim.py's model. A device call lost to one of these costs minutes of the
 session's 30; here they cost seconds.
 """
 
@@ -143,3 +143,21 @@ def test_gpu_sweep_checks_every_runs_config_before_it_starts_ray(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "capped-continuous: the app's config is invalid" in out.stderr and "need a CUDA GPU" in out.stderr
     assert "deployments.yaml" in out.stderr and not (tmp_path / "s").exists()
+
+
+def test_decode_order_sim_moves_the_wait_from_long_to_short_answers(tmp_path):
+    """benchmarks/decode_order_sim.py, through the engine's own decode_rows.pick: the same seeded
+    arrivals for both orders; by laxity the 192-token class's e2e P95 falls and the 48-token
+    class's rises (the wait moves to them), more requests wait at a time (a long one holds its row
+    longer), and every request ends; --out writes the table and the JSON."""
+    from benchmarks.decode_order_sim import main, simulate
+    arrival, laxity = (simulate(24.0, order, seed=3, seconds=120) for order in ("arrival", "laxity"))
+    assert arrival["requests"] == laxity["requests"] > 2000
+    a, x = arrival["class_p95"], laxity["class_p95"]
+    assert x["cross_region_reasoning"] < a["cross_region_reasoning"]
+    assert x["short_description"] > a["short_description"]
+    assert laxity["mean_waiting"] > arrival["mean_waiting"] > 0
+    assert 0.5 < arrival["e2e_p50"] < arrival["e2e_p95"] < 5
+    assert main(["--qps", "20", "--seeds", "0", "--seconds", "30", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "decode_order_sim.md").read_text()
+    assert "| 20 | arrival | 0 |" in table and "| 20 | laxity | 0 |" in table

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 CONTINUOUS_ONLY = {"quantization": None, "vision_quantization": None, "kv_cache_dtype": "auto",
                    "lm_head_quantization": None, "pdl": False, "separate_process": False, "decode_balance": 0,
                    "vision_stream": False, "prefill_stream": False, "stream_priority": "prompt",
-                   "max_decode_rows": None, "prompt_sms": None}
+                   "max_decode_rows": None, "decode_order": "arrival", "prompt_sms": None}
 # Of those, the ones the engine's start-up refuses on the CPU (the others run there too).
 GPU_ONLY = ("pdl", "decode_balance", "vision_stream", "prefill_stream")
 
@@ -42,6 +42,15 @@ class EngineConfig(BaseModel):
                                 "while the decode batch, and so the step time, stays bounded. Their "
                                 "wait shows in the time to the second token and in /v1/stats' "
                                 "decode_deferred")
+    decode_order: Literal["arrival", "laxity"] = Field(
+        "arrival", description="continuous engine, with max_decode_rows below max_num_seqs: which waiting "
+                               "request gets a decode row that frees. 'arrival': the first joined. "
+                               "'laxity': the one whose e2e would end latest if it waited, i.e. the "
+                               "smallest arrival time - tokens left x the recent decode step time, with "
+                               "max_tokens - tokens so far as the tokens left (exact with ignore_eos, an "
+                               "upper bound otherwise). Rows already decoding keep theirs either way. "
+                               "Long requests set the e2e tail; this lets them skip the wait, which the "
+                               "short ones, who have room, take")
     max_model_len: int = Field(8192, ge=64, description="prompt + output tokens per request")
     max_prefill_tokens: int = Field(8192, ge=64, description="tokens per prefill chunk")
     quantization: Literal["fp8"] | None = Field(
@@ -165,4 +174,7 @@ class EngineConfig(BaseModel):
         if self.max_decode_rows is not None and self.max_decode_rows > self.max_num_seqs:
             raise ValueError(f"max_decode_rows ({self.max_decode_rows}) must not exceed max_num_seqs "
                              f"({self.max_num_seqs})")
+        if self.decode_order != "arrival" and (self.max_decode_rows or self.max_num_seqs) >= self.max_num_seqs:
+            raise ValueError(f"decode_order={self.decode_order!r} needs max_decode_rows below max_num_seqs "
+                             f"({self.max_num_seqs}): with a decode row for every admitted request none waits")
         return self

@@ -13,7 +13,8 @@ With ``engine.vision_stream`` the vision tower runs on a second CUDA stream (``i
 and a request's prefill waits for its images; with ``engine.prefill_stream`` each prefill step
 runs there too, one at a time, and its rows join the decode batch once it is done. Decode steps
 stay on the main stream either way. With ``engine.max_decode_rows`` below ``max_num_seqs`` the rows
-past it (joined last) wait after their first token until a decode row frees.
+past it wait after their first token until a decode row frees (``engine.decode_order``: the first
+joined, or the one with the least laxity).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from serve_app.engine._private.attention import cudnn_plans
-from serve_app.engine._private import gc_control, startup
+from serve_app.engine._private import decode_rows, gc_control, startup
 from serve_app.engine._private.limits import RequestLimits
 from serve_app.engine._private.latency import (ARRIVAL_GAP_BOUNDS_S, E2E_BOUNDS_S, QUEUE_BOUNDS_S, TTFT_BOUNDS_S,
                                               AdmissionBlocks, LatencyBuckets)
@@ -72,6 +73,7 @@ class Scheduler:
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self._decode_rows = config.max_decode_rows or config.max_num_seqs
         self._deferred = 0
+        self._step_s: float | None = None      # recent decode step time (decode_order "laxity")
         self.vision_cache = VisionCache(config.vision_cache_mb * 2 ** 20)
         # stream_priority "decode": the engine thread's work on a high-priority stream of its own
         # (enter_thread), the side stream below it
@@ -182,9 +184,8 @@ class Scheduler:
             with torch.cuda.stream(self._side):
                 self._side_prefill = self._prefill_step()
         rows = [s for s in self.running if not s.done and s.launched < s.max_new]
-        # max_decode_rows: the rows past it (joined last) have their first token and wait
-        self._deferred = max(0, len(rows) - self._decode_rows)
-        rows = rows[:self._decode_rows]
+        self._deferred = max(0, len(rows) - self._decode_rows)   # first token out, waiting for a row
+        rows = decode_rows.pick(rows, self._decode_rows, self.config.decode_order, self._step_s or 0.0)
         if rows:
             launched.append(self._decode_step(rows))
         launched = [x for x in launched if x is not None]
@@ -391,7 +392,10 @@ class Scheduler:
         t0 = time.perf_counter()
         launch.timer.synchronize()
         self._host["wait"] += time.perf_counter() - t0
-        self._time[launch.kind] += launch.timer.seconds()
+        took = launch.timer.seconds()
+        self._time[launch.kind] += took
+        if launch.kind == "decode":              # a moving mean over ~20 steps
+            self._step_s = took if self._step_s is None else self._step_s + 0.05 * (took - self._step_s)
         left = []
         for kind, t in self._inflight_timers:   # vision / partial prefill chunks that are done
             if t.done():

@@ -89,6 +89,7 @@ def build_runner(config: EngineConfig, model, device: torch.device, budget: int 
                 prefill_stream=config.prefill_stream, prompt_sms=runner.prompt_sms,
                 max_num_seqs=config.max_num_seqs,
                 max_decode_rows=config.max_decode_rows or config.max_num_seqs,
+                decode_order=config.decode_order,
                 device=str(device), page_size=runner.page_size,
                 startup_s=round(time.perf_counter() - t0, 2))
     return runner, info

@@ -158,6 +158,10 @@ def test_decode_order_sim_moves_the_wait_from_long_to_short_answers(tmp_path):
     assert x["short_description"] > a["short_description"]
     assert laxity["mean_waiting"] > arrival["mean_waiting"] > 0
     assert 0.5 < arrival["e2e_p50"] < arrival["e2e_p95"] < 5
-    assert main(["--qps", "20", "--seeds", "0", "--seconds", "30", "--out", str(tmp_path)]) == 0
+    assert main(["--qps", "20", "--seeds", "0", "--seconds", "30", "--step-scales", "1,0.9",
+                 "--out", str(tmp_path)]) == 0
     table = (tmp_path / "decode_order_sim.md").read_text()
-    assert "| 20 | arrival | 0 |" in table and "| 20 | laxity | 0 |" in table
+    assert "| 20 | 1 | arrival | 0 |" in table and "| 20 | 0.9 | laxity | 0 |" in table
+    # shorter steps, shorter answers: the same arrivals end sooner
+    assert simulate(24.0, "arrival", seed=3, seconds=120, step_ms=3.6 * 0.9, row_ms=0.18 * 0.9)["e2e_p95"] \
+        < arrival["e2e_p95"]

@@ -51,7 +51,7 @@ def simulate(qps: float, order: str, seed: int = 0, rows: int = 24, seconds: flo
         name = rng.choices(names, weights)[0]
         first = t + ttft_ms / 1e3 * (0.5 + rng.random())
         reqs.append(SimpleNamespace(cls=name, arrival=t, first=first, max_new=tokens[name], launched=1,
-                                    decoding=False, end=None))
+                                    end=None))
     pending = sorted(reqs, key=lambda r: r.first)
     now, i, ready, waits = 0.0, 0, [], []
     while i < len(pending) or ready:

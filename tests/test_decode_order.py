@@ -13,27 +13,28 @@ from serve_app.engine.config import EngineConfig
 from test_engine import _assert_greedy, _config, _request, _run, hf_model, model_dir  # noqa: F401  (fixtures)
 
 
-def _row(name: str, arrival: float, max_new: int, launched: int = 1, decoding: bool = False):
-    return SimpleNamespace(name=name, arrival=arrival, max_new=max_new, launched=launched, decoding=decoding)
+def _row(name: str, arrival: float, max_new: int, launched: int = 1):
+    return SimpleNamespace(name=name, arrival=arrival, max_new=max_new, launched=launched)
 
 
 def test_pick_keeps_decoding_rows_and_orders_the_rest_by_laxity():
-    """Rows that decode keep their rows even when a waiting one has more tokens left; free rows
-    go by arrival - tokens left x step: the long late one before the short early one, and an
-    old short one before a long one that came much later."""
-    old = _row("decoding", 0.0, 10, launched=9, decoding=True)
+    """Rows that decode (more than the first token launched) keep their rows even when a waiting
+    one has more tokens left; free rows go by arrival - tokens left x step: the long late one
+    before the short early one, and an old short one before a long one that came much later."""
+    old = _row("decoding", 0.0, 10, launched=9)
     short = _row("short", 1.0, 48)
     long_ = _row("long", 1.1, 192)            # 144 tokens more x 10 ms = 1.44 s of laxity less
     later = _row("long-later", 3.0, 192)      # 2 s later: the short one has waited longer than that
     rows = [old, short, long_, later]
     assert [r.name for r in decode_rows.pick(list(rows), 2, "laxity", 0.010)] == ["decoding", "long"]
     assert [r.name for r in decode_rows.pick(list(rows), 3, "laxity", 0.010)] == ["decoding", "long", "short"]
-    for r in rows:
-        r.decoding = False
-    old.decoding = True
-    assert [r.name for r in decode_rows.pick(list(rows), 3, "arrival", 0.010)] == ["decoding", "short", "long"]
-    # every row picked is marked, so it keeps its row next step
-    assert short.decoding and long_.decoding and not later.decoding
+    picked = decode_rows.pick(list(rows), 3, "arrival", 0.010)
+    assert [r.name for r in picked] == ["decoding", "short", "long"]
+    # a step later the rows picked have decoded, so they keep their rows against a longer newcomer
+    for r in picked:
+        r.launched += 1
+    newcomer = _row("newcomer", 3.0, 4000)
+    assert [r.name for r in decode_rows.pick(rows + [newcomer], 3, "laxity", 0.010)] == ["decoding", "short", "long"]
     # with room for all, all decode, in join order, either way
     fresh = [_row(n, a, m) for n, a, m in (("a", 0, 5), ("b", 1, 50))]
     assert [r.name for r in decode_rows.pick(fresh, 4, "laxity", 0.01)] == ["a", "b"]

@@ -106,7 +106,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="arrivals, request classes, image picks; also the image pool unless --pool-seed")
     g.add_argument("--pool-seed", type=int, default=None,
                    help="seed of the image pool alone (default: --seed). The pool's 32 images set the "
-                        "prompt size: pools 0-9 average 911-1153 image tokens, so hold the pool fixed "
+                        "prompt size: pools 0-9 average 911-1153 image tokens per image, so hold the pool fixed "
                         "to compare arrivals, or vary it to see the spread")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.95)

@@ -15,14 +15,10 @@ from serve_app.engine._private.sequence import Seq
 
 
 def pick(rows: list[Seq], limit: int, order: str, step_s: float) -> list[Seq]:
-    """At most ``limit`` of ``rows`` (in join order), each marked ``decoding``."""
-    if len(rows) > limit and order == "laxity":
-        keep = [s for s in rows if s.decoding][:limit]
-        wait = sorted((s for s in rows if not s.decoding),
-                      key=lambda s: s.arrival - (s.max_new - s.launched) * step_s)
-        rows = keep + wait[:limit - len(keep)]
-    else:
-        rows = rows[:limit]
-    for s in rows:
-        s.decoding = True
-    return rows
+    """At most ``limit`` of ``rows`` (in join order). A row has decoded once it has launched more
+    than its prefill's first token (only decode steps launch more)."""
+    if len(rows) <= limit or order != "laxity":
+        return rows[:limit]
+    keep = [s for s in rows if s.launched > 1][:limit]
+    wait = sorted((s for s in rows if s.launched <= 1), key=lambda s: s.arrival - (s.max_new - s.launched) * step_s)
+    return keep + wait[:limit - len(keep)]

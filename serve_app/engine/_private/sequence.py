@@ -38,7 +38,6 @@ class Seq:
     computed: int = 0
     out: list[int] = field(default_factory=list)   # tokens the host has seen
     launched: int = 0                              # tokens whose sampling was launched
-    decoding: bool = False                         # has a decode row (kept until it ends)
     done: bool = False
     first_token_at: float | None = None
 

@@ -53,7 +53,7 @@ def simulate(qps: float, order: str, seed: int = 0, rows: int = 24, seconds: flo
         reqs.append(SimpleNamespace(cls=name, arrival=t, first=first, max_new=tokens[name], launched=1,
                                     end=None))
     pending = sorted(reqs, key=lambda r: r.first)
-    now, i, ready, waits = 0.0, 0, [], []
+    now, i, ready, waits, batches = 0.0, 0, [], [], []
     while i < len(pending) or ready:
         while i < len(pending) and pending[i].first <= now:
             ready.append(pending[i])
@@ -64,6 +64,7 @@ def simulate(qps: float, order: str, seed: int = 0, rows: int = 24, seconds: flo
         step = (step_ms + row_ms * min(rows, len(ready))) / 1e3
         batch = decode_rows.pick(ready, rows, order, step)
         waits.append(len(ready) - len(batch))
+        batches.append(len(batch))
         now += step
         for r in batch:
             r.launched += 1
@@ -73,7 +74,8 @@ def simulate(qps: float, order: str, seed: int = 0, rows: int = 24, seconds: flo
     kept = reqs[len(reqs) // 10:]
     e2e = np.array([r.end - r.arrival for r in kept])
     out = {"requests": len(kept), "e2e_p50": float(np.percentile(e2e, 50)),
-           "e2e_p95": float(np.percentile(e2e, 95)), "mean_waiting": float(np.mean(waits)), "class_p95": {}}
+           "e2e_p95": float(np.percentile(e2e, 95)), "mean_waiting": float(np.mean(waits)),
+           "mean_batch": float(np.mean(batches)), "class_p95": {}}
     for name in names:
         mine = np.array([r.end - r.arrival for r in kept if r.cls == name])
         out["class_p95"][name] = float(np.percentile(mine, 95))
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="folder for decode_order_sim.json and .md")
     a = ap.parse_args(argv)
     names = [c.name for c in DEFAULT_CLASSES]
-    lines = ["| QPS | step x | decode_order | seed | e2e P50 s | e2e P95 s | mean waiting for a row | "
+    lines = ["| QPS | step x | decode_order | seed | e2e P50 s | e2e P95 s | mean waiting for a row | mean decode batch | "
              + " | ".join(f"{n} ({c.max_tokens} tok) P95 s" for n, c in zip(names, DEFAULT_CLASSES)) + " |",
-             "|---" * (7 + len(names)) + "|"]
+             "|---" * (8 + len(names)) + "|"]
     results = []
     for qps in (float(q) for q in a.qps.split(",")):
         for scale in (float(x) for x in a.step_scales.split(",")):
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                  a.ttft_ms)
                     results.append({"qps": qps, "step_scale": scale, "order": order, "seed": seed, **r})
                     lines.append(f"| {qps:g} | {scale:g} | {order} | {seed} | {r['e2e_p50']:.3f} | "
-                                 f"{r['e2e_p95']:.3f} | {r['mean_waiting']:.1f} | "
+                                 f"{r['e2e_p95']:.3f} | {r['mean_waiting']:.1f} | {r['mean_batch']:.1f} | "
                                  + " | ".join(f"{r['class_p95'][n]:.3f}" for n in names) + " |")
     text = "\n".join(lines)
     print(text)

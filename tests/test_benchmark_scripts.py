@@ -157,6 +157,7 @@ def test_decode_order_sim_moves_the_wait_from_long_to_short_answers(tmp_path):
     assert x["cross_region_reasoning"] < a["cross_region_reasoning"]
     assert x["short_description"] > a["short_description"]
     assert laxity["mean_waiting"] > arrival["mean_waiting"] > 0
+    assert 10 < arrival["mean_batch"] <= 24
     assert 0.5 < arrival["e2e_p50"] < arrival["e2e_p95"] < 5
     assert main(["--qps", "20", "--seeds", "0", "--seconds", "30", "--step-scales", "1,0.9",
                  "--out", str(tmp_path)]) == 0

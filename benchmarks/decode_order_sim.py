@@ -17,8 +17,12 @@ token each per step of ``step_ms + row_ms x rows`` ms. The rows are picked by th
 23 and 24 QPS (5.41 ms at 15.7 rows, 5.79 at 17.8: 2.6 ms + 0.18 per row); the default 3.6 ms adds
 1 ms per step for the decode stream's gaps (it was ~90 % busy), fitted so that arrival order gives
 the 24-QPS run's e2e P50 (1.08 s measured and modelled; P95 1.88 modelled against 1.95 measured).
-Prompt work's own queue and its effect on step times are not modelled. ``--step-scales`` asks how
-the tail moves with decode steps that much shorter (or longer).
+Prompt work's own queue and its effect on step times are not modelled, nor the admission limit
+(36 rows): a request waiting for a decode row holds an admitted row, so by laxity the short answers
+held theirs longer and new prompts waited. On the device (RESULTS.md, "24 QPS held for 5 minutes
+with both FP8 options") laxity moved the 192-token class's e2e P95 as modelled (2.26 -> 2.09 s) but
+raised TTFT P95 from 388 to 507 ms (admission held by rows 27.5 % of the time against 18.8 %).
+``--step-scales`` asks how the tail moves with decode steps that much shorter (or longer).
 """
 
 from __future__ import annotations

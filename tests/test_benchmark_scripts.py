@@ -52,13 +52,15 @@ def test_gpu_sweep_refuses_a_budget_too_short_for_its_first_step():
     at 235 s (start, a 20-s warm-up, the step and its drain did not fit; measured nothing) is
     refused, and so is a 300-s step at 420 s (one such run reached its step, the next started its app
     and missed the step by ~3 s) and a 90-s step at 235 s (its app was ready after 105 s; the step
-    was skipped); 460 s, which ran many times, passes; a later run's reserve counts."""
+    was skipped) and since 2026-12-01 a 300-s step at 460 s (app ready after 117 s: skipped); 530 s
+    passes; a later run's reserve counts."""
     from benchmarks.gpu_sweep import first_step_shortfall
     assert first_step_shortfall(235, 120, 20) > 0
     assert first_step_shortfall(420, 300, 20) > 0           # started, then missed its step by ~3 s
-    assert first_step_shortfall(460, 300, 20) == 0
+    assert first_step_shortfall(460, 300, 20) > 0           # app ready after 117 s: skipped its step
+    assert first_step_shortfall(530, 300, 20) == 0
     assert first_step_shortfall(240, 30, 20) == 0 and first_step_shortfall(240, 30, 20, kept=100) > 0
-    assert first_step_shortfall(140, 10, 0) == 0            # no warm-up load: start, step and drain
+    assert first_step_shortfall(150, 10, 0) == 0            # no warm-up load: start, step and drain
     assert first_step_shortfall(235, 90, 10) > 0            # app ready after 105 s: skipped its step
 
 

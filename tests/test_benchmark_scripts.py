@@ -151,7 +151,8 @@ def test_decode_order_sim_moves_the_wait_from_long_to_short_answers(tmp_path):
     """benchmarks/decode_order_sim.py, through the engine's own decode_rows.pick: the same seeded
     arrivals for both orders; by laxity the 192-token class's e2e P95 falls and the 48-token
     class's rises (the wait moves to them), more requests wait at a time (a long one holds its row
-    longer), and every request ends; --out writes the table and the JSON."""
+    longer), and every request ends; with an admission limit the wait before admission appears and
+    laxity lengthens it; --out writes the table and the JSON."""
     from benchmarks.decode_order_sim import main, simulate
     arrival, laxity = (simulate(24.0, order, seed=3, seconds=120) for order in ("arrival", "laxity"))
     assert arrival["requests"] == laxity["requests"] > 2000
@@ -161,10 +162,17 @@ def test_decode_order_sim_moves_the_wait_from_long_to_short_answers(tmp_path):
     assert laxity["mean_waiting"] > arrival["mean_waiting"] > 0
     assert 10 < arrival["mean_batch"] <= 24
     assert 0.5 < arrival["e2e_p50"] < arrival["e2e_p95"] < 5
+    assert arrival["queue_mean"] == 0 and arrival["ttft_p95"] <= 0.18   # no admission limit: no queue
+    # with 36 admitted a request waiting for a decode row holds its place: by laxity the short
+    # answers hold theirs longer, so the queue before admission and TTFT grow (as measured at 24 QPS)
+    arrival36, laxity36 = (simulate(24.0, order, seed=3, seconds=120, admitted=36) for order in ("arrival", "laxity"))
+    assert laxity36["queue_mean"] > arrival36["queue_mean"] > 0
+    assert laxity36["ttft_p95"] > arrival36["ttft_p95"] > arrival["ttft_p95"]
+    assert arrival36["e2e_p95"] >= arrival["e2e_p95"] * 0.98
     assert main(["--qps", "20", "--seeds", "0", "--seconds", "30", "--step-scales", "1,0.9",
                  "--out", str(tmp_path)]) == 0
     table = (tmp_path / "decode_order_sim.md").read_text()
-    assert "| 20 | 1 | arrival | 0 |" in table and "| 20 | 0.9 | laxity | 0 |" in table
+    assert "| 20 | - | 1 | arrival | 0 |" in table and "| 20 | - | 0.9 | laxity | 0 |" in table
     # shorter steps, shorter answers: the same arrivals end sooner
     assert simulate(24.0, "arrival", seed=3, seconds=120, step_ms=3.6 * 0.9, row_ms=0.18 * 0.9)["e2e_p95"] \
         < arrival["e2e_p95"]

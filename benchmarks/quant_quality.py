@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import random
 import shlex
 import statistics
 import sys
@@ -42,30 +41,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen.workload import DEFAULT_CLASSES, build_image_pool  # noqa: E402
+from benchmarks.loadgen.workload import Workload  # noqa: E402
+from serve_app._chat import split_images  # noqa: E402
 from serve_app._image_pipeline import ImagePipeline, PreprocessOptions  # noqa: E402
 from serve_app._prompt import PromptBuilder  # noqa: E402
+from serve_app.protocol import ChatCompletionRequest  # noqa: E402
 from serve_app.engine import EngineRequest, SamplingParams, create_engine  # noqa: E402
 from serve_app.engine.config import EngineConfig  # noqa: E402
 
 
 def build_prompts(tokenizer, n: int, seed: int, pool_seed: int, pool_size: int, max_pixels: int,
                   max_tokens: int) -> list[dict]:
-    """``n`` requests of the article's class mix: prompt ids, preprocessed images, answer length."""
-    rng = random.Random(seed)
-    pool = build_image_pool(pool_size, pool_seed)
+    """``n`` first turns as the loadgen draws them (class mix, prompts, pooled images), made into
+    prompt ids the way the app does: its chat split, Preprocess's pipeline, the prompt builder."""
+    workload = Workload("quality", pool_size=pool_size, seed=seed, pool_seed=pool_seed, unique_images=False)
     pipeline = ImagePipeline(PreprocessOptions(max_pixels=max_pixels, resize_threads=1))
     builder = PromptBuilder(tokenizer)
-    weights = [c.weight for c in DEFAULT_CLASSES]
+    lengths = {c.name: c.max_tokens for c in workload.classes}
     out = []
-    for i in range(n):
-        cls = rng.choices(DEFAULT_CLASSES, weights=weights)[0]
-        text = rng.choice(cls.prompts)
-        images = pipeline.process([img.jpeg for img in rng.sample(pool, cls.n_images)])
-        content = [{"type": "text", "text": text}] + [{"type": "image"}] * len(images)
-        ids = builder.build([{"role": "user", "content": content}], images)
-        out.append({"cls": cls.name, "text": text, "prompt_ids": ids, "images": images,
-                    "max_tokens": min(cls.max_tokens, max_tokens)})
+    for _ in range(n):
+        cls, messages = workload.first_turn()
+        req = ChatCompletionRequest(model="quality", messages=messages)
+        chat, sources = split_images(req, pipeline.limits.max_images_per_request)
+        images = pipeline.process(sources)
+        out.append({"cls": cls.name, "text": chat[0]["content"][0]["text"],
+                    "prompt_ids": builder.build(chat, images), "images": images,
+                    "max_tokens": min(lengths[cls.name], max_tokens)})
     return out
 
 
